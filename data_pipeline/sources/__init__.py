@@ -1,0 +1,1 @@
+"""One converter per published dataset format; each writes MDS shards."""

@@ -1,0 +1,93 @@
+"""Model configuration: one frozen dataclass and the named presets.
+
+A preset is a plain dict entry; `build_config("tiny", vd_size=64)` returns the preset with
+overrides applied. Unknown override names raise, so a typo in a job spec cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+@dataclass(frozen=True)
+class SohoConfig:
+    # vision encoder
+    backbone: str = "resnet101"
+    frozen_stages: int = 1  # -1: none, 0: stem, 1: stem + layer1, ... (mmcv semantics)
+    bn_policy: Literal["frozen", "sync", "train"] = "frozen"
+    pool: int = 2  # max-pool kernel/stride after C5; 1 means no pooling (tiny images)
+    # visual dictionary
+    vd_size: int = 2048
+    vd_decay: float = 0.99
+    vd_decay_start: float = 0.4  # decay at update 0; ramps linearly to vd_decay
+    vd_decay_warmup_steps: int = 1000
+    vd_eps: float = 1e-5
+    vd_fusion: Literal["vd", "gate", "sum"] = "vd"
+    # fusion transformer (a transformers.BertConfig is built from these)
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 30522
+    max_text_positions: int = 512
+    dropout: float = 0.1
+    visual_token_type: bool = False  # give visual tokens token type 1
+    init_from: str | None = None  # HF hub id or local dir with BERT weights
+    # pre-training heads
+    mvm_temperature: float = 0.07
+    # memory
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone: expected one of {BACKBONES}, got {self.backbone!r}")
+        if self.bn_policy not in ("frozen", "sync", "train"):
+            raise ValueError(f"model.bn_policy: expected frozen|sync|train, got {self.bn_policy!r}")
+        if self.vd_fusion not in ("vd", "gate", "sum"):
+            raise ValueError(f"model.vd_fusion: expected vd|gate|sum, got {self.vd_fusion!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.hidden_size % 4:
+            raise ValueError("model.hidden_size must be divisible by 4 (2-D sine position encoding)")
+        if self.pool < 1:
+            raise ValueError(f"model.pool: expected >= 1, got {self.pool}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and the demo: a 4-block ResNet, a 2-layer 128-wide transformer.
+    "tiny": dict(
+        backbone="resnet10",
+        frozen_stages=-1,
+        bn_policy="train",
+        pool=1,
+        vd_size=256,
+        vd_decay_warmup_steps=50,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=512,
+        max_text_positions=64,
+    ),
+    # The configuration the authors released (researchmm/soho): ResNet-18 + 3 layers.
+    "r18-l3": dict(backbone="resnet18", num_layers=3),
+    # The paper's main model: ResNet-101 + 12-layer BERT-base.
+    "r101-l12": dict(backbone="resnet101", num_layers=12),
+    "r152-l12": dict(backbone="resnet152", num_layers=12),
+}
+
+
+def build_config(preset: str, **overrides: Any) -> SohoConfig:
+    """The preset named `preset` with `overrides` applied (unknown names raise ValueError)."""
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(SohoConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"model: unknown option(s) {unknown}; known: {sorted(known)}")
+    return SohoConfig(**{**PRESETS[preset], **overrides})
