@@ -37,8 +37,6 @@ class SohoConfig:
     dropout: float = 0.1
     visual_token_type: bool = False  # give visual tokens token type 1
     init_from: str | None = None  # HF hub id or local dir with BERT weights
-    # pre-training heads
-    mvm_temperature: float = 0.07
     # memory
     activation_checkpointing: bool = False
 
@@ -54,7 +52,9 @@ class SohoConfig:
                 f"model.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
         if self.hidden_size % 4:
-            raise ValueError("model.hidden_size must be divisible by 4 (2-D sine position encoding)")
+            raise ValueError(
+                "model.hidden_size must be divisible by 4 (2-D sine position encoding)"
+            )
         if self.pool < 1:
             raise ValueError(f"model.pool: expected >= 1, got {self.pool}")
 

@@ -50,7 +50,9 @@ def grid_mask(image_sizes: torch.Tensor, grid_h: int, grid_w: int, pool: int) ->
     valid_w = valid_grid_size(image_sizes[:, 1], pool).clamp(max=grid_w)
     rows = torch.arange(grid_h, device=image_sizes.device)
     cols = torch.arange(grid_w, device=image_sizes.device)
-    return (rows[None, :, None] < valid_h[:, None, None]) & (cols[None, None, :] < valid_w[:, None, None])
+    return (rows[None, :, None] < valid_h[:, None, None]) & (
+        cols[None, None, :] < valid_w[:, None, None]
+    )
 
 
 class VisionEncoder(nn.Module):
@@ -103,7 +105,9 @@ class VisionEncoder(nn.Module):
         missing, unexpected = self.load_state_dict(renamed, strict=False)
         missing = [k for k in missing if not k.startswith("neck.")]
         if missing or unexpected:
-            raise ValueError(f"backbone weights do not fit: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"backbone weights do not fit: missing {missing}, unexpected {unexpected}"
+            )
 
     def forward(
         self,
@@ -126,5 +130,7 @@ class VisionEncoder(nn.Module):
         if self.pool > 1:
             x = F.max_pool2d(x, kernel_size=self.pool, stride=self.pool, ceil_mode=True)
         features = self.neck(x)  # (B, D, h, w)
-        mask = grid_mask(image_sizes.to(features.device), features.shape[2], features.shape[3], self.pool)
+        mask = grid_mask(
+            image_sizes.to(features.device), features.shape[2], features.shape[3], self.pool
+        )
         return features, mask

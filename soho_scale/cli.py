@@ -1,0 +1,69 @@
+"""`soho-scale` entry point: thin dispatch to the module that does the work.
+
+Errors a user can cause (bad spec, missing shard, unreachable bucket) are printed as one line,
+without a traceback, and exit with status 2 (SOHO_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _model_info(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="soho-scale model-info")
+    parser.add_argument("preset")
+    args = parser.parse_args(argv)
+    from soho_scale.model.soho import model_info
+
+    print(json.dumps(model_info(args.preset), indent=2))
+    return 0
+
+
+def _data(argv: list[str]) -> int:
+    from data_pipeline.cli import main as data_main
+
+    return data_main(argv)
+
+
+def _validate(argv: list[str]) -> int:
+    from soho_scale.spec import validate_main
+
+    return validate_main(argv)
+
+
+COMMANDS = {
+    "model-info": (_model_info, "print a preset's parameter and token counts as JSON"),
+    "data": (_data, "synthetic world, dataset converters, shard listing, local S3 server"),
+    "validate": (_validate, "check a job spec and print it resolved, with derived numbers"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: soho-scale COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"soho-scale: unknown command {command!r}\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command][0](rest)
+    except ValueError as e:  # user errors are ValueErrors with a one-line message
+        if os.environ.get("SOHO_DEBUG"):
+            raise
+        print(f"soho-scale {command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

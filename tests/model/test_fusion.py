@@ -1,0 +1,55 @@
+"""Fusion encoder: 2-D position encoding, and BERT init from the installed pretrained weights."""
+
+import pytest
+import torch
+from transformers import BertModel
+
+from soho_scale.model.config import build_config
+from soho_scale.model.fusion import FusionEncoder, sine_position_encoding
+from soho_scale.resources import BUNDLED_BERT
+
+# The bundled small BERT (all-MiniLM-L6-v2): 384 wide, 12 heads, 6 layers, BERT vocab.
+MINILM = dict(hidden_size=384, num_heads=12, intermediate_size=1536, num_layers=6)
+
+
+def test_position_encoding_depends_on_each_images_valid_extent():
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[0, :2, :4] = True
+    mask[1, :4, :4] = True
+    pos = sine_position_encoding(mask, 8)
+    assert pos.shape == (2, 4, 4, 8)
+    # The last valid row of each image gets the same (normalised) encoding.
+    torch.testing.assert_close(pos[0, 1, 0], pos[1, 3, 0])
+    assert not torch.allclose(pos[0, 0, 0], pos[0, 0, 3])
+
+
+def test_text_only_output_equals_transformers_bert(bundled_bert):
+    config = build_config("tiny", init_from=BUNDLED_BERT, max_text_positions=512, **MINILM)
+    fusion = FusionEncoder(config).eval()
+    reference = BertModel.from_pretrained(bundled_bert, add_pooling_layer=True).eval()
+    text_ids = torch.tensor([[101, 1037, 2417, 4418, 102, 0], [101, 2048, 2630, 102, 0, 0]])
+    text_mask = (text_ids > 0).long()
+    with torch.no_grad():
+        ours, _ = fusion(text_ids, text_mask)
+        theirs = reference(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
+        random_init, _ = FusionEncoder(build_config("tiny", **MINILM)).eval()(text_ids, text_mask)
+    real = text_mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+    assert (random_init[real] - theirs[real]).abs().mean() > 0.1
+
+
+def test_init_from_keeps_first_layers_and_rejects_mismatch():
+    config = build_config("tiny", init_from=BUNDLED_BERT, **{**MINILM, "num_layers": 3})
+    assert len(FusionEncoder(config).bert.encoder.layer) == 3
+    with pytest.raises(ValueError, match="hidden_size is 384"):
+        FusionEncoder(build_config("tiny", init_from=BUNDLED_BERT))
+
+
+def test_unreachable_hub_id_fails_with_a_clear_message(monkeypatch):
+    import huggingface_hub.constants
+
+    # Offline mode as a machine without network has it (the env var is read at import).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    config = build_config("tiny", init_from="no-such-org/no-such-bert", **MINILM)
+    with pytest.raises(ValueError, match="cannot load a BERT config.*hub"):
+        FusionEncoder(config)

@@ -1,0 +1,131 @@
+"""The whole model with its pre-training objective: gradients, heads, MVM masking, presets."""
+
+import json
+
+import pytest
+import torch
+
+from soho_scale.cli import main as cli_main
+from soho_scale.model.config import PRESETS, build_config
+from soho_scale.model.soho import SohoPretrain, model_info
+from soho_scale.objectives import PretrainSettings, choose_mvm_mask, pair_for_itm, pretrain_loss
+from tests.model.helpers import make_batch
+
+
+def _model(**overrides) -> SohoPretrain:
+    torch.manual_seed(0)
+    return SohoPretrain(build_config("tiny", **overrides)).train()
+
+
+@pytest.mark.parametrize("fusion", ["vd", "gate", "sum"])
+def test_every_trainable_parameter_gets_a_gradient(fusion):
+    model = _model(vd_fusion=fusion, visual_token_type=True)
+    loss, metrics = pretrain_loss(model, make_batch(), PretrainSettings(mvm_sample_prob=1.0))
+    loss.backward()
+    assert metrics["mvm_count"] > 0 and metrics["mlm_count"] > 0
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    zero = [n for n, p in model.named_parameters() if p.requires_grad and p.grad.abs().sum() == 0]
+    assert zero == []
+    assert all(not b.requires_grad and b.grad is None for b in model.soho.dictionary.buffers())
+
+
+def test_gradient_reaches_the_cnn_through_the_straight_through_path():
+    model = _model(vd_fusion="vd")
+    batch = make_batch()
+    dictionary = model.soho.dictionary.embed.clone()  # training updates it after the lookup
+    visual = model.soho.encode_image(batch["images"], batch["image_sizes"])
+    # The forward value is exactly the VD word ...
+    words = dictionary[visual.indices[visual.mask]]
+    torch.testing.assert_close(visual.tokens[visual.mask], words)
+    # ... and yet the CNN's first conv receives a gradient from it.
+    visual.tokens[visual.mask].sum().backward()
+    grad = model.soho.vision.stem[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_mlm_head_runs_only_on_masked_positions_of_matched_pairs():
+    model = _model()
+    seen = []
+    model.mlm_head.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[0]))
+    batch = make_batch()
+    torch.manual_seed(1)
+    _, metrics = pretrain_loss(model, batch, PretrainSettings(itm_negative_prob=0.0))
+    assert seen == [batch["text_ids"].shape[0] * 2]  # 2 masked positions per caption
+    torch.manual_seed(1)
+    _, metrics = pretrain_loss(model, batch, PretrainSettings(itm_negative_prob=0.5))
+    assert seen[-1] == metrics["mlm_count"] < batch["text_ids"].shape[0] * 2
+
+
+def test_mvm_masks_exactly_the_cells_of_the_chosen_entry():
+    indices = torch.tensor([[3, 1, 3, 2, -1, -1], [5, 5, 5, 5, 5, 5], [0, 1, 2, 3, 4, -1]])
+    torch.manual_seed(0)
+    mask = choose_mvm_mask(indices, sample_prob=1.0)
+    for row in range(3):
+        chosen = indices[row][mask[row]].unique()
+        assert chosen.numel() == 1 and chosen.item() >= 0
+        assert torch.equal(mask[row], indices[row] == chosen)
+    assert not choose_mvm_mask(indices, sample_prob=0.0).any()
+
+
+def test_mvm_mask_embedding_replaces_the_masked_cells():
+    model = _model().eval()
+    batch = make_batch()
+    visual = model.soho.encode_image(batch["images"], batch["image_sizes"])
+    mask = choose_mvm_mask(visual.indices, 1.0)
+    plain = model.soho.embed_visual(visual)
+    masked = model.soho.embed_visual(visual, mask)
+    changed = (plain - masked).abs().sum(-1) > 0
+    assert torch.equal(changed, mask)
+
+
+def test_itm_negatives_are_other_images_of_the_batch():
+    torch.manual_seed(0)
+    index = torch.arange(400) // 4
+    rows, labels = pair_for_itm(index, num_images=100, negative_prob=0.5)
+    assert torch.equal(rows == index, labels.bool())
+    assert 0.4 < labels.float().mean() < 0.6
+
+
+def test_three_losses_fall_on_a_fixed_batch():
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = make_batch()
+    history = []
+    for _ in range(30):
+        loss, metrics = pretrain_loss(model, batch, PretrainSettings(mvm_sample_prob=1.0))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append({k: float(metrics[k]) for k in ("mlm_loss", "mvm_loss", "itm_loss")})
+    for key in ("mlm_loss", "mvm_loss", "itm_loss"):
+        first = sum(h[key] for h in history[:5]) / 5
+        last = sum(h[key] for h in history[-5:]) / 5
+        assert last < first, (key, first, last)
+
+
+def test_bf16_autocast_keeps_the_dictionary_fp32():
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = pretrain_loss(model, make_batch(), PretrainSettings())
+    loss.backward()
+    model.bfloat16()  # what DeepSpeed's bf16 engine does to the module
+    assert {b.dtype for b in model.soho.dictionary.buffers()} <= {torch.float32, torch.long}
+    assert model.soho.dictionary.num_updates.item() == 1
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_build_and_model_info_reports_counts(preset, capsys):
+    assert cli_main(["model-info", preset]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["preset"] == preset
+    assert info["params"] >= info["trainable_params"] > 0
+    assert info["visual_tokens_600x1000"] > 0
+    if preset == "r101-l12":
+        assert 150e6 < info["params"] < 160e6  # ResNet-101 trunk + BERT-base
+        assert info["visual_tokens_600x1000"] == 10 * 16
+
+
+def test_tiny_preset_builds_for_real():
+    model = SohoPretrain(build_config("tiny"))
+    assert sum(p.numel() for p in model.parameters()) == model_info("tiny")["params"]
