@@ -1,0 +1,238 @@
+"""Writing MDS shards: the code every converter in `data_pipeline.sources` shares.
+
+A converter reads one published annotation file, turns each record into a sample dict (or
+skips it with a counted reason) and hands it to `ShardWriter`, which wraps
+`streaming.MDSWriter` (local folder or `s3://` URL; S3 via `S3_ENDPOINT_URL` + AWS env
+credentials) and, beside the shards, writes `conversion_report.json` and any extra JSON files
+(e.g. VQA's `answer_vocab.json`).
+
+User-caused problems with the *annotation files* (invalid JSON, missing field) raise
+`DataError` at once with one line naming the file and the field; problems with *single samples*
+(missing or undecodable image, empty caption) raise `SkipSample` and are only counted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_SIZE_LIMIT = 64 * 1024 * 1024
+HASHES = ["sha1", "xxh64"]
+REPORT_NAME = "conversion_report.json"
+
+# Columns every sample carries, whatever the source (see the shared contract).
+COMMON_COLUMNS = {"source": "str", "split": "str", "image_id": "str"}
+
+
+class DataError(ValueError):
+    """A problem with input data or an output location that the user must fix (one line)."""
+
+
+class SkipSample(Exception):
+    """One record cannot become a sample; `reason` is the key counted in the report."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_json(path: str) -> Any:
+    """Parse a whole JSON file; a missing or invalid file is a `DataError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); re-download the file") from None
+
+
+def read_json_lines(path: str) -> list[dict]:
+    """Parse a JSON-lines file (NLVR2, SNLI-VE); blank lines are ignored."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}: line {number} is not valid JSON ({e.msg}); re-download the file"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}: line {number} is not a JSON object")
+                records.append(record)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the path") from None
+    return records
+
+
+def field(record: Any, name: str, path: str, where: str = "") -> Any:
+    """`record[name]`, or a `DataError` naming the file, the record and the missing field."""
+    if not isinstance(record, dict) or name not in record:
+        at = f" ({where})" if where else ""
+        raise DataError(f"{path}: missing required field {name!r}{at}; is this the right file?")
+    return record[name]
+
+
+def read_image(path: str) -> bytes:
+    """The bytes to store for one image: JPEG files as they are, other formats as PNG.
+
+    The image is fully decoded once so a truncated or corrupt file is caught here rather than
+    in a training run; raises `SkipSample("missing_image" | "bad_image")`.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise SkipSample("missing_image") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.format == "JPEG":
+                return data
+            # Lossless re-encode; modes PNG cannot hold (CMYK, I;16 variants) go to RGB.
+            if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+                image = image.convert("RGB")
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            return out.getvalue()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise SkipSample("bad_image") from None
+
+
+def split_from_filename(path: str, prefix: str = "", suffix: str = "") -> str:
+    """`captions_train2014.json` -> `train2014` (the split name as the dataset spells it)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    if prefix and name.startswith(prefix):
+        name = name[len(prefix) :]
+    if suffix and name.endswith(suffix):
+        name = name[: -len(suffix)]
+    return name
+
+
+def _is_remote(out: str) -> bool:
+    return urllib.parse.urlparse(out).scheme not in ("", "file")
+
+
+class ShardWriter:
+    """MDS shards + `conversion_report.json` (+ extra JSON files) in one folder or URL.
+
+    Use as a context manager; the report and extras are written only when the block ends
+    without an exception, so a failed conversion never looks like a finished one.
+    """
+
+    def __init__(
+        self,
+        out: str,
+        columns: dict[str, str],
+        source: str,
+        split: str,
+        compression: str | None = None,
+        size_limit: int = DEFAULT_SIZE_LIMIT,
+        overwrite: bool = False,
+    ) -> None:
+        from streaming import MDSWriter  # heavy import, only when writing
+
+        self.out = out
+        self.source = source
+        self.split = split
+        self.written = 0
+        self.skipped: Counter[str] = Counter()
+        self.extras: dict[str, Any] = {}
+        self.report_extra: dict[str, Any] = {}
+        if not _is_remote(out) and os.path.isdir(out) and os.listdir(out) and not overwrite:
+            raise DataError(f"{out}: output folder is not empty; pass --overwrite or another --out")
+        try:
+            self._writer = MDSWriter(
+                out=out,
+                columns={**COMMON_COLUMNS, **columns},
+                compression=compression,
+                hashes=HASHES,
+                size_limit=size_limit,
+                exist_ok=overwrite,
+            )
+        except Exception as e:  # noqa: BLE001 - botocore/streaming raise many types
+            if isinstance(e, ValueError) and "compression" in str(e).lower():
+                raise DataError(f"--compression {compression!r}: {e}") from None
+            if _is_remote(out):
+                raise DataError(
+                    f"{out}: cannot write there ({type(e).__name__}: {e}); check that the bucket "
+                    "exists, S3_ENDPOINT_URL and the AWS credentials"
+                ) from None
+            raise
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self._writer.write({"source": self.source, "split": self.split, **sample})
+        self.written += 1
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
+    def convert(self, records: Iterable[Any], build: Callable[[Any], dict[str, Any]]) -> None:
+        """Write `build(record)` for each record; a `SkipSample` is counted, not raised."""
+        for record in records:
+            try:
+                sample = build(record)
+            except SkipSample as e:
+                self.skip(e.reason)
+                continue
+            self.write(sample)
+
+    def add_json(self, name: str, obj: Any) -> None:
+        """Write `obj` as `name` beside the shards when the conversion finishes."""
+        self.extras[name] = obj
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "written": self.written,
+            "skipped": dict(sorted(self.skipped.items())),
+            "source": self.source,
+            "split": self.split,
+            **self.report_extra,
+        }
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            # Let MDSWriter cancel its uploads; do not write a report for a failed conversion.
+            self._writer.event.set()
+            try:
+                self._writer.finish()
+            except Exception:  # noqa: BLE001 - the original exception is the one to show
+                pass
+            return
+        self._writer.finish()
+        # The report goes last: its presence means every shard and index.json were written.
+        self._write_files({**self.extras, REPORT_NAME: self.report()})
+
+    def _write_files(self, files: dict[str, Any]) -> None:
+        if not _is_remote(self.out):
+            for name, obj in files.items():
+                with open(os.path.join(self.out, name), "w", encoding="utf-8") as f:
+                    json.dump(obj, f, indent=1)
+            return
+        from streaming.base.storage.upload import CloudUploader
+
+        staging = tempfile.mkdtemp(prefix="soho_extras_")
+        try:
+            uploader = CloudUploader.get((staging, self.out), keep_local=True, exist_ok=True)
+            for name, obj in files.items():
+                with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                    json.dump(obj, f, indent=1)
+                uploader.upload_file(name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,88 @@
+"""COCO captions (`annotations/captions_*.json` + image folder) -> MDS shards, one per image."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from typing import Any
+
+from data_pipeline.shards import (
+    DataError,
+    ShardWriter,
+    SkipSample,
+    field,
+    read_image,
+    read_json,
+    split_from_filename,
+)
+
+COLUMNS = {"image": "bytes", "captions": "json"}
+# COCO_train2014_000000000009.jpg -> 9 (VQA and the Karpathy file name images this way too).
+_TRAILING_ID = re.compile(r"(\d+)\.(?:jpe?g|png)$", re.IGNORECASE)
+
+
+def require_folder(path: str, flag: str) -> None:
+    if not os.path.isdir(path):
+        raise DataError(f"{flag} {path}: not a folder; give the folder holding the images")
+
+
+def coco_image_index(images_dir: str) -> dict[int, str]:
+    """COCO image id -> path, from the numbers at the end of the file names in `images_dir`."""
+    require_folder(images_dir, "--images")
+    index = {}
+    for name in sorted(os.listdir(images_dir)):
+        match = _TRAILING_ID.search(name)
+        if match:
+            index[int(match.group(1))] = os.path.join(images_dir, name)
+    return index
+
+
+def group_captions(annotations: list[dict], skipped: Counter[str]) -> dict[Any, list[str]]:
+    """image id -> its non-empty captions, in file order; empty ones counted in `skipped`."""
+    by_image: dict[Any, list[str]] = {}
+    for a in annotations:
+        caption = str(a["caption"]).strip()
+        if not caption:
+            skipped["empty_caption"] += 1
+            continue
+        by_image.setdefault(a["image_id"], []).append(caption)
+    return by_image
+
+
+def convert_coco(
+    captions_file: str,
+    images_dir: str,
+    out: str,
+    split: str | None = None,
+    **writer_options: Any,
+) -> dict[str, Any]:
+    """Write one sample per image with all its captions; returns the conversion report.
+
+    `empty_caption` in the report counts captions dropped; an image left with no caption is
+    skipped as `no_caption`.
+    """
+    data = read_json(captions_file)
+    images = field(data, "images", captions_file)
+    annotations = field(data, "annotations", captions_file)
+    for i, image in enumerate(images):
+        for name in ("id", "file_name"):
+            field(image, name, captions_file, f"images[{i}]")
+    for i, a in enumerate(annotations):
+        for name in ("image_id", "caption"):
+            field(a, name, captions_file, f"annotations[{i}]")
+    require_folder(images_dir, "--images")
+    split = split or split_from_filename(captions_file, prefix="captions_")
+
+    with ShardWriter(out, COLUMNS, "coco", split, **writer_options) as writer:
+        by_image = group_captions(annotations, writer.skipped)
+
+        def build(image: dict) -> dict[str, Any]:
+            texts = by_image.get(image["id"])
+            if not texts:
+                raise SkipSample("no_caption")
+            path = os.path.join(images_dir, image["file_name"])
+            return {"image_id": str(image["id"]), "image": read_image(path), "captions": texts}
+
+        writer.convert(images, build)
+    return writer.report()

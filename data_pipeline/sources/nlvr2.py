@@ -1,0 +1,76 @@
+"""NLVR2 (`train.json` / `dev.json` / `test1.json` JSON lines + PNG pairs) -> MDS shards.
+
+As in the official repo, a statement's images are named after its identifier without the
+last component: "train-10171-0-0" -> "train-10171-0-img0.png" / "-img1.png"; training images
+sit in numbered sub-folders given by the record's "directory" field.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+from data_pipeline.shards import (
+    ShardWriter,
+    SkipSample,
+    field,
+    read_image,
+    read_json_lines,
+    split_from_filename,
+)
+from data_pipeline.sources.coco import require_folder
+
+COLUMNS = {"image_left": "bytes", "image_right": "bytes", "identifier": "str", "sentence": "str",
+           "label": "int"}  # fmt: skip
+LABELS = {"true": 1, "false": 0}
+
+
+def pair_id(identifier: str) -> str:
+    """ "train-10171-0-0" -> "train-10171-0" (the image pair a statement is about)."""
+    return identifier.rsplit("-", 1)[0]
+
+
+def image_paths(images_dir: str, record: dict) -> tuple[str, str]:
+    prefix = pair_id(str(record["identifier"]))
+    folder = images_dir
+    if "directory" in record:
+        folder = os.path.join(images_dir, str(record["directory"]))
+    return tuple(os.path.join(folder, f"{prefix}-img{i}.png") for i in (0, 1))  # type: ignore[return-value]
+
+
+def convert_nlvr2(
+    json_file: str,
+    images_dir: str,
+    out: str,
+    split: str | None = None,
+    **writer_options: Any,
+) -> dict[str, Any]:
+    records = read_json_lines(json_file)
+    for i, record in enumerate(records):
+        for name in ("identifier", "sentence", "label"):
+            field(record, name, json_file, f"line {i + 1}")
+    require_folder(images_dir, "--images")
+    split = split or split_from_filename(json_file)
+    read_cached = lru_cache(maxsize=16)(read_image)  # statements about one pair are adjacent
+
+    def build(record: dict) -> dict[str, Any]:
+        label = LABELS.get(str(record["label"]).strip().lower())
+        if label is None:
+            raise SkipSample("unknown_label")
+        sentence = str(record["sentence"]).strip()
+        if not sentence:
+            raise SkipSample("empty_sentence")
+        left, right = image_paths(images_dir, record)
+        return {
+            "image_id": pair_id(str(record["identifier"])),
+            "image_left": read_cached(left),
+            "image_right": read_cached(right),
+            "identifier": str(record["identifier"]),
+            "sentence": sentence,
+            "label": label,
+        }
+
+    with ShardWriter(out, COLUMNS, "nlvr2", split, **writer_options) as writer:
+        writer.convert(records, build)
+    return writer.report()

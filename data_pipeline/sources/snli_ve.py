@@ -1,0 +1,62 @@
+"""SNLI-VE (`snli_ve_{train,dev,test}.jsonl` + Flickr30K images) -> MDS shards.
+
+One sample per (image premise, text hypothesis) pair; labels 0 entailment, 1 neutral,
+2 contradiction. Note the dataset's own spelling of the image field: "Flikr30kID".
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+from data_pipeline.shards import (
+    ShardWriter,
+    SkipSample,
+    field,
+    read_image,
+    read_json_lines,
+    split_from_filename,
+)
+from data_pipeline.sources.coco import require_folder
+
+COLUMNS = {"image": "bytes", "pair_id": "str", "hypothesis": "str", "label": "int"}
+LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+
+
+def convert_snli_ve(
+    jsonl_file: str,
+    images_dir: str,
+    out: str,
+    split: str | None = None,
+    **writer_options: Any,
+) -> dict[str, Any]:
+    records = read_json_lines(jsonl_file)
+    for i, record in enumerate(records):
+        for name in ("Flikr30kID", "sentence2", "gold_label", "pairID"):
+            field(record, name, jsonl_file, f"line {i + 1}")
+    require_folder(images_dir, "--images")
+    split = split or split_from_filename(jsonl_file, prefix="snli_ve_")
+    read_cached = lru_cache(maxsize=16)(read_image)  # hypotheses about one image are adjacent
+
+    def build(record: dict) -> dict[str, Any]:
+        label = LABELS.get(str(record["gold_label"]).strip().lower())
+        if label is None:  # SNLI's "-" (no annotator majority)
+            raise SkipSample("unknown_label")
+        hypothesis = str(record["sentence2"]).strip()
+        if not hypothesis:
+            raise SkipSample("empty_sentence")
+        name = str(record["Flikr30kID"])
+        if not os.path.splitext(name)[1]:
+            name += ".jpg"
+        return {
+            "image_id": os.path.splitext(name)[0],
+            "image": read_cached(os.path.join(images_dir, name)),
+            "pair_id": str(record["pairID"]),
+            "hypothesis": hypothesis,
+            "label": label,
+        }
+
+    with ShardWriter(out, COLUMNS, "snli_ve", split, **writer_options) as writer:
+        writer.convert(records, build)
+    return writer.report()

@@ -1,0 +1,69 @@
+"""Visual Genome (`region_descriptions.json` + `image_data.json`) -> caption shards.
+
+Region phrases serve as the image's captions (SOHO pre-trains on COCO + VG captions). One
+sample per image; duplicate and empty phrases are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from data_pipeline.shards import DataError, ShardWriter, SkipSample, field, read_image, read_json
+from data_pipeline.sources.coco import require_folder
+
+COLUMNS = {"image": "bytes", "captions": "json"}
+# The VG download unpacks into two folders; accept either layout under --images.
+_SUBFOLDERS = ("", "VG_100K", "VG_100K_2")
+
+
+def _image_path(images_dir: str, record: dict, image_id: int) -> str:
+    name = os.path.basename(str(record.get("url") or f"{image_id}.jpg"))
+    for sub in _SUBFOLDERS:
+        path = os.path.join(images_dir, sub, name)
+        if os.path.exists(path):
+            return path
+    return os.path.join(images_dir, name)
+
+
+def convert_vg(
+    regions_file: str,
+    image_data_file: str,
+    images_dir: str,
+    out: str,
+    split: str = "train",
+    **writer_options: Any,
+) -> dict[str, Any]:
+    regions = read_json(regions_file)
+    image_data = read_json(image_data_file)
+    for path, data in ((regions_file, regions), (image_data_file, image_data)):
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of images; is this the right file?")
+    for i, entry in enumerate(regions):
+        field(entry, "id", regions_file, f"[{i}]")
+        for j, region in enumerate(field(entry, "regions", regions_file, f"[{i}]")):
+            field(region, "phrase", regions_file, f"[{i}].regions[{j}]")
+    records = {}
+    for i, record in enumerate(image_data):
+        # Older releases call the key "id", v1.2+ "image_id".
+        key = "image_id" if isinstance(record, dict) and "image_id" in record else "id"
+        records[field(record, key, image_data_file, f"[{i}]")] = record
+    require_folder(images_dir, "--images")
+
+    def build(entry: dict) -> dict[str, Any]:
+        phrases: list[str] = []
+        for region in entry["regions"]:
+            phrase = str(region["phrase"]).strip()
+            if not phrase:
+                writer.skipped["empty_caption"] += 1
+            elif phrase not in phrases:
+                phrases.append(phrase)
+        if not phrases:
+            raise SkipSample("no_caption")
+        image_id = entry["id"]
+        path = _image_path(images_dir, records.get(image_id, {}), image_id)
+        return {"image_id": str(image_id), "image": read_image(path), "captions": phrases}
+
+    with ShardWriter(out, COLUMNS, "vg", split, **writer_options) as writer:
+        writer.convert(regions, build)
+    return writer.report()
