@@ -111,7 +111,7 @@ class ModelSpec(Section):
 
 
 class StreamSpec(Section):
-    remote: str  # s3://bucket/prefix or a local folder holding index.json (or <split>/index.json)
+    remote: str  # s3://bucket/prefix or a local folder holding index.json
     proportion: float | None = Field(None, gt=0)
 
 
@@ -135,7 +135,6 @@ class TextSpec(Section):
 class DataSpec(Section):
     task: Literal["pretrain", "vqa", "nlvr2", "retrieval", "snli_ve"]
     streams: list[StreamSpec] = Field(min_length=1)
-    split: str | None = None  # sub-folder of each remote (mosaicml-streaming `split`)
     cache_dir: str | None = None  # local shard cache; None: the loader picks one per run
     image: ImageSpec = ImageSpec()
     text: TextSpec = TextSpec()
@@ -146,7 +145,8 @@ class DataSpec(Section):
     download_timeout: float = Field(60.0, gt=0)  # seconds per socket read, not per file
     validate_hash: Literal["sha1", "xxh64"] | None = "xxh64"
     # Fixed so that a resume on another world size still sees every sample exactly once.
-    num_canonical_nodes: int | None = Field(None, ge=1)
+    num_canonical_nodes: int = Field(1, ge=1)
+    stall_timeout_s: float = Field(300.0, gt=0)  # no batch for this long: fail naming the shard
 
     @model_validator(mode="after")
     def _proportions(self) -> DataSpec:
@@ -157,10 +157,12 @@ class DataSpec(Section):
 
 
 class ObjectivesSpec(Section):
+    """Pre-training losses; names as in objectives.PretrainSettings (mlm_probability: collate)."""
+
     mlm_probability: float = Field(0.15, gt=0, lt=1)
-    itm_negative_probability: float = Field(0.5, ge=0, lt=1)
-    mvm_sample_probability: float = Field(0.015, ge=0, le=1)  # official code: 1.5% of samples
-    mvm_temperature: float = Field(0.07, gt=0)  # cosine logits / temperature; official: 1.0
+    itm_negative_prob: float = Field(0.5, ge=0, lt=1)
+    mvm_sample_prob: float = Field(0.3, ge=0, le=1)  # official code: 0.015
+    mvm_temperature: float = Field(0.07, gt=0)  # official code: none (1.0)
     mlm_weight: float = Field(1.0, ge=0)
     mvm_weight: float = Field(1.0, ge=0)
     itm_weight: float = Field(1.0, ge=0)
@@ -287,7 +289,8 @@ class CheckpointSpec(Section):
 
 
 class EvalSpec(Section):
-    split: str | None = None  # split of the data streams to evaluate on; None: no evaluation
+    streams: list[StreamSpec] = []  # shard folders to evaluate on; empty: no evaluation
+    split: str = "val"  # what they are (val, test, karpathy_5k...): names the metrics and report
     interval_steps: int | None = Field(None, gt=0)  # None: at the end of training only
 
 
@@ -313,7 +316,7 @@ class Job(Section):
     schedule: ScheduleSpec
     batch: BatchSpec
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)  # reads its template
     checkpoint: CheckpointSpec
     eval: EvalSpec = EvalSpec()
     tracking: TrackingSpec = TrackingSpec()

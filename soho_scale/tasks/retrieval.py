@@ -33,6 +33,8 @@ def recall_at_k(
             f"retrieval: scores must be (num_images, num_texts), got {tuple(scores.shape)}"
         )
     num_images, num_texts = scores.shape
+    if not num_images or not num_texts:
+        raise ValueError(f"retrieval: empty score matrix {tuple(scores.shape)}")
     if owner.shape != (num_texts,):
         raise ValueError(
             f"retrieval: text_to_image has {owner.numel()} entries for {num_texts} texts"

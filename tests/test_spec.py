@@ -1,0 +1,271 @@
+"""The job spec: every job file loads; bad specs fail with one line naming the key path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from soho_scale.spec import (
+    Job,
+    SpecError,
+    build_deepspeed_config,
+    derived,
+    dump_job,
+    load_job,
+    validate_main,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB_FILES = sorted((ROOT / "jobs").rglob("*.yaml"))
+DEMO = ROOT / "jobs" / "demo" / "pretrain.yaml"
+PAPER = ROOT / "jobs" / "pretrain" / "soho_r101_l12_coco_vg.yaml"
+
+
+def write_job(tmp_path: Path, change=None, text: str | None = None) -> Path:
+    """The demo job, changed by `change(data)` (or replaced by raw `text`), in a tmp file."""
+    if text is None:
+        data = yaml.safe_load(DEMO.read_text())
+        if change:
+            change(data)
+        text = yaml.safe_dump(data, sort_keys=False)
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def spec_error(path: Path, overrides: list[str] = ()) -> str:
+    with pytest.raises(SpecError) as info:
+        load_job(path, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_job_file_loads_and_builds_a_deepspeed_config(path):
+    job = load_job(path)
+    numbers = derived(job, num_samples=100_000)
+    config = build_deepspeed_config(job, numbers["world_size"])
+    assert config["train_batch_size"] == job.batch.global_batch
+    assert job.model.config().vocab_size == 30522
+    assert yaml.safe_load(dump_job(job)) == yaml.safe_load(dump_job(load_job(path)))
+
+
+def test_expected_job_files_exist():
+    names = {str(p.relative_to(ROOT / "jobs")) for p in JOB_FILES}
+    assert {
+        "pretrain/soho_r101_l12_coco_vg.yaml",
+        "pretrain/soho_r18_l3_coco_vg.yaml",
+        "demo/pretrain.yaml",
+    } <= names
+
+
+def test_paper_recipe_numbers():
+    job = load_job(PAPER)
+    numbers = derived(job, num_samples=25_600 + 100)  # 100 images short of one more step
+    assert numbers["world_size"] == 8
+    assert numbers["accumulation_steps"] == 2
+    assert numbers["texts_per_step"] == 256 * 4
+    assert numbers["steps_per_epoch"] == 100
+    assert numbers["total_steps"] == 40 * 100
+    assert numbers["decay_steps"] == [2500, 3500]
+    assert job.optim.rest.eps == 1e-6 and job.optim.cnn.momentum == 0.9
+    assert job.schedule.warmup_start_factor == pytest.approx(1 / 3)
+    without_size = derived(job)
+    assert without_size["total_steps"] is None and without_size["decay_steps"] is None
+
+
+def test_overrides_are_applied_parsed_and_recorded():
+    overrides = [
+        "optim.rest.lr=1e-3",
+        "model.overrides.vd_size=64",
+        "data.streams.0.proportion=1",
+        "precision=bf16",
+    ]
+    job = load_job(DEMO, overrides)
+    assert job.optim.rest.lr == 1e-3 and isinstance(job.optim.rest.lr, float)
+    assert job.model.config().vd_size == 64
+    assert job.data.streams[0].proportion == 1.0
+    assert job.precision == "bf16"
+    assert job.overrides == overrides
+    assert load_job(DEMO).overrides == []
+
+
+def test_yaml_exponent_strings_become_numbers(tmp_path):
+    text = DEMO.read_text().replace("lr: 5.0e-4", "lr: 5e-4").replace("eps: 1.0e-6", "eps: 1e-6")
+    path = write_job(tmp_path, text=text)
+    raw = yaml.safe_load(path.read_text())
+    assert raw["optim"]["rest"]["lr"] == "5e-4"  # the YAML pitfall this guards against
+    job = load_job(path)
+    assert job.optim.rest.lr == 5e-4 and isinstance(job.optim.rest.lr, float)
+    assert job.optim.rest.eps == 1e-6
+
+
+def test_duplicate_key_is_rejected(tmp_path):
+    text = DEMO.read_text().replace("    lr: 5.0e-4", "    lr: 5.0e-4\n    lr: 1.0e-3")
+    message = spec_error(write_job(tmp_path, text=text))
+    assert message.startswith("optim.rest.lr: duplicate key")
+
+
+def test_unknown_keys_name_their_path(tmp_path):
+    path = write_job(tmp_path, lambda d: d["optim"]["rest"].update(lrr=1))
+    assert spec_error(path).startswith("optim.rest.lrr: unknown key; did you mean 'lr'?")
+    path = write_job(tmp_path, lambda d: d["model"].update(overrides={"foo": 1}))
+    assert spec_error(path).startswith("model.overrides.foo: unknown option")
+    path = write_job(tmp_path, lambda d: d.update(learning_rate=1))
+    assert spec_error(path).startswith("learning_rate: unknown key")
+
+
+def test_bad_values_name_their_path(tmp_path):
+    path = write_job(tmp_path, lambda d: d["optim"]["cnn"].update(lr="fast"))
+    assert spec_error(path) == f"optim.cnn.lr: expected a number, got 'fast' (in {path})"
+    assert spec_error(DEMO, ["optim.cnn.lr=fast"]) == (
+        "optim.cnn.lr: expected a number, got 'fast' (from override optim.cnn.lr=fast)"
+    )
+    path = write_job(tmp_path, lambda d: d["model"].update(overrides={"vd_size": "big"}))
+    assert spec_error(path).startswith("model.overrides.vd_size: expected an integer, got 'big'")
+    assert spec_error(DEMO, ["precision=fp8"]).startswith("precision: expected one of")
+    assert spec_error(DEMO, ["checkpoint.resume=no"]).startswith(
+        "checkpoint.resume: expected a string, got False (YAML reads yes/no"
+    )
+    assert spec_error(DEMO, ["data.streams.0.remote=null"]).startswith("data.streams[0].remote:")
+    assert spec_error(DEMO, ["model.preset=huge"]).startswith("model.preset: unknown preset 'huge'")
+
+
+def test_batch_must_divide_across_ranks():
+    message = spec_error(DEMO, ["batch.global_batch=10"])
+    assert message.startswith(
+        "batch.global_batch: 10 is not divisible by micro_batch_per_rank*world_size=8"
+    )
+    job = load_job(DEMO)
+    assert derived(job, world_size=1)["accumulation_steps"] == 4  # elastic: same global batch
+    with pytest.raises(SpecError, match="micro_batch_per_rank\\*world_size=12"):
+        build_deepspeed_config(job, world_size=3)
+
+
+def test_schedule_needs_exactly_one_length():
+    assert spec_error(DEMO, ["schedule.epochs=2"]).startswith(
+        "schedule: give exactly one of epochs or steps"
+    )
+    assert spec_error(DEMO, ["schedule.decay_steps=[150,120]"]).startswith(
+        "schedule.decay_steps: [150, 120] must be positive and strictly increasing"
+    )
+
+
+def test_missing_job_file_is_named(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert spec_error(missing) == f"{missing}: no such job file"
+
+
+def test_missing_template_is_named():
+    message = spec_error(DEMO, ["deepspeed.template=zero9"])
+    assert message.startswith("deepspeed.template: no such file ")
+    assert "zero9.json" in message and "zero2.json" in message
+    # without a template, zero_stage and offload pick one
+    assert load_job(DEMO, ["deepspeed.zero_stage=3"]).deepspeed.template_path().name == "zero3.json"
+
+
+def test_template_and_stage_must_agree():
+    message = spec_error(DEMO, ["deepspeed.template=zero3"])
+    assert message.startswith("deepspeed.template: zero3.json is ZeRO stage 3")
+
+
+def test_deepspeed_config_is_filled_from_the_job():
+    job = load_job(DEMO, ["precision=bf16", "optim.grad_clip=2.5"])
+    config = build_deepspeed_config(job, world_size=2)
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 16
+    assert config["gradient_clipping"] == 2.5
+    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    assert config["zero_optimization"]["stage"] == 2
+    fp32 = build_deepspeed_config(load_job(DEMO), world_size=2)
+    assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"]
+
+
+def test_template_that_sets_job_fields_is_rejected(tmp_path):
+    template = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**template, "train_batch_size": 32}))
+    message = spec_error(DEMO, [f"deepspeed.template={bad}"])
+    assert message.startswith("deepspeed.template: bad.json sets train_batch_size")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(template))
+    job = load_job(DEMO, [f"deepspeed.template={good}"])
+    bad.write_text(json.dumps({**template, "fp16": {"enabled": True}}))
+    job = job.model_copy(
+        update={"deepspeed": job.deepspeed.model_copy(update={"template": str(bad)})}
+    )
+    with pytest.raises(SpecError, match="sets fp16"):
+        build_deepspeed_config(job, world_size=2)
+
+
+@pytest.mark.parametrize("template", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
+def test_deepspeed_accepts_every_template(template):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    stage, offload = template[4], str(template.endswith("offload")).lower()
+    job = load_job(DEMO, [f"deepspeed.zero_stage={stage}", f"deepspeed.offload={offload}"])
+    config = DeepSpeedConfig(build_deepspeed_config(job, world_size=1))  # no process group: 1
+    assert config.zero_optimization_stage == int(stage)
+    assert config.train_batch_size == 16 and config.gradient_accumulation_steps == 4
+    assert config.gradient_clipping == 10.0
+
+
+def test_override_syntax_errors():
+    assert spec_error(DEMO, ["optim.rest.lr"]).startswith(
+        "override 'optim.rest.lr': expected KEY=VALUE"
+    )
+    assert spec_error(DEMO, ["name.x=1"]).startswith("override 'name.x=1': name is not a section")
+    assert spec_error(DEMO, ["data.streams.5.remote=x"]).startswith("override")
+
+
+def test_overrides_key_in_job_file_is_rejected(tmp_path):
+    path = write_job(tmp_path, lambda d: d.update(overrides=["a=1"]))
+    assert spec_error(path).startswith("overrides: give overrides on the command line")
+
+
+def test_job_is_frozen():
+    job = load_job(DEMO)
+    with pytest.raises(ValidationError, match="frozen"):
+        job.precision = "bf16"
+    assert isinstance(job, Job)
+
+
+def test_validate_prints_resolved_job_and_numbers(capsys, tmp_path):
+    assert validate_main([str(DEMO), "optim.rest.lr=1e-3", "--num-samples", "160"]) == 0
+    resolved, summary = yaml.safe_load_all(capsys.readouterr().out)
+    assert resolved["optim"]["rest"]["lr"] == 1e-3
+    assert summary["overrides"] == ["optim.rest.lr=1e-3"]
+    assert summary["derived"]["steps_per_epoch"] == 10
+    assert summary["derived"]["total_steps"] == 200
+    assert summary["deepspeed_config"]["train_batch_size"] == 16
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(yaml.safe_dump(resolved))
+    assert load_job(saved).optim.rest.lr == 1e-3  # the printed job is itself a job file
+
+
+def test_validate_bad_spec_exits_2_with_one_line(capsys):
+    assert validate_main([str(DEMO), "optim.cnn.lr=fast"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "optim.cnn.lr: expected a number, got 'fast' (from override optim.cnn.lr=fast)"
+    ]
+
+
+def test_unknown_key_inside_a_list_item():
+    message = spec_error(DEMO, ["data.streams.0.remot=s3://x"])
+    assert message.startswith("data.streams[0].remot: unknown key; did you mean 'remote'?")
+
+
+def test_objectives_section_builds_the_pretrain_settings():
+    from soho_scale.objectives import PretrainSettings
+
+    objectives = load_job(DEMO).objectives
+    settings = PretrainSettings(**objectives.model_dump(exclude={"mlm_probability"}))
+    assert settings.mvm_sample_prob == objectives.mvm_sample_prob
