@@ -1,0 +1,147 @@
+"""Pre-training loader throughput, side by side in one run; prints one JSON object.
+
+(a) streamed: MDS shards on a loopback moto S3 server through data_pipeline's loader;
+(b) ceiling: the same JPEG bytes and captions held in memory, same per-sample processing;
+(c) naive: a torch Dataset over JPEG files + one JSON file on local disk.
+All three use the same SampleProcessor (decode, resize, tokenize, MLM-mask), collate, batch size
+and worker count, so the ratios isolate the cost of storage and streaming.
+
+    .venv/bin/python benchmarks/data_throughput.py --samples 512 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import tempfile
+import time
+
+import torch
+from PIL import Image, ImageDraw
+from streaming import MDSWriter
+from torch.utils.data import DataLoader, Dataset
+
+from data_pipeline.collate import collate_captions
+from data_pipeline.storage import LocalS3Server
+from data_pipeline.streaming import SampleProcessor, build_dataset, build_loader
+from data_pipeline.transforms import ImageTransform
+
+COLUMNS = {"source": "str", "split": "str", "image_id": "str", "image": "bytes", "captions": "json"}
+
+
+def make_images(n: int, width: int, height: int) -> list[bytes]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y = rng.randrange(width), rng.randrange(height)
+            box = (x, y, x + rng.randrange(20, 120), y + rng.randrange(20, 120))
+            draw.ellipse(box, fill=tuple(rng.randrange(256) for _ in range(3)))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+class MemoryDataset(Dataset):
+    """Raw samples in memory: the decode + transform ceiling."""
+
+    def __init__(self, raws: list[dict], processor: SampleProcessor) -> None:
+        self.raws, self.processor = raws, processor
+
+    def __len__(self) -> int:
+        return len(self.raws)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.processor(self.raws[i], i, 0)
+
+
+class FileDataset(Dataset):
+    """The naive baseline: one JPEG file per image plus a JSON list of captions."""
+
+    def __init__(self, folder: str, processor: SampleProcessor) -> None:
+        with open(os.path.join(folder, "captions.json")) as f:
+            self.captions = json.load(f)
+        self.folder, self.processor = folder, processor
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        with open(os.path.join(self.folder, f"{i:06d}.jpg"), "rb") as f:
+            raw = {"image": f.read(), "captions": self.captions[i]}
+        return self.processor(raw, i, 0)
+
+
+def samples_per_s(loader, epochs: int) -> float:
+    next(iter(loader))  # warm up workers, tokenizer, first downloads
+    start, count = time.perf_counter(), 0
+    for _ in range(epochs):
+        for batch in loader:
+            count += len(batch["sample_ids"])
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--image-size", default="480x360", help="stored JPEG WxH")
+    args = parser.parse_args()
+    width, height = map(int, args.image_size.split("x"))
+    images = make_images(args.samples, width, height)
+    captions = [
+        [f"a picture number {i} of shapes", f"colourful blobs {i}"] for i in range(args.samples)
+    ]
+    processor = SampleProcessor("pretrain", image=ImageTransform(128, 192), captions_per_image=2)
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_captions)
+
+    # Streaming's file locks and multiprocessing's temp dirs go to a private TMPDIR.
+    os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="soho-bench-")
+    tempfile.tempdir = None
+    with tempfile.TemporaryDirectory() as tmp, LocalS3Server(["bench"]):
+        files = os.path.join(tmp, "files")
+        os.makedirs(files)
+        for i, data in enumerate(images):
+            with open(os.path.join(files, f"{i:06d}.jpg"), "wb") as f:
+                f.write(data)
+        with open(os.path.join(files, "captions.json"), "w") as f:
+            json.dump(captions, f)
+        with MDSWriter(out="s3://bench/coco", columns=COLUMNS, hashes=["sha1", "xxh64"],
+                       size_limit=8 << 20) as writer:  # fmt: skip
+            for i, (data, caps) in enumerate(zip(images, captions)):
+                writer.write({"source": "bench", "split": "train", "image_id": str(i),
+                              "image": data, "captions": caps})  # fmt: skip
+
+        raws = [{"image": d, "captions": c} for d, c in zip(images, captions)]
+        rates = {
+            "ceiling_memory": samples_per_s(
+                DataLoader(MemoryDataset(raws, processor), **common), args.epochs
+            ),
+            "naive_files": samples_per_s(
+                DataLoader(FileDataset(files, processor), shuffle=True, **common), args.epochs
+            ),
+        }
+        dataset = build_dataset(["s3://bench/coco"], processor, os.path.join(tmp, "cache"),
+                                args.batch_size, clean_stale_shm=False)  # fmt: skip
+        loader = build_loader(dataset, args.batch_size, num_workers=args.workers,
+                              persistent_workers=True)  # fmt: skip
+        rates["streamed_s3"] = samples_per_s(loader, args.epochs)
+
+    print(json.dumps({
+        "samples_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "ratio_vs_ceiling": round(rates["streamed_s3"] / rates["ceiling_memory"], 3),
+        "ratio_vs_naive": round(rates["streamed_s3"] / rates["naive_files"], 3),
+        "config": {**vars(args), "transform": "soho 128/192", "torch_threads": torch.get_num_threads()},
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

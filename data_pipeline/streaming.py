@@ -1,0 +1,431 @@
+"""Streaming datasets and the loader: MDS shards (local or s3://) -> batches for every task.
+
+`SohoStreamingDataset` is a mosaicml-streaming `StreamingDataset` that turns raw MDS samples into
+tensors (decode, resize, tokenize, MLM-mask) and adds what streaming leaves out (DESIGN.md):
+
+- a missing, truncated or altered shard raises `DataError` naming the shard and URL (streaming
+  itself ends the epoch early in-process, or hangs with workers): remote sizes are checked
+  against `index.json` before the first epoch, download failures are re-raised with the shard
+  name, and an epoch that yields fewer samples than planned is an error;
+- cached shards whose hash is known are re-validated (and purged if corrupt) before reuse;
+- an image that fails to decode is replaced by a blank image (`sample_valid` False) and counted,
+  never dropped, so all ranks keep the same number of batches.
+
+`build_loader` returns a `SohoLoader` (a `StreamingDataLoader`): `state_dict()` /
+`load_state_dict()` resume mid-epoch exactly once, also on another number of ranks when the
+global batch and `num_canonical_nodes` stay fixed; a stalled worker becomes a `DataError` naming
+the shards still downloading after `stall_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from threading import Event, Thread
+from typing import Any
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import _ShardState  # the shard states streaming keeps in shm
+from streaming.base.hashing import get_hash
+from streaming.base.util import clean_stale_shared_memory
+from streaming.base.world import World
+
+from data_pipeline.collate import COLLATE_BY_TASK
+from data_pipeline.masking import mask_captions
+from data_pipeline.storage import (
+    INDEX_BASENAME,
+    DataError,
+    join_url,
+    object_sizes,
+    read_index,
+    s3_client,
+    shard_files,
+)
+from data_pipeline.transforms import ImageDecodeError, ImageTransform, TextTransform
+
+logger = logging.getLogger(__name__)
+
+TASKS = tuple(COLLATE_BY_TASK)
+_PREPARING = _ShardState.PREPARING
+# Our own shard state (streaming uses 0-3): a shard that failed to download or verify. It lives
+# in streaming's shared-memory state array, so every worker and rank of the node sees it.
+_FAILED = 200
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """One shard folder (local path or s3:// URL) and its share of each epoch."""
+
+    remote: str
+    proportion: float | None = None
+
+
+@dataclass
+class SampleProcessor:
+    """Raw MDS sample -> tensors for one task (runs in the DataLoader workers)."""
+
+    task: str
+    image: ImageTransform = field(default_factory=ImageTransform)
+    text: TextTransform = field(default_factory=TextTransform)
+    captions_per_image: int = 4
+    mlm_probability: float = 0.15
+    seed: int = 0
+    num_answers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise DataError(f"task {self.task!r}: unknown, use one of {', '.join(TASKS)}")
+
+    def images(self, raw: dict[str, Any], columns: Sequence[str]) -> tuple[list, bool]:
+        try:
+            return [self.image(raw[c]) for c in columns], True
+        except ImageDecodeError:
+            side = self.image.square_size or self.image.min_size
+            return [torch.zeros(3, side, side) for _ in columns], False
+
+    def pick_captions(self, captions: list[str], epoch: int, sample_id: int) -> list[str]:
+        """`captions_per_image` captions, a pure function of (seed, epoch, sample id)."""
+        rng = random.Random(f"{self.seed}:{epoch}:{sample_id}:captions")
+        order = rng.sample(range(len(captions)), len(captions))
+        return [captions[order[i % len(order)]] for i in range(self.captions_per_image)]
+
+    def __call__(self, raw: dict[str, Any], sample_id: int, epoch: int) -> dict[str, Any]:
+        columns = ["image_left", "image_right"] if self.task == "nlvr2" else ["image"]
+        images, valid = self.images(raw, columns)
+        out: dict[str, Any] = {"sample_id": sample_id, "valid": valid}
+        if self.task == "nlvr2":
+            out["image_left"], out["image_right"] = images
+        else:
+            out["image"] = images[0]
+
+        if self.task in ("pretrain", "retrieval"):
+            texts = self.pick_captions(list(raw["captions"]), epoch, sample_id)
+        elif self.task == "vqa":
+            texts = [raw["question"]]
+        elif self.task == "nlvr2":
+            texts = [raw["sentence"]]
+        else:
+            texts = [raw["hypothesis"]]
+        out["text_ids"], out["text_mask"] = self.text(texts)
+
+        if self.task == "pretrain":
+            special = self.text.special_ids()
+            ids = out["text_ids"]
+            is_special = (out["text_mask"] == 0) | (ids == special["cls"]) | (ids == special["sep"])
+            out["text_ids"], out["mlm_labels"] = mask_captions(
+                ids,
+                is_special,
+                self.seed,
+                epoch,
+                sample_id,
+                special["mask"],
+                special["vocab_size"],
+                self.mlm_probability,
+            )
+        elif self.task == "vqa":
+            targets = torch.zeros(self.num_answers)
+            for label, score in zip(raw["answer_labels"], raw["answer_scores"]):
+                targets[label] = score
+            out["targets"] = targets
+            out["question_id"] = int(raw["question_id"])
+        if self.task in ("nlvr2", "snli_ve"):
+            out["label"] = int(raw["label"])
+        return out
+
+
+class SohoStreamingDataset(StreamingDataset):
+    """StreamingDataset returning processed samples with their dataset index (`sample_id`)."""
+
+    def __init__(
+        self,
+        streams: Sequence[Stream],
+        processor: SampleProcessor | None,
+        verify_shards: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.processor = processor
+        self.skipped = 0  # per worker process: samples replaced by a fallback
+        self._epoch = 0
+        self._planned = 0
+        self._background_error: BaseException | None = None
+        if World.detect().is_local_leader:
+            for stream in streams:
+                if verify_shards:
+                    client = (
+                        s3_client(kwargs["download_timeout"], kwargs["download_retry"])
+                        if stream.remote
+                        else None
+                    )
+                    verify_remote_shards(stream.remote or stream.local, client)
+                if stream.remote and stream.local:  # never purge a local-only source folder
+                    purge_corrupt_cached_shards(stream.local)
+        super().__init__(streams=list(streams), **kwargs)
+
+    def shard_url(self, shard_id: int) -> str:
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        basename = shard_files_of(self.shards[shard_id])[0]
+        return join_url(stream.remote or stream.local, basename)
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as e:
+            # Streaming leaves the shard "in progress" forever, which hangs the other workers;
+            # mark it failed so they stop waiting and raise too.
+            self._shard_states[shard_id] = _FAILED
+            raise DataError(
+                f"shard {self.shard_url(shard_id)} could not be fetched or failed its hash "
+                f"check ({type(e).__name__}: {e}); check the dataset location, or rewrite it"
+            ) from e
+
+    def on_exception(self, future: Future) -> None:
+        # Streaming re-raises inside a future callback (the error is only logged) and the epoch
+        # then ends early; keep it for __iter__ to raise.
+        error = future.exception()
+        if error is not None:
+            self._background_error = error
+            self._event.set()
+            # The failed thread skipped its exit bookkeeping; without this the end of
+            # StreamingDataset.__iter__ waits for it forever.
+            self._iterator.on_exit()
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._epoch = epoch
+        return epoch, sample_in_epoch
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
+        sample_ids = super()._get_work(epoch, sample_in_epoch)
+        self._planned = int((sample_ids != -1).sum())
+        return sample_ids
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._background_error = None
+        self._planned = 0
+        if not hasattr(self, "_event"):
+            self._event = Event()
+        done = Event()
+        failed: list[int] = []
+        watcher = Thread(target=self._watch_failed_shards, args=(done, failed), daemon=True)
+        watcher.start()
+        yielded = 0
+        try:
+            for sample in super().__iter__():
+                yielded += 1
+                yield sample
+        finally:
+            done.set()
+        if self._background_error is not None:
+            error = self._background_error
+            raise error if isinstance(error, DataError) else DataError(str(error)) from error
+        if failed:
+            raise DataError(
+                f"shard {self.shard_url(failed[0])} could not be fetched or failed its hash "
+                "check in another worker; see the first error, check the dataset location"
+            )
+        if yielded < self._planned:
+            raise DataError(
+                f"epoch ended after {yielded} of {self._planned} samples of this worker: a "
+                f"shard of {', '.join(s.remote or s.local for s in self.streams)} is missing"
+            )
+
+    def _watch_failed_shards(self, done: Event, failed: list[int]) -> None:
+        """Stop this worker's streaming threads when any worker marks a shard failed."""
+        while not done.wait(0.2):
+            bad = np.flatnonzero(self._shard_states.numpy() == _FAILED)
+            if len(bad):
+                failed.append(int(bad[0]))
+                self._event.set()
+                return
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        raw = super().get_item(sample_id, retry)
+        if self.processor is None:
+            return {**raw, "sample_id": sample_id}
+        out = self.processor(raw, sample_id, self._epoch)
+        if not out["valid"]:
+            self.skipped += 1
+            logger.warning(
+                "sample %d (image_id %s) did not decode; blank fallback image used (%d so far)",
+                sample_id,
+                raw.get("image_id", raw.get("identifier", "?")),
+                self.skipped,
+            )
+        return out
+
+
+def shard_files_of(shard: Any) -> list[str]:
+    """Basenames a streaming shard reader is stored as (compressed file when there is one)."""
+    return [(zip_info or raw_info).basename for raw_info, zip_info in shard.file_pairs]
+
+
+def verify_remote_shards(remote: str, client: Any = None) -> None:
+    """Every shard listed in index.json exists with its listed size, or DataError naming it."""
+    index = read_index(remote, client)
+    sizes = object_sizes(remote, client)
+    for info in shard_files(index):
+        url = join_url(remote, info["basename"])
+        if info["basename"] not in sizes:
+            raise DataError(f"shard {url} is listed in {INDEX_BASENAME} but missing; rewrite it")
+        if sizes[info["basename"]] != info["bytes"]:
+            raise DataError(
+                f"shard {url} has {sizes[info['basename']]} bytes, {INDEX_BASENAME} says "
+                f"{info['bytes']}; the shard was altered or truncated, rewrite it"
+            )
+
+
+def purge_corrupt_cached_shards(local: str) -> list[str]:
+    """Delete cached shard files that fail their size/hash in the cached index.json.
+
+    Streaming validates a hash only right after download and reuses a corrupt cached file on
+    restart; deleting it makes streaming download it again.
+    """
+    index_path = os.path.join(local, INDEX_BASENAME)
+    if not os.path.isfile(index_path):
+        return []
+    with open(index_path) as f:
+        index = json.load(f)
+    purged = []
+    for shard in index.get("shards", []):
+        for key in ("raw_data", "zip_data"):
+            info = shard.get(key)
+            path = os.path.join(local, info["basename"]) if info else None
+            if not path or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            algo = next((a for a in ("xxh64", "sha1") if a in info.get("hashes", {})), None)
+            ok = len(data) == info["bytes"] and (
+                algo is None or get_hash(algo, data) == info["hashes"][algo]
+            )
+            if not ok:
+                logger.warning("cached shard %s is corrupt; deleting it to download again", path)
+                os.remove(path)
+                purged.append(path)
+    return purged
+
+
+def stream_cache_dir(cache_root: str, remote: str, position: int) -> str:
+    """A cache folder unique to (run cache root, stream): ranks of a node agree on it."""
+    digest = hashlib.sha1(remote.encode()).hexdigest()[:12]
+    return os.path.join(cache_root, f"stream{position}-{digest}")
+
+
+class SohoLoader(StreamingDataLoader):
+    """StreamingDataLoader that counts fallback samples and turns stalls into DataError."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        try:
+            for batch in super().__iter__():
+                self.skipped += int((~batch["sample_valid"]).sum())
+                yield batch
+        except Exception as e:
+            message = str(e)
+            if "Original Traceback" in message and "DataError:" in message:
+                # An error from a worker arrives as its traceback text; keep its one line.
+                raise DataError(message.rsplit("DataError:", 1)[1].strip()) from e
+            if "timed out" in message and isinstance(self.dataset, SohoStreamingDataset):
+                raise self.stall_error() from e
+            raise
+
+    def stall_error(self) -> DataError:
+        dataset: SohoStreamingDataset = self.dataset  # type: ignore[assignment]
+        stuck = [
+            dataset.shard_url(i)
+            for i in range(dataset.num_shards)
+            if dataset._shard_states[i] in (_PREPARING, _FAILED)
+        ]
+        where = ", ".join(stuck) if stuck else "no shard download in progress"
+        return DataError(
+            f"data loader stalled for {self.timeout:.0f} s (stuck: {where}); check the storage "
+            "endpoint and that every shard exists"
+        )
+
+
+def build_dataset(
+    sources: Sequence[StreamSource | str],
+    processor: SampleProcessor | None,
+    cache_root: str,
+    batch_size: int,
+    shuffle: bool = True,
+    shuffle_seed: int = 9176,
+    num_canonical_nodes: int = 1,
+    download_retry: int = 3,
+    download_timeout: float = 60.0,
+    validate_hash: str | None = "xxh64",
+    predownload: int | None = None,
+    verify_shards: bool = True,
+    clean_stale_shm: bool = True,
+) -> SohoStreamingDataset:
+    """A streaming dataset over one or more shard folders mixed by proportion.
+
+    `batch_size` is the per-rank batch; keep the global batch and `num_canonical_nodes` fixed
+    across restarts to resume exactly once on another number of ranks.
+    """
+    if clean_stale_shm:
+        clean_stale_shared_memory()
+    streams = []
+    for position, source in enumerate(sources):
+        source = StreamSource(source) if isinstance(source, str) else source
+        local_only = not source.remote.startswith("s3://")
+        streams.append(
+            Stream(
+                remote=None if local_only else source.remote,
+                local=source.remote
+                if local_only
+                else stream_cache_dir(cache_root, source.remote, position),
+                proportion=source.proportion,
+            )
+        )
+    try:
+        return SohoStreamingDataset(
+            streams,
+            processor,
+            verify_shards=verify_shards,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            shuffle_seed=shuffle_seed,
+            num_canonical_nodes=num_canonical_nodes,
+            download_retry=download_retry,
+            download_timeout=download_timeout,
+            validate_hash=validate_hash,
+            predownload=predownload,
+        )
+    except DataError:
+        raise
+    except Exception as e:  # streaming/botocore raise many types while fetching index.json
+        where = ", ".join(join_url(s.remote or s.local, INDEX_BASENAME) for s in streams)
+        raise DataError(f"cannot open {where} ({type(e).__name__}: {e})") from e
+
+
+def build_loader(
+    dataset: SohoStreamingDataset,
+    batch_size: int,
+    num_workers: int = 2,
+    stall_timeout_s: float = 300.0,
+    persistent_workers: bool = False,
+) -> SohoLoader:
+    """The loader for `dataset`, with the collate function of its task."""
+    task = dataset.processor.task if dataset.processor else "pretrain"
+    return SohoLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=COLLATE_BY_TASK[task],
+        drop_last=False,
+        timeout=stall_timeout_s if num_workers > 0 else 0,
+        persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

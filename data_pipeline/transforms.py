@@ -1,0 +1,125 @@
+"""Per-sample transforms: image bytes -> normalised tensor, text -> token ids.
+
+Images follow SOHO: short side resized to `min_size`, long side capped at `max_size`, aspect kept,
+no flip or crop (padding to the batch maximum happens in collate). A fixed-square mode resizes to
+`square_size` x `square_size` for throughput runs. Text is tokenised by BertTokenizerFast to
+`max_len` tokens including [CLS] and [SEP] (official code: 16).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+from soho_scale.resources import BUNDLED_BERT, resolve_pretrained
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageDecodeError(ValueError):
+    """Image bytes that PIL cannot decode (corrupt or truncated file)."""
+
+
+def decode_image(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | None = None):
+    """JPEG/PNG bytes -> (RGB PIL image, final (height, width)); corrupt bytes raise
+    ImageDecodeError.
+
+    `size_for(height, width)` maps the stored size to the final size (identity when None), so a
+    JPEG much larger than needed is decoded at a reduced DCT scale (`draft`): the same result
+    after resizing for a fraction of the decode work.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        final = size_for(image.height, image.width) if size_for else (image.height, image.width)
+        if image.format == "JPEG":
+            image.draft("RGB", (final[1], final[0]))
+        # load() forces the full decode now so truncated files fail here, not later.
+        image.load()
+        return image.convert("RGB"), final
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+        raise ImageDecodeError(f"cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def soho_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """(height, width) after SOHO resize: short side -> min_size unless long side > max_size."""
+    scale = min_size / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Bytes -> float32 (3, H, W) tensor, ImageNet-normalised.
+
+    `square_size` set: fixed square output (throughput mode); otherwise SOHO resize.
+    """
+
+    min_size: int = 600
+    max_size: int = 1000
+    square_size: int | None = None
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.square_size:
+            return self.square_size, self.square_size
+        return soho_size(height, width, self.min_size, self.max_size)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        image, (height, width) = decode_image(data, self.output_size)
+        if (height, width) != (image.height, image.width):
+            image = image.resize((width, height), Image.BILINEAR)
+        return normalize(image)
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def normalize(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, H, W), ImageNet mean/std."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
+    tensor = pixels.permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+    return tensor.sub_(_MEAN).div_(_STD)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name_or_path: str = BUNDLED_BERT):
+    """BertTokenizerFast from a HF id, a local dir or `package:` folder (cached per process)."""
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast.from_pretrained(resolve_pretrained(name_or_path))
+
+
+@dataclass(frozen=True)
+class TextTransform:
+    """Texts -> (ids, mask) long tensors of shape (N, max_len), padded and truncated."""
+
+    tokenizer: str = BUNDLED_BERT
+    max_len: int = 16
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = load_tokenizer(self.tokenizer)(
+            list(texts),
+            max_length=self.max_len,
+            truncation=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        return encoded["input_ids"].long(), encoded["attention_mask"].long()
+
+    def special_ids(self) -> dict[str, int]:
+        tok = load_tokenizer(self.tokenizer)
+        return {
+            "pad": tok.pad_token_id,
+            "cls": tok.cls_token_id,
+            "sep": tok.sep_token_id,
+            "mask": tok.mask_token_id,
+            "vocab_size": tok.vocab_size,
+        }

@@ -1,0 +1,46 @@
+"""Storage: the local S3 server, dataset description, the `data ls` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from streaming import MDSWriter
+
+from data_pipeline.cli import main as data_cli
+from data_pipeline.storage import DataError, LocalS3Server, describe_dataset, s3_client
+
+
+def test_local_s3_server_sets_and_restores_environment():
+    before = os.environ.get("S3_ENDPOINT_URL")
+    with LocalS3Server(["bucket-a"]) as server:
+        assert os.environ["S3_ENDPOINT_URL"] == server.endpoint_url
+        assert server.endpoint_url.startswith("http://127.0.0.1:")
+        names = [b["Name"] for b in s3_client().list_buckets()["Buckets"]]
+        assert names == ["bucket-a"]
+        process = server.process
+    assert os.environ.get("S3_ENDPOINT_URL") == before
+    assert process.poll() is not None
+
+
+def test_describe_dataset_local_and_s3(tmp_path, capsys):
+    columns = {"image_id": "str", "image": "bytes"}
+    with LocalS3Server(["data"]):
+        for out in (str(tmp_path / "local"), "s3://data/set"):
+            with MDSWriter(out=out, columns=columns, hashes=["sha1", "xxh64"], size_limit=200) as w:
+                for i in range(10):
+                    w.write({"image_id": str(i), "image": bytes(50)})
+            summary = describe_dataset(out)
+            assert summary["samples"] == 10 and summary["shards"] >= 3
+            assert set(summary["shard_files"][0]["hashes"]) == {"sha1", "xxh64"}
+            assert summary["columns"] == columns
+        assert data_cli(["ls", "s3://data/set"]) == 0
+        assert json.loads(capsys.readouterr().out)["samples"] == 10
+        assert data_cli(["ls", "s3://data/nothing"]) == 2
+        assert "s3://data/nothing/index.json" in capsys.readouterr().err
+
+
+def test_missing_local_index_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="index.json"):
+        describe_dataset(str(tmp_path))

@@ -1,0 +1,86 @@
+"""Image and text transforms, MLM masking."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline.masking import IGNORE_INDEX, mask_captions, mask_tokens, sample_generator
+from data_pipeline.transforms import (
+    ImageDecodeError,
+    ImageTransform,
+    TextTransform,
+    soho_size,
+)
+
+
+def encode(width: int, height: int, fmt: str = "JPEG", color=(200, 10, 10)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_soho_size_short_side_and_long_cap():
+    assert soho_size(480, 640, 600, 1000) == (600, 800)
+    assert soho_size(300, 900, 600, 1000) == (333, 1000)  # long side caps the scale
+    assert soho_size(900, 300, 64, 96) == (96, 32)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_image_transform_keeps_aspect_and_normalises(fmt):
+    out = ImageTransform(64, 96)(encode(150, 100, fmt))
+    assert out.shape == (3, 64, 96) and out.dtype == torch.float32
+    # Pure red pixel -> (1 - mean) / std on the red channel, about 2.2.
+    assert abs(out[0].mean().item() - (200 / 255 - 0.485) / 0.229) < 0.1
+
+
+def test_large_jpeg_draft_decode_gives_the_requested_size():
+    out = ImageTransform(64, 96)(encode(1600, 1200))
+    assert out.shape == (3, 64, 85)
+
+
+def test_square_mode():
+    assert ImageTransform(square_size=48)(encode(200, 100)).shape == (3, 48, 48)
+
+
+def test_corrupt_image_raises_decode_error():
+    with pytest.raises(ImageDecodeError):
+        ImageTransform(64, 96)(encode(50, 50)[:40])
+
+
+def test_text_transform_pads_and_truncates_with_cls_sep():
+    text = TextTransform(max_len=8)
+    ids, mask = text(["a dog", "a very long caption with far too many words in it"])
+    special = text.special_ids()
+    assert ids.shape == mask.shape == (2, 8)
+    assert ids[0, 0] == special["cls"] and ids[0, 3] == special["sep"] and ids[0, 4] == 0
+    assert mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0] and mask[1].all()
+    assert ids[1, -1] == special["sep"]
+
+
+def test_mlm_masking_rates_and_specials_never_masked():
+    ids = torch.randint(1000, 2000, (20000,))
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[::10] = True
+    masked, labels = mask_tokens(ids, special, sample_generator(0, 0, 0), 103, 30522)
+    chosen = labels != IGNORE_INDEX
+    assert not chosen[special].any()
+    assert abs(chosen.float().mean().item() - 0.15 * 0.9) < 0.01
+    assert torch.equal(labels[chosen], ids[chosen])
+    frac_mask = (masked[chosen] == 103).float().mean().item()
+    frac_keep = (masked[chosen] == ids[chosen]).float().mean().item()
+    assert abs(frac_mask - 0.8) < 0.03 and 0.08 < frac_keep < 0.13
+    assert torch.equal(masked[~chosen], ids[~chosen])
+
+
+def test_mlm_masks_are_a_function_of_seed_epoch_sample():
+    ids = torch.randint(1000, 2000, (4, 16))
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    first = mask_captions(ids, special, 1, 2, 3, 103, 30522)
+    again = mask_captions(ids, special, 1, 2, 3, 103, 30522)
+    other = mask_captions(ids, special, 1, 3, 3, 103, 30522)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[1], other[1])
