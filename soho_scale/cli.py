@@ -34,10 +34,49 @@ def _validate(argv: list[str]) -> int:
     return validate_main(argv)
 
 
+def _train(argv: list[str]) -> int:
+    from soho_scale.launch import train_main
+
+    return train_main(argv)
+
+
+def _sync_tracking(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="soho-scale sync-tracking")
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    from soho_scale.engine.tracking import sync_tracking
+
+    print(f"sent {sync_tracking(args.run_dir)} tracking operations to MLflow")
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    from soho_scale.engine.export import export_main
+
+    return export_main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from soho_scale.plan import plan_main
+
+    return plan_main(argv)
+
+
+def _launch(argv: list[str]) -> int:
+    from soho_scale.cluster import launch_main
+
+    return launch_main(argv)
+
+
 COMMANDS = {
     "model-info": (_model_info, "print a preset's parameter and token counts as JSON"),
     "data": (_data, "synthetic world, dataset converters, shard listing, local S3 server"),
     "validate": (_validate, "check a job spec and print it resolved, with derived numbers"),
+    "train": (_train, "train a job on N local ranks: soho-scale train JOB [K=V ...] [--nproc N]"),
+    "plan": (_plan, "pre-flight: derived numbers, cost, and checks of storage, MLflow, shm, GPUs"),
+    "launch": (_launch, "multi-node: --hostfile F | --scheduler slurm|k8s --nodes N --out F"),
+    "export": (_export, "consolidated fp32 weights of a checkpoint: export CKPT --out model.pt"),
+    "sync-tracking": (_sync_tracking, "upload a run's tracking kept offline while MLflow was down"),
 }
 
 

@@ -1,0 +1,1 @@
+"""The training engine: the only code that knows DeepSpeed (tracking alone knows MLflow)."""

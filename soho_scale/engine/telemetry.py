@@ -1,0 +1,91 @@
+"""Throughput, data-wait and MFU, computed per batch from the real image sizes.
+
+FLOPs: forward = 2 x MACs; a training step ~ 3 x forward. The CNN's cost is measured once by
+counting the backbone's FLOPs on a 64x64 input (torch's FlopCounterMode on the meta device) and
+scaled by each image's padded area; the transformer's cost is 2 x (non-embedding params) per
+token plus attention (4 x L^2 x D per layer) and the MLM projection at masked positions only.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from soho_scale.model.config import SohoConfig
+
+
+def cnn_flops_per_pixel(config: SohoConfig) -> float:
+    from soho_scale.model.vision import VisionEncoder
+
+    with torch.device("meta"):
+        encoder = VisionEncoder(config).eval()
+        images = torch.empty(1, 3, 64, 64)
+    with FlopCounterMode(display=False) as counter:
+        encoder(images)
+    return counter.get_total_flops() / (64 * 64)
+
+
+class FlopModel:
+    """Forward FLOPs of one pre-training batch."""
+
+    def __init__(self, config: SohoConfig):
+        self.pool = config.pool
+        self.per_pixel = cnn_flops_per_pixel(config)
+        d, layers = config.hidden_size, config.num_layers
+        per_layer = 4 * d * d + 2 * d * config.intermediate_size  # attention + FFN weights
+        self.per_token = 2 * per_layer * layers
+        self.attention = 4 * layers * d
+        self.mlm = 2 * config.vocab_size * d
+
+    def forward_flops(self, batch: dict[str, torch.Tensor], mlm_positions: int = 0) -> float:
+        images = batch["images"]
+        cnn = self.per_pixel * images.shape[0] * images.shape[2] * images.shape[3]
+        # Visual tokens per text: the padded grid (what attention really computes on).
+        rows = -(-(-(-images.shape[2] // 32)) // self.pool)  # ceil(ceil(H / 32) / pool)
+        cols = -(-(-(-images.shape[3] // 32)) // self.pool)
+        grid = rows * cols
+        texts, length = batch["text_ids"].shape
+        sequence = length + grid
+        transformer = texts * (self.per_token * sequence + self.attention * sequence**2)
+        return cnn + transformer + self.mlm * mlm_positions
+
+
+class Throughput:
+    """Accumulates per-step numbers between two logging points."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.samples = 0
+        self.tokens = 0
+        self.flops = 0.0
+
+    def add(self, samples: int, tokens: int, flops: float, data_wait: float) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.flops += flops
+        self.data_wait += data_wait
+
+    def summary(self, world_size: int, peak_flops: float | None) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {
+            "samples_per_s": self.samples * world_size / elapsed,
+            "tokens_per_s": self.tokens * world_size / elapsed,
+            "data_wait_fraction": self.data_wait / elapsed,
+            "peak_memory_gb": peak_memory_gb(),
+        }
+        if peak_flops:
+            out["mfu"] = 3 * self.flops / elapsed / peak_flops  # per rank: own FLOPs / own peak
+        return out
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,244 @@
+"""MLflow tracking: the only module that knows MLflow.
+
+Rank 0 gets a `Tracker`, other ranks a `NullTracker` (no scattered `if rank == 0`). Every call
+only enqueues; a background thread talks to MLflow, so the step loop never waits on tracking (a
+synchronous `log_metric` against a dead server blocked ~246 s here, DESIGN.md). Every metric
+also goes to `metrics.jsonl` in the run folder. When MLflow fails, one warning is printed and
+the remaining operations are appended to `tracking_pending.jsonl`; `soho-scale sync-tracking
+RUN_DIR` replays them later. Values of secret environment variables are masked wherever they
+would appear (params, tags, artifacts are written by us from the spec, never from the env).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_USERNAME",
+)
+PENDING = "tracking_pending.jsonl"
+RUN_INFO = "tracking.json"
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every secret environment variable masked."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{"optim": {"cnn": {"lr": 0.01}}} -> {"optim.cnn.lr": "0.01"}."""
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: redact(json.dumps(tree) if isinstance(tree, list | tuple) else str(tree))}
+
+
+def tracking_uri(run_dir: str) -> str:
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db"
+    )
+
+
+class NullTracker:
+    """What ranks other than 0 get: every call does nothing."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_artifact(self, path: str) -> None: ...
+    def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None: ...
+
+
+def _client(uri: str):
+    # Bounded retries: a dead server must cost seconds, not minutes, per attempt.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _apply(client, run_id: str, op: dict[str, Any]) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    kind = op["op"]
+    if kind == "params":
+        items = [Param(k, v[:6000]) for k, v in op["params"].items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i : i + 100])
+    elif kind == "metrics":
+        ms = int(op["time"] * 1000)
+        metrics = [Metric(k, float(v), ms, op["step"]) for k, v in op["metrics"].items()]
+        client.log_batch(run_id, metrics=metrics)
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+    elif kind == "artifact":
+        client.log_artifact(run_id, op["path"])
+    elif kind == "end":
+        client.set_terminated(run_id, status=op["status"])
+
+
+def start_run(client, experiment: str, run_name: str | None, tags: dict[str, str]) -> str:
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+class Tracker:
+    """One MLflow run, written from a background thread; see the module docstring."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        experiment: str,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+    ):
+        self.run_dir = run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        self.uri = tracking_uri(run_dir)
+        self.experiment, self.run_name = experiment, run_name
+        self.tags = {k: redact(v) for k, v in (tags or {}).items()}
+        self.run_id = run_id
+        self.offline = False
+        self._queue: queue.Queue = queue.Queue()
+        self._metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        self._started.wait(timeout=30)
+
+    def _go_offline(self, error: Exception) -> None:
+        if not self.offline:
+            logger.warning(
+                "MLflow at %s is unreachable (%s: %s); training goes on, tracking is kept in %s "
+                "(upload later: soho-scale sync-tracking %s)",
+                redact(self.uri),
+                type(error).__name__,
+                redact(str(error))[:200],
+                os.path.join(self.run_dir, PENDING),
+                self.run_dir,
+            )
+        self.offline = True
+
+    def _pending(self, op: dict[str, Any]) -> None:
+        with open(os.path.join(self.run_dir, PENDING), "a") as f:
+            f.write(json.dumps(op) + "\n")
+
+    def _work(self) -> None:
+        client = None
+        try:
+            client = _client(self.uri)
+            if self.run_id is None:
+                self.run_id = start_run(client, self.experiment, self.run_name, self.tags)
+            with open(os.path.join(self.run_dir, RUN_INFO), "w") as f:
+                json.dump({"run_id": self.run_id, "tracking_uri": redact(self.uri)}, f)
+        except Exception as e:  # any failure to reach MLflow: keep training, keep the data
+            self._go_offline(e)
+            self._pending(
+                {
+                    "op": "start",
+                    "experiment": self.experiment,
+                    "run_name": self.run_name,
+                    "tags": self.tags,
+                }
+            )
+        self._started.set()
+        while True:
+            op = self._queue.get()
+            if op is None:
+                return
+            if self.offline:
+                self._pending(op)
+                continue
+            try:
+                _apply(client, self.run_id, op)
+            except Exception as e:
+                self._go_offline(e)
+                self._pending(op)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._queue.put({"op": "params", "params": {k: redact(str(v)) for k, v in params.items()}})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        record = {"op": "metrics", "step": step, "time": time.time(), "metrics": metrics}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        self._queue.put(record)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._queue.put({"op": "tags", "tags": {k: redact(str(v)) for k, v in tags.items()}})
+
+    def log_artifact(self, path: str) -> None:
+        self._queue.put({"op": "artifact", "path": os.path.abspath(path)})
+
+    def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
+        self._queue.put({"op": "end", "status": status})
+        self._queue.put(None)
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():  # MLflow hangs: keep what is left for sync-tracking
+            self.offline = True
+            logger.warning(
+                "MLflow did not finish within %.0f s; the rest goes to %s", timeout_s, PENDING
+            )
+        self._metrics_file.close()
+
+
+def sync_tracking(run_dir: str) -> int:
+    """Replay `tracking_pending.jsonl` of a run folder into MLflow; returns operations sent."""
+    path = os.path.join(run_dir, PENDING)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        ops = [json.loads(line) for line in f if line.strip()]
+    client = _client(tracking_uri(run_dir))
+    run_id = None
+    info = os.path.join(run_dir, RUN_INFO)
+    if os.path.exists(info):
+        with open(info) as f:
+            run_id = json.load(f)["run_id"]
+    sent = 0
+    for op in ops:
+        if op["op"] == "start":
+            if run_id is None:
+                run_id = start_run(client, op["experiment"], op["run_name"], op["tags"])
+                with open(info, "w") as f:
+                    json.dump({"run_id": run_id, "tracking_uri": redact(tracking_uri(run_dir))}, f)
+            continue
+        _apply(client, run_id, op)
+        sent += 1
+    os.replace(path, path + ".synced")
+    return sent
+
+
+def make_tracker(
+    rank: int,
+    run_dir: str,
+    experiment: str,
+    run_name: str | None,
+    tags: dict[str, str] | None = None,
+) -> Tracker | NullTracker:
+    return Tracker(run_dir, experiment, run_name, tags) if rank == 0 else NullTracker()

@@ -1,0 +1,80 @@
+"""From a job spec to running ranks.
+
+`soho-scale train`: the DeepSpeed launcher for N local ranks, each running
+`python -m soho_scale.train JOB [overrides] [--run-dir DIR]`. The spec is validated before
+anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from soho_scale.spec import load_job
+
+
+def _ensure_cpu_accelerator(env: dict[str, str]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def rank_main(argv: list[str]) -> int:
+    """One rank: load the job (overrides applied and recorded) and train."""
+    from soho_scale.engine.trainer import train
+
+    parser = argparse.ArgumentParser(prog="python -m soho_scale.train")
+    parser.add_argument("job")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--run-dir")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
+    args = parser.parse_intermixed_args(argv)
+    job = load_job(args.job, args.overrides)
+    train(job, args.run_dir)
+    return 0
+
+
+def launcher_command(
+    job_path: str,
+    overrides: list[str],
+    nproc: int,
+    run_dir: str | None = None,
+    master_port: int | None = None,
+    extra: list[str] | None = None,
+) -> list[str]:
+    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    cmd = [deepspeed, "--num_gpus", str(nproc)]
+    if master_port:
+        cmd += ["--master_port", str(master_port)]
+    cmd += list(extra or [])
+    cmd += ["--module", "soho_scale.train", job_path, *overrides]
+    if run_dir:
+        cmd += ["--run-dir", run_dir]
+    return cmd
+
+
+def train_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="soho-scale train",
+        description="Train a job on N local ranks (DeepSpeed launcher; CPU/gloo or GPU/NCCL).",
+    )
+    parser.add_argument("job")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--nproc", type=int, help="local ranks (default: resources.procs_per_node)")
+    parser.add_argument("--run-dir", help="run folder (default: runs/<job name>)")
+    parser.add_argument("--master-port", type=int)
+    args = parser.parse_intermixed_args(argv)
+    job = load_job(args.job, args.overrides)  # a bad spec fails here, before any process starts
+    nproc = args.nproc or job.resources.procs_per_node
+    env = dict(os.environ)
+    _ensure_cpu_accelerator(env)
+    if args.master_port is None:
+        from soho_scale.engine.trainer import _free_port
+
+        args.master_port = _free_port()
+    cmd = launcher_command(args.job, args.overrides, nproc, args.run_dir, args.master_port)
+    return subprocess.call(cmd, env=env)
