@@ -8,6 +8,7 @@ token plus attention (4 x L^2 x D per layer) and the MLM projection at masked po
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 
@@ -44,8 +45,8 @@ class FlopModel:
         images = batch["images"]
         cnn = self.per_pixel * images.shape[0] * images.shape[2] * images.shape[3]
         # Visual tokens per text: the padded grid (what attention really computes on).
-        rows = -(-(-(-images.shape[2] // 32)) // self.pool)  # ceil(ceil(H / 32) / pool)
-        cols = -(-(-(-images.shape[3] // 32)) // self.pool)
+        rows = math.ceil(math.ceil(images.shape[2] / 32) / self.pool)
+        cols = math.ceil(math.ceil(images.shape[3] / 32) / self.pool)
         grid = rows * cols
         texts, length = batch["text_ids"].shape
         sequence = length + grid
