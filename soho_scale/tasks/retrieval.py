@@ -1,7 +1,9 @@
-"""Image-text retrieval: Recall@K in both directions from a full image x text score matrix.
+"""Image-text retrieval: Recall@K, the fine-tuning step (ITM with in-batch hard negatives) and
+the retrieval model. Evaluation (exact / two-stage ranking over all pairs) lives in
+`soho_scale.tasks.retrieval_eval`.
 
-Ties count against the model: the rank of a positive is the number of negatives scoring at least
-as high, so a constant score matrix gets recall ~0, never 100.
+Recall ties count against the model: the rank of a positive is the number of negatives scoring
+at least as high, so a constant score matrix gets recall ~0, never 100.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soho_scale.model.config import SohoConfig
+from soho_scale.model.soho import Soho
 
 # Comparisons are done on blocks of rows/columns to bound memory for 5K x 25K matrices.
 _BLOCK = 1024
@@ -72,3 +79,187 @@ def recall_at_k(
     for k in ks:
         result[f"ir_r{k}"] = 100.0 * (text_rank < k).double().mean().item()
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning: ITM with hard negatives mined inside the batch.
+
+
+class RetrievalModel(nn.Module):
+    """The SOHO backbone and the ITM head; names match `SohoPretrain` so pre-trained ITM loads."""
+
+    def __init__(self, config: SohoConfig):
+        super().__init__()
+        self.config = config
+        self.soho = Soho(config)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+
+    def match_score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(P, D) pooled [CLS] -> (P,) float log-odds of "match" (the ranking score)."""
+        logits = self.itm_head(pooled).float()
+        # The log-odds, not the softmax probability: the probability saturates to exactly 1.0 in
+        # fp32 for confident pairs, and ties count against the model in recall_at_k.
+        return logits[:, 1] - logits[:, 0]
+
+
+def text_positives(text_ids: torch.Tensor, text_image_index: torch.Tensor, num_images: int):
+    """(T, B) bool: image b is a right match for text t (its own image, or an image that has a
+    caption identical to t: such a pair is not a negative, whatever the batch says)."""
+    same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1)  # (T, T)
+    owner = F.one_hot(text_image_index, num_images).bool()  # (T, B)
+    return (same.float() @ owner.float()) > 0
+
+
+def mine_hard_negatives(
+    scores: torch.Tensor, positives: torch.Tensor, num: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The highest-scoring wrong pairs: for each text its `num` best wrong images, for each image
+    its `num` best wrong texts.
+
+    scores, positives: (T, B). Returns (text, image) index pairs, each (P, 2) long: first the image
+    negatives of every text, then the text negatives of every image; a text (image) with fewer
+    than `num` wrong candidates gets only those.
+    """
+    masked = scores.float().masked_fill(positives, float("-inf"))
+    pairs = []
+    for dim in (1, 0):  # 1: images per text; 0: texts per image
+        count = min(num, masked.shape[dim])
+        if count == 0:
+            pairs.append(torch.zeros(0, 2, dtype=torch.long, device=scores.device))
+            continue
+        values, picks = masked.topk(count, dim=dim)  # (T, n) or (n, B)
+        keep = torch.isfinite(values)
+        if dim == 1:
+            texts = torch.arange(masked.shape[0], device=scores.device)[:, None].expand_as(picks)
+            pairs.append(torch.stack([texts[keep], picks[keep]], dim=1))
+        else:
+            images = torch.arange(masked.shape[1], device=scores.device)[None, :].expand_as(picks)
+            pairs.append(torch.stack([picks[keep], images[keep]], dim=1))
+    return pairs[0], pairs[1]
+
+
+def unimodal_features(
+    soho: Soho,
+    text_ids: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    visual_embeds: torch.Tensor | None = None,
+    visual_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L2-normalised mean of the fusion encoder's output over one modality alone: (T, D) for
+    texts or (B, D) for images. The cheap first stage of two-stage retrieval (and what the
+    optional contrastive term aligns): O(texts + images) forwards instead of O(texts x images).
+    """
+    if visual_embeds is None:
+        hidden, _ = soho.fuse(text_ids, text_mask)
+        mask = text_mask
+    else:
+        empty = torch.zeros(
+            visual_embeds.shape[0], 0, dtype=torch.long, device=visual_embeds.device
+        )
+        hidden, _ = soho.fuse(empty, empty, visual_embeds, visual_mask)
+        mask = visual_mask
+    weights = mask.to(hidden.dtype)[..., None]
+    mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return F.normalize(mean.float(), dim=-1)
+
+
+class RetrievalStep(nn.Module):
+    """What the trainer wraps for task "retrieval": forward(batch) -> (loss, metrics).
+
+    Batches are caption batches (`images`, `image_sizes`, `text_ids`, `text_mask`,
+    `text_image_index`). The CNN runs once per image. Every caption is scored with ITM against
+    every image of the (per-rank) batch under no_grad, dropout off; the loss is binary ITM
+    cross-entropy over the true pairs plus, per caption, its `hard_negatives` best-scoring wrong
+    images and, per image, its `hard_negatives` best-scoring wrong captions (UNITER/ALBEF-style
+    in-batch hard negatives). Mining costs T x B no-grad pair forwards: keep micro-batches and
+    captions per image moderate. `itc_weight` > 0 adds an in-batch contrastive term on
+    `unimodal_features` (not in the paper) so that two-stage evaluation has an aligned first stage.
+    """
+
+    def __init__(
+        self,
+        model: RetrievalModel,
+        hard_negatives: int = 1,
+        itc_weight: float = 0.0,
+        itc_temperature: float = 0.05,
+    ):
+        super().__init__()
+        self.model = model
+        self.hard_negatives = hard_negatives
+        self.itc_weight = itc_weight
+        self.itc_temperature = itc_temperature
+
+    @torch.no_grad()
+    def pair_scores(
+        self,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """ITM log-odds of every (text, image) pair of the batch: (T, B), dropout off."""
+        fusion = self.model.soho.fusion
+        was_training = fusion.training
+        fusion.eval()
+        try:
+            count, images = text_ids.shape[0], embeds.shape[0]
+            texts = torch.arange(count, device=text_ids.device).repeat_interleave(images)
+            rows = torch.arange(images, device=text_ids.device).repeat(count)
+            _, pooled = self.model.soho.fuse(
+                text_ids[texts], text_mask[texts], embeds[rows], mask[rows]
+            )
+            return self.model.match_score(pooled).view(count, images)
+        finally:
+            fusion.train(was_training)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        soho = self.model.soho
+        visual = soho.encode_image(batch["images"], batch["image_sizes"])  # CNN once per image
+        # An all-False MVM mask changes nothing but gives the mask embedding a (zero) gradient:
+        # ZeRO expects a gradient for every parameter.
+        embeds = soho.embed_visual(visual, torch.zeros_like(visual.mask))  # (B, N, D)
+        text_ids, text_mask = batch["text_ids"], batch["text_mask"]
+        owner = batch["text_image_index"]
+        num_images = embeds.shape[0]
+
+        positives = text_positives(text_ids, owner, num_images)  # (T, B)
+        scores = self.pair_scores(text_ids, text_mask, embeds.detach(), visual.mask)
+        image_negatives, text_negatives = mine_hard_negatives(
+            scores, positives, self.hard_negatives
+        )
+        texts = torch.cat([torch.arange(len(owner), device=owner.device), image_negatives[:, 0],
+                           text_negatives[:, 0]])  # fmt: skip
+        rows = torch.cat([owner, image_negatives[:, 1], text_negatives[:, 1]])
+        labels = torch.zeros(len(texts), dtype=torch.long, device=owner.device)
+        labels[: len(owner)] = 1
+        _, pooled = soho.fuse(text_ids[texts], text_mask[texts], embeds[rows], visual.mask[rows])
+        logits = self.model.itm_head(pooled).float()  # (P, 2)
+        itm_loss = F.cross_entropy(logits, labels)
+        loss = itm_loss
+        metrics = {}
+        if self.itc_weight > 0:
+            itc_loss = self.contrastive_loss(soho, text_ids, text_mask, embeds, visual.mask, owner)
+            loss = loss + self.itc_weight * itc_loss
+            metrics["itc_loss"] = itc_loss.detach()
+        with torch.no_grad():
+            metrics.update(
+                loss=loss.detach(),
+                itm_loss=itm_loss.detach(),
+                itm_acc=(logits.argmax(-1) == labels).float().mean(),
+                positive_score=scores[positives].mean() if positives.any() else scores.new_zeros(()),
+                hard_negative_score=torch.cat([scores[image_negatives[:, 0], image_negatives[:, 1]],
+                                               scores[text_negatives[:, 0], text_negatives[:, 1]]])
+                .mean() if len(texts) > len(owner) else scores.new_zeros(()),
+            )  # fmt: skip
+        return loss, metrics
+
+    def contrastive_loss(self, soho, text_ids, text_mask, embeds, mask, owner) -> torch.Tensor:  # noqa: ANN001
+        """Symmetric InfoNCE between unimodal text and image features (several texts per image)."""
+        text = unimodal_features(soho, text_ids, text_mask)  # (T, D)
+        image = unimodal_features(soho, visual_embeds=embeds, visual_mask=mask)  # (B, D)
+        logits = text @ image.t() / self.itc_temperature  # (T, B)
+        text_to_image = F.cross_entropy(logits, owner)
+        targets = F.one_hot(owner, image.shape[0]).t().float()  # (B, T)
+        targets = targets / targets.sum(1, keepdim=True).clamp(min=1)
+        image_to_text = -(targets * logits.t().log_softmax(-1)).sum(1).mean()
+        return (text_to_image + image_to_text) / 2

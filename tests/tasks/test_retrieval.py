@@ -1,0 +1,230 @@
+"""Retrieval fine-tuning and evaluation: hard-negative mining, exact ITM ranking against a per-pair
+reference, 2 ranks == 1 rank, two-stage == exact when it keeps every candidate, job specs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from data_pipeline.collate import pad_images
+from soho_scale.model.config import build_config
+from soho_scale.spec import load_job
+from soho_scale.tasks.retrieval import (
+    RetrievalModel,
+    RetrievalStep,
+    mine_hard_negatives,
+    recall_at_k,
+    text_positives,
+)
+from soho_scale.tasks.retrieval_eval import RetrievalSet, evaluate_retrieval
+
+REPO = Path(__file__).resolve().parents[2]
+SIZES = [(64, 64), (64, 80), (80, 64), (64, 64), (64, 80), (64, 64), (80, 64), (64, 64)]
+
+
+def tiny_model(seed: int = 0) -> RetrievalModel:
+    torch.manual_seed(seed)
+    return RetrievalModel(build_config("tiny")).eval()
+
+
+def random_set(seed: int = 0, captions: int = 3, length: int = 10) -> RetrievalSet:
+    """Images of mixed sizes and random captions ([CLS] words [SEP] padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randn(3, h, w, generator=generator) for h, w in SIZES]
+    count = len(SIZES) * captions
+    ids = torch.randint(1000, 2000, (count, length), generator=generator)
+    lengths = torch.randint(4, length + 1, (count,), generator=generator)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    ids[:, 0] = 101
+    ids[torch.arange(count), lengths - 1] = 102
+    ids = ids * mask
+    owner = torch.arange(len(SIZES)).repeat_interleave(captions)
+    return RetrievalSet.from_tensors(images, ids, mask, owner)
+
+
+def test_mining_picks_highest_scoring_wrong_pairs():
+    scores = torch.tensor(
+        [
+            [9.0, 5.0, 7.0, 1.0],  # text 0 of image 0: best wrong images 2 then 1
+            [0.0, 8.0, 3.0, 4.0],  # text 1 of image 1: 3 then 2
+            [6.0, 2.0, 1.0, 0.5],  # text 2 of image 2: 0 then 1
+        ]
+    )
+    positives = torch.eye(3, 4, dtype=torch.bool)
+    image_negatives, text_negatives = mine_hard_negatives(scores, positives, 1)
+    assert image_negatives.tolist() == [[0, 2], [1, 3], [2, 0]]
+    # per image: the best text that is not its own (image 3 has no text: its best is text 1)
+    assert text_negatives.tolist() == [[2, 0], [0, 1], [0, 2], [1, 3]]
+    image_negatives, _ = mine_hard_negatives(scores, positives, 2)
+    assert sorted(map(tuple, image_negatives.tolist())) == [
+        (0, 1), (0, 2), (1, 2), (1, 3), (2, 0), (2, 1)
+    ]  # fmt: skip
+    # fewer wrong candidates than asked: only the real ones, never a positive
+    image_negatives, text_negatives = mine_hard_negatives(scores[:, :1], positives[:, :1], 3)
+    assert image_negatives.tolist() == [[1, 0], [2, 0]]
+    assert text_negatives.tolist() == [[2, 0], [1, 0]]  # best first
+
+
+def test_identical_caption_of_another_image_is_not_a_negative():
+    ids = torch.tensor([[101, 5, 102], [101, 6, 102], [101, 5, 102]])
+    positives = text_positives(ids, torch.tensor([0, 1, 2]), 3)
+    assert positives.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
+
+
+def test_step_trains_every_parameter_and_reports_metrics():
+    model = tiny_model().train()
+    step = RetrievalStep(model, hard_negatives=2, itc_weight=0.5)
+    data = random_set(captions=2)
+    rows = [0, 1, 2, 3]  # mixed sizes, padded as collate pads them
+    owner = torch.tensor([i for i, r in enumerate(rows) for _ in range(2)])
+    texts = torch.cat([torch.nonzero(data.text_to_image == r).squeeze(1) for r in rows])
+    images, sizes = pad_images([data.images[r] for r in rows])
+    batch = {
+        "images": images,
+        "image_sizes": sizes,
+        "text_ids": data.text_ids[texts],
+        "text_mask": data.text_mask[texts],
+        "text_image_index": owner,
+    }
+    loss, metrics = step(batch)
+    loss.backward()
+    assert {"loss", "itm_loss", "itm_acc", "itc_loss"} <= set(metrics)
+    assert all(v.ndim == 0 for v in metrics.values())
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def per_pair_scores(model: RetrievalModel, data: RetrievalSet, pairs: list) -> torch.Tensor:
+    """The naive reference: the CNN recomputed for every (image, text) pair, one pair at a time."""
+    soho = model.soho
+    out = []
+    with torch.no_grad():
+        for i, t in pairs:
+            visual = soho.encode_image(data.images[i][None], data.image_sizes[i : i + 1])
+            _, pooled = soho.fuse(
+                data.text_ids[t : t + 1],
+                data.text_mask[t : t + 1],
+                soho.embed_visual(visual),
+                visual.mask,
+            )
+            out.append(model.match_score(pooled)[0])
+    return torch.stack(out)
+
+
+def test_exact_scores_equal_per_pair_reference():
+    model, data = tiny_model(), random_set(captions=2)
+    result = evaluate_retrieval(model, data, image_batch=3, pair_batch=7, return_scores=True)
+    scores = result["scores"]
+    assert scores.shape == (8, 16) and result["pairs_scored"] == 128
+    # every image against 3 texts (its own and two others): each batch and chunk position
+    pairs = [(i, (i * 5 + j * 7) % 16) for i in range(8) for j in range(3)]
+    reference = per_pair_scores(model, data, pairs)
+    got = torch.stack([scores[i, t] for i, t in pairs])
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+    expected = recall_at_k(scores, data.text_to_image)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value)
+
+
+def test_folds_average_the_blocks_of_the_full_matrix():
+    model, data = tiny_model(), random_set(captions=2)
+    result = evaluate_retrieval(model, data, folds=2, return_scores=True)
+    scores, owner = result["scores"], data.text_to_image
+    folds = []
+    for f in range(2):
+        texts = (owner // 4) == f
+        folds.append(recall_at_k(scores[4 * f : 4 * f + 4][:, texts], owner[texts] - 4 * f))
+    for key in folds[0]:
+        assert result[f"fold_{key}"] == pytest.approx((folds[0][key] + folds[1][key]) / 2)
+
+
+def test_two_stage_with_every_candidate_equals_exact():
+    model, data = tiny_model(), random_set()
+    exact = evaluate_retrieval(model, data, return_scores=True)
+    both = evaluate_retrieval(
+        model, data, mode="two_stage", k=len(data.text_ids), folds=2, return_scores=True
+    )
+    torch.testing.assert_close(both["scores"], exact["scores"], rtol=0, atol=1e-5)
+    exact_folds = evaluate_retrieval(model, data, folds=2)
+    for key in ("tr_r1", "tr_r5", "ir_r1", "ir_r5", "fold_tr_r1", "fold_ir_r5", "rsum"):
+        assert both[key] == pytest.approx(exact_folds[key]), key
+    few = evaluate_retrieval(model, data, mode="two_stage", k=2)
+    assert few["pairs_scored"] < exact["pairs_scored"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, data = tiny_model(), random_set(captions=2)
+        exact = evaluate_retrieval(model, data, rank=rank, world=world, image_batch=2,
+                                   return_scores=True)  # fmt: skip
+        two = evaluate_retrieval(model, data, mode="two_stage", k=3, rank=rank, world=world,
+                                 image_batch=2, return_scores=True)  # fmt: skip
+        torch.save({"exact": exact, "two_stage": two}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_equal_one_rank_exactly(tmp_path: Path):
+    out = str(tmp_path / "result")
+    mp.spawn(_rank_main, args=(2, _free_port(), out), nprocs=2, join=True)
+    model, data = tiny_model(), random_set(captions=2)
+    single = {
+        "exact": evaluate_retrieval(model, data, image_batch=2, return_scores=True),
+        "two_stage": evaluate_retrieval(
+            model, data, mode="two_stage", k=3, image_batch=2, return_scores=True
+        ),
+    }
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    for mode in ("exact", "two_stage"):
+        assert torch.equal(ranks[0][mode].pop("scores"), single[mode].pop("scores")), mode
+        assert "scores" not in ranks[1][mode]
+        for result in (ranks[0][mode], ranks[1][mode], single[mode]):
+            result.pop("seconds")
+        assert ranks[0][mode] == single[mode] == ranks[1][mode]
+
+
+@pytest.mark.parametrize(
+    "job", ["jobs/demo/retrieval.yaml", "jobs/finetune/retrieval_coco.yaml",
+            "jobs/finetune/retrieval_f30k.yaml"],
+)  # fmt: skip
+def test_retrieval_jobs_load(job: str):
+    spec = load_job(REPO / job)
+    assert spec.data.task == "retrieval"
+    assert spec.eval.streams
+
+
+def test_load_retrieval_set_reads_the_karpathy_test_shards(tmp_path: Path):
+    from data_pipeline.sources.karpathy import convert_karpathy
+    from data_pipeline.synthetic import write_world
+    from data_pipeline.transforms import ImageTransform, TextTransform
+    from soho_scale.tasks.retrieval_eval import load_retrieval_set
+
+    write_world(str(tmp_path / "world"), seed=0, size="small")
+    convert_karpathy(
+        str(tmp_path / "world" / "karpathy" / "dataset_coco.json"),
+        str(tmp_path / "world" / "coco"),
+        str(tmp_path / "test"),
+    )
+    data = load_retrieval_set(
+        str(tmp_path / "test"), str(tmp_path / "cache"), ImageTransform(64, 96), TextTransform()
+    )
+    assert len(data.images) == 100 and data.text_ids.shape == (500, 16)
+    assert torch.equal(data.text_to_image, torch.arange(100).repeat_interleave(5))
+    for i in (0, 57):
+        assert tuple(data.images[i].shape[1:]) == tuple(data.image_sizes[i].tolist())
