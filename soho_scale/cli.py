@@ -68,11 +68,32 @@ def _launch(argv: list[str]) -> int:
     return launch_main(argv)
 
 
+def _pipeline(argv: list[str]) -> int:
+    from soho_scale.pipeline import pipeline_main
+
+    return pipeline_main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from soho_scale.report import report_main
+
+    return report_main(argv)
+
+
+def _eval(argv: list[str]) -> int:
+    from soho_scale.evaluate import eval_main
+
+    return eval_main(argv)
+
+
 COMMANDS = {
     "model-info": (_model_info, "print a preset's parameter and token counts as JSON"),
     "data": (_data, "synthetic world, dataset converters, shard listing, local S3 server"),
     "validate": (_validate, "check a job spec and print it resolved, with derived numbers"),
     "train": (_train, "train a job on N local ranks: soho-scale train JOB [K=V ...] [--nproc N]"),
+    "eval": (_eval, "evaluate a checkpoint: eval JOB --checkpoint CKPT [--nproc N] [--out DIR]"),
+    "pipeline": (_pipeline, "pre-train -> fine-tune -> eval stages, resumable: pipeline SPEC"),
+    "report": (_report, "results table + chart of an experiment: report --experiment NAME"),
     "plan": (_plan, "pre-flight: derived numbers, cost, and checks of storage, MLflow, shm, GPUs"),
     "launch": (_launch, "multi-node: --hostfile F | --scheduler slurm|k8s --nodes N --out F"),
     "export": (_export, "consolidated fp32 weights of a checkpoint: export CKPT --out model.pt"),

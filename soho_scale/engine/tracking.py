@@ -30,6 +30,7 @@ SECRET_ENV = (
     "MLFLOW_TRACKING_USERNAME",
 )
 PENDING = "tracking_pending.jsonl"
+PARENT_ENV = "SOHO_MLFLOW_PARENT_RUN_ID"  # set by `soho-scale pipeline` for its stages
 RUN_INFO = "tracking.json"
 
 
@@ -122,6 +123,9 @@ class Tracker:
         self.uri = tracking_uri(run_dir)
         self.experiment, self.run_name = experiment, run_name
         self.tags = {k: redact(v) for k, v in (tags or {}).items()}
+        parent = os.environ.get(PARENT_ENV)
+        if parent and run_id is None and "mlflow.parentRunId" not in self.tags:
+            self.tags["mlflow.parentRunId"] = parent  # a pipeline stage: child of the pipeline
         self.run_id = run_id
         self.offline = False
         self._queue: queue.Queue = queue.Queue()

@@ -145,6 +145,7 @@ def build_step(job: Job) -> nn.Module:
 def build_data(job: Job, run_dir: str, micro_batch: int):
     from data_pipeline.streaming import SampleProcessor, StreamSource, build_dataset, build_loader
     from data_pipeline.transforms import ImageTransform, TextTransform
+    from soho_scale.tasks import processor_options
 
     data = job.data
     processor = SampleProcessor(
@@ -158,6 +159,7 @@ def build_data(job: Job, run_dir: str, micro_batch: int):
         captions_per_image=data.captions_per_image,
         mlm_probability=job.objectives.mlm_probability,
         seed=job.seed,
+        **processor_options(job),
     )
     sources = [StreamSource(s.remote, s.proportion) for s in data.streams]
 

@@ -1,6 +1,102 @@
 """Downstream tasks, one module per task: VQA, NLVR2, image-text retrieval, SNLI-VE.
 
-Each module holds what is particular to its task (head, loss, metric). The metric functions are
-pure (plain lists, tensors or arrays in, a number out) so evaluation can be tested and rerun
-without a model, DeepSpeed or MLflow.
+Each module holds what is particular to its task (head, loss, metric, step module, evaluation).
+The metric functions are pure (plain lists, tensors or arrays in, a number out) so evaluation can
+be tested and rerun without a model, DeepSpeed or MLflow.
+
+This package's functions are what the trainer and `soho-scale eval` call:
+- `build_task_step(job, config)`: the step module DeepSpeed wraps (`.model` is the task model,
+  which holds the backbone as `.model.soho`, so pre-trained `soho.*` weights load by name);
+- `processor_options(job)`: extra `SampleProcessor` arguments of the task (VQA: `num_answers`);
+- `build_task_evaluation(job)`: per-sample predictions, the metric and the output files.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from soho_scale.model.config import SohoConfig
+
+TASKS = ("vqa", "nlvr2", "snli_ve", "retrieval")
+
+
+def _check_task(job: Any) -> str:
+    task = job.data.task
+    if task not in TASKS:
+        raise ValueError(
+            f"data.task: {task!r} is not a downstream task (one of {', '.join(TASKS)})"
+        )
+    return task
+
+
+def answer_vocab(job: Any) -> list[str]:
+    """The VQA answer list: `answer_vocab.json` beside the first training stream's shards."""
+    from soho_scale.tasks.vqa import read_answer_vocab
+
+    return read_answer_vocab(job.data.streams[0].remote)
+
+
+def build_task_model(job: Any, config: SohoConfig) -> nn.Module:
+    """The task model (backbone `.soho` + head) of `job.data.task`."""
+    task = _check_task(job)
+    if task == "vqa":
+        from soho_scale.tasks.vqa import VQAModel
+
+        return VQAModel(config, len(answer_vocab(job)))
+    if task == "nlvr2":
+        from soho_scale.tasks.nlvr2 import NLVR2Model
+
+        return NLVR2Model(config)
+    if task == "snli_ve":
+        from soho_scale.tasks.snli_ve import SNLIVEModel
+
+        return SNLIVEModel(config)
+    return build_task_step(job, config).model
+
+
+def build_task_step(job: Any, config: SohoConfig) -> nn.Module:
+    """What DeepSpeed wraps: `.model` and forward(batch) -> (loss, metrics of 0-d tensors)."""
+    task = _check_task(job)
+    if task == "retrieval":  # helper module owned by retrieval; imported only when used
+        from soho_scale.tasks.retrieval import RetrievalModel, RetrievalStep
+
+        return RetrievalStep(RetrievalModel(config))
+    if task == "vqa":
+        from soho_scale.tasks.vqa import VQAStep
+
+        return VQAStep(build_task_model(job, config))
+    if task == "nlvr2":
+        from soho_scale.tasks.nlvr2 import NLVR2Step
+
+        return NLVR2Step(build_task_model(job, config))
+    from soho_scale.tasks.snli_ve import SNLIVEStep
+
+    return SNLIVEStep(build_task_model(job, config))
+
+
+def processor_options(job: Any) -> dict[str, Any]:
+    """Task-specific keyword arguments for data_pipeline.streaming.SampleProcessor."""
+    if job.data.task == "vqa":
+        return {"num_answers": len(answer_vocab(job))}
+    return {}
+
+
+def build_task_evaluation(job: Any) -> Any:
+    """The task's evaluation: `keep_columns`, `predict(model, batch) -> [record]`,
+    `score(records) -> metrics`, `write_outputs(records, out_dir, split) -> [paths]`."""
+    task = _check_task(job)
+    if task == "vqa":
+        from soho_scale.tasks.vqa import VQAEvaluation
+
+        return VQAEvaluation(answer_vocab(job))
+    if task == "nlvr2":
+        from soho_scale.tasks.nlvr2 import NLVR2Evaluation
+
+        return NLVR2Evaluation()
+    if task == "snli_ve":
+        from soho_scale.tasks.snli_ve import SNLIVEEvaluation
+
+        return SNLIVEEvaluation()
+    raise ValueError("retrieval is evaluated by soho_scale.tasks.retrieval.evaluate")

@@ -352,3 +352,24 @@ def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch)
         for key, value in recall.items():
             result[prefix + key] = result.get(prefix + key, 0.0) + value / (1 if g == 0 else folds)
     return result
+
+
+def evaluate_job(job: Any, model: nn.Module, loader: Any, rank: int, world: int):  # noqa: ANN201
+    """`soho-scale eval` for retrieval: every rank reads the whole test split (bytes and captions)
+    from the eval loader's dataset, then the exact all-pairs protocol runs distributed. MSCOCO 5K
+    also reports the 1K protocol (mean over 5 folds). Returns (metrics, predictions=[])."""
+    from streaming import StreamingDataset
+
+    from data_pipeline.transforms import ImageTransform, TextTransform
+
+    dataset = loader.dataset
+    samples = (StreamingDataset.get_item(dataset, i) for i in range(dataset.num_samples))
+    image = job.data.image
+    data = retrieval_set_from_samples(
+        samples,
+        ImageTransform(image.min_size, image.max_size, image.max_size if image.square else None),
+        TextTransform(job.data.text.tokenizer, job.data.text.max_len),
+    )
+    folds = 5 if len(data.images) >= 5000 else 1
+    metrics = evaluate_retrieval(model, data, mode="exact", folds=folds, rank=rank, world=world)
+    return {k: float(v) for k, v in metrics.items()}, []

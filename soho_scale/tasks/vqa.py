@@ -1,4 +1,5 @@
-"""VQA v2: the official accuracy metric with its answer normalisation.
+"""VQA v2: the official accuracy metric with its answer normalisation; the answer classifier,
+its loss, the step module the trainer wraps and the evaluation (predictions, submission file).
 
 Ported from the evaluation code of the VQA challenge server (Cloud-CV/VQA-Evaluation, the
 EvalAI implementation behind the published test-dev/test-std numbers), including its quirks:
@@ -12,7 +13,17 @@ The GT-Vision-Lab copy of the tools has curly apostrophes in its contraction tab
 
 from __future__ import annotations
 
+import json
+import os
 import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soho_scale.model.config import SohoConfig
+from soho_scale.model.soho import Soho
+from soho_scale.tasks.visual import fuse_texts_with_images
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
@@ -114,3 +125,127 @@ def vqa_accuracy(predictions: list[str], answers: list[list[str]]) -> float:
         raise ValueError("vqa: no predictions to score")
     scores = [question_accuracy(p, a) for p, a in zip(predictions, answers)]
     return 100.0 * sum(scores) / len(scores)
+
+
+# ---- the task: head, loss, step module, evaluation -------------------------------------------
+ANSWER_VOCAB = "answer_vocab.json"  # beside the VQA shards (data_pipeline.sources.vqa)
+
+
+class VQAModel(nn.Module):
+    """Backbone + the official answer classifier on [CLS]: H -> 4H -> ReLU -> Dropout 0.5 -> A."""
+
+    def __init__(self, config: SohoConfig, num_answers: int):
+        super().__init__()
+        if num_answers < 1:
+            raise ValueError(f"vqa: num_answers must be >= 1, got {num_answers}")
+        self.config = config
+        self.num_answers = num_answers
+        self.soho = Soho(config)
+        hidden = config.hidden_size
+        self.head = nn.Sequential(
+            nn.Linear(hidden, 4 * hidden),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(4 * hidden, num_answers),
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor], batch_independent: bool = False):
+        """batch: images, image_sizes, text_ids, text_mask, text_image_index -> logits (B, A)."""
+        pooled = fuse_texts_with_images(
+            self.soho,
+            batch["images"],
+            batch["image_sizes"],
+            batch["text_ids"],
+            batch["text_mask"],
+            batch["text_image_index"],
+            batch_independent,
+        )
+        return self.head(pooled)
+
+
+def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE with logits on the soft scores, times the number of answers (the official scaling:
+    the per-answer mean becomes a per-question sum, so the LR does not depend on A)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]
+
+
+class VQAStep(nn.Module):
+    """What the trainer wraps: forward(batch) -> (loss, {"loss", "vqa_score"})."""
+
+    def __init__(self, model: VQAModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        logits = self.model(batch)
+        loss = vqa_loss(logits, batch["targets"])
+        with torch.no_grad():
+            # soft score of the top answer: the training-time proxy of VQA accuracy, in [0, 1]
+            score = batch["targets"].gather(1, logits.argmax(1, keepdim=True)).float().mean()
+        return loss, {"loss": loss.detach(), "vqa_score": score}
+
+
+def read_answer_vocab(remote: str) -> list[str]:
+    """The answer list beside the shards at `remote` (folder or s3:// URL)."""
+    from data_pipeline.storage import join_url, read_bytes
+
+    url = join_url(remote, ANSWER_VOCAB)
+    vocab = json.loads(read_bytes(url))
+    if not isinstance(vocab, list) or not vocab or not all(isinstance(a, str) for a in vocab):
+        raise ValueError(f"{url}: expected a non-empty JSON list of answer strings")
+    return vocab
+
+
+class VQAEvaluation:
+    """Per-sample predictions, the official accuracy, the results and submission files."""
+
+    keep_columns = ("answers",)  # the 10 raw human answers: the official metric needs them
+
+    def __init__(self, answers: list[str]):
+        self.answers = answers
+
+    def predict(self, model: VQAModel, batch: dict) -> list[dict]:
+        logits = model(batch, batch_independent=True)
+        best = logits.argmax(1).tolist()
+        return [
+            {
+                "sample_id": int(sample_id),
+                "question_id": int(question_id),
+                "answer": self.answers[index],
+                "human_answers": list(kept["answers"]),
+            }
+            for sample_id, question_id, index, kept in zip(
+                batch["sample_ids"].tolist(), batch["question_ids"].tolist(), best, batch["kept"]
+            )
+        ]
+
+    def score(self, records: list[dict]) -> dict[str, float]:
+        answered = [r for r in records if r["human_answers"]]  # test splits have none
+        if not answered:
+            return {}
+        return {
+            "vqa_accuracy": vqa_accuracy(
+                [r["answer"] for r in answered], [r["human_answers"] for r in answered]
+            ),
+            "scored_questions": float(len(answered)),
+        }
+
+    def write_outputs(self, records: list[dict], out_dir: str, split: str) -> list[str]:
+        """predictions.json (with per-question accuracy) and the test-dev/std submission file."""
+        predictions = []
+        for r in records:
+            row = {"question_id": r["question_id"], "answer": r["answer"]}
+            if r["human_answers"]:
+                row["accuracy"] = 100.0 * question_accuracy(r["answer"], r["human_answers"])
+            predictions.append(row)
+        paths = [
+            os.path.join(out_dir, "predictions.json"),
+            os.path.join(out_dir, f"vqa_{split}_submission.json"),
+        ]
+        with open(paths[0], "w") as f:
+            json.dump(predictions, f)
+        with open(paths[1], "w") as f:
+            json.dump(
+                [{"question_id": r["question_id"], "answer": r["answer"]} for r in records], f
+            )
+        return paths

@@ -1,0 +1,390 @@
+"""`soho-scale eval JOB --checkpoint CKPT [--nproc N] [--out DIR]`: a downstream metric on N ranks.
+
+Every rank builds the task model, loads the checkpoint (an exported weights file or a committed
+checkpoint, via soho_scale.tasks.transfer), reads its share of `job.eval.streams` (no shuffle)
+and predicts per sample; only the small per-sample records travel to rank 0. Streaming pads a
+rank's share with repeated samples, so rank 0 keeps one record per `sample_id` and checks that
+every sample of the dataset was scored exactly once. Images are encoded batch-independently
+(soho_scale.tasks.visual), so N ranks give exactly the single-rank numbers.
+
+Rank 0 writes `metrics.json`, the predictions (VQA also the test-dev/std submission file) under
+--out, and logs an MLflow child run of the training run the checkpoint came from.
+`evaluate_task(job, model, loader, rank, world)` is the same evaluation for in-process use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data_pipeline.collate import COLLATE_BY_TASK
+from data_pipeline.storage import DataError
+from data_pipeline.streaming import SampleProcessor
+from soho_scale.spec import Job, SpecError, load_job
+from soho_scale.tasks.transfer import TransferError
+
+
+class EvalError(ValueError):
+    """An evaluation a user asked for cannot run (no eval streams, wrong checkpoint, ...)."""
+
+
+@dataclass
+class KeepColumnsProcessor(SampleProcessor):
+    """The task's processor, plus raw shard columns the metric needs (VQA: the 10 human
+    answers, which the training batch does not carry)."""
+
+    keep: tuple[str, ...] = ()
+
+    def __call__(self, raw: dict[str, Any], sample_id: int, epoch: int) -> dict[str, Any]:
+        out = super().__call__(raw, sample_id, epoch)
+        out["kept"] = {column: _plain(raw[column]) for column in self.keep}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    # MDS json columns come back as lists/dicts already; numpy scalars become Python numbers.
+    return value.item() if hasattr(value, "item") and not isinstance(value, list | str) else value
+
+
+def collate_keeping(samples: list[dict[str, Any]], task: str) -> dict[str, Any]:
+    batch = COLLATE_BY_TASK[task](samples)
+    batch["kept"] = [s["kept"] for s in samples]
+    return batch
+
+
+def build_eval_loader(
+    job: Job,
+    cache_root: str,
+    batch_size: int,
+    keep_columns: tuple[str, ...] = (),
+    workers: int | None = None,
+):
+    """(dataset, loader) over `job.eval.streams`, unshuffled, batches carrying `kept` columns."""
+    from data_pipeline.streaming import SohoLoader, StreamSource, build_dataset
+    from data_pipeline.transforms import ImageTransform, TextTransform
+    from soho_scale.tasks import processor_options
+
+    if not job.eval.streams:
+        raise EvalError(f"eval.streams: job {job.name} names no evaluation data; add eval.streams")
+    data = job.data
+    processor = KeepColumnsProcessor(
+        task=data.task,
+        image=ImageTransform(
+            min_size=data.image.min_size,
+            max_size=data.image.max_size,
+            square_size=data.image.max_size if data.image.square else None,
+        ),
+        text=TextTransform(data.text.tokenizer, data.text.max_len),
+        captions_per_image=data.captions_per_image,
+        seed=job.seed,
+        keep=tuple(keep_columns),
+        **processor_options(job),
+    )
+    dataset = build_dataset(
+        [StreamSource(s.remote, s.proportion) for s in job.eval.streams],
+        processor,
+        cache_root=cache_root,
+        batch_size=batch_size,
+        shuffle=False,
+        num_canonical_nodes=data.num_canonical_nodes,
+        download_retry=data.download_retry,
+        download_timeout=data.download_timeout,
+        validate_hash=data.validate_hash,
+    )
+    workers = data.workers if workers is None else workers
+    loader = SohoLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=functools.partial(collate_keeping, task=data.task),
+        drop_last=False,
+        timeout=data.stall_timeout_s if workers > 0 else 0,
+    )
+    return dataset, loader
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _gather_to_rank0(records: list[dict], rank: int, world: int) -> list[list[dict]]:
+    if world == 1 or not dist.is_initialized():
+        return [records]
+    parts: list[Any] = [None] * world if rank == 0 else None
+    dist.gather_object(records, parts, dst=0)
+    return parts if rank == 0 else []
+
+
+def evaluate_task(
+    job: Job,
+    model: nn.Module,
+    loader: Any,
+    rank: int = 0,
+    world: int = 1,
+    evaluation: Any = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], list[dict]]:
+    """Predict this rank's share, gather to rank 0, score. Returns (metrics, predictions sorted
+    by sample id) on rank 0 and on every rank the same metrics (predictions only on rank 0)."""
+    if job.data.task == "retrieval":  # all image x text pairs: its own protocol
+        from soho_scale.tasks.retrieval_eval import evaluate_job
+
+        return evaluate_job(job, model, loader, rank, world)
+    if evaluation is None:
+        from soho_scale.tasks import build_task_evaluation
+
+        evaluation = build_task_evaluation(job)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    records: list[dict] = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"eval {job.data.task}", unit="batch", dynamic_ncols=True)
+    with torch.no_grad():
+        for batch in loader:
+            records += evaluation.predict(model, _to_device(batch, device))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+
+    metrics: dict[str, float] = {}
+    predictions: list[dict] = []
+    parts = _gather_to_rank0(records, rank, world)
+    if rank == 0:
+        unique: dict[int, dict] = {}
+        for part in parts:
+            for record in part:
+                unique.setdefault(record["sample_id"], record)  # streaming's padding repeats
+        expected = getattr(getattr(loader, "dataset", None), "num_samples", None)
+        if expected is not None and sorted(unique) != list(range(expected)):
+            raise EvalError(
+                f"evaluation scored {len(unique)} distinct samples of {expected}: the loader "
+                "skipped samples (is data.shuffle on, or a stream proportion set?)"
+            )
+        predictions = [unique[k] for k in sorted(unique)]
+        metrics = {**evaluation.score(predictions), "num_samples": float(len(predictions))}
+    if world > 1 and dist.is_initialized():
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics, predictions
+
+
+# ---- the command: one process per rank ------------------------------------------------------
+
+
+def dataset_sha256(job: Job) -> str:
+    """sha256 over the index.json files of the eval streams (which data was scored)."""
+    from data_pipeline.storage import INDEX_BASENAME, join_url, read_bytes
+
+    digest = hashlib.sha256()
+    for stream in job.eval.streams:
+        digest.update(read_bytes(join_url(stream.remote, INDEX_BASENAME)))
+    return digest.hexdigest()
+
+
+def parent_run(checkpoint: str, source: str | None = None) -> dict[str, str]:
+    """The training run's tracking.json ({"run_id", "tracking_uri"}) found above the checkpoint
+    (or above the checkpoint an exported file came from); {} when there is none."""
+    for start in (checkpoint, source):
+        if not start or start.startswith("s3://"):
+            continue
+        folder = os.path.dirname(os.path.abspath(start.rstrip("/")))
+        for _ in range(4):  # <run>/checkpoints/step_N, <run>/export/model.pt
+            path = os.path.join(folder, "tracking.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    return json.load(f)
+            folder = os.path.dirname(folder)
+    return {}
+
+
+def _setup_distributed() -> tuple[int, int]:
+    if "LOCAL_SIZE" in os.environ:  # the DeepSpeed launcher's name for it; streaming reads this
+        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _child_tracker(out_dir: str, job: Job, tags: dict[str, str], parent_uri: str | None):
+    """A Tracker in the parent run's store (unless MLFLOW_TRACKING_URI says where)."""
+    from soho_scale.engine.tracking import Tracker
+
+    name = f"eval-{job.name}-{job.eval.split}"
+    if os.environ.get("MLFLOW_TRACKING_URI") or not parent_uri or "***" in parent_uri:
+        return Tracker(out_dir, job.tracking.experiment, name, tags)
+    os.environ["MLFLOW_TRACKING_URI"] = parent_uri  # Tracker reads its store from here
+    try:
+        return Tracker(out_dir, job.tracking.experiment, name, tags)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def run_evaluation(
+    job: Job, checkpoint: str, out_dir: str, batch_size: int | None = None
+) -> dict[str, Any]:
+    """One rank's part of `soho-scale eval`; rank 0 writes the outputs and the MLflow run."""
+    from soho_scale.tasks import build_task_evaluation, build_task_model
+    from soho_scale.tasks.transfer import load_initial_weights
+
+    rank, world = _setup_distributed()
+    device = torch.device(
+        f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    )
+    model = build_task_model(job, job.model.config())
+    report = load_initial_weights(model, checkpoint)
+    if report["missing"]:
+        raise EvalError(
+            f"{checkpoint}: has no weights for {', '.join(report['missing'][:3])}; evaluate a "
+            f"checkpoint fine-tuned on {job.data.task}, not a pre-training one"
+        )
+    model.to(device)
+    evaluation = build_task_evaluation(job) if job.data.task != "retrieval" else None
+    keep = getattr(evaluation, "keep_columns", ())
+    os.makedirs(out_dir, exist_ok=True)
+    cache = job.data.cache_dir or os.path.join(out_dir, "shard_cache")
+    _, loader = build_eval_loader(job, cache, batch_size or job.batch.micro_batch_per_rank, keep)
+    metrics, predictions = evaluate_task(job, model, loader, rank, world, evaluation, progress=True)
+    result = {
+        "task": job.data.task,
+        "split": job.eval.split,
+        "checkpoint": checkpoint,
+        "checkpoint_step": report.get("step"),
+        "world_size": world,
+        "metrics": metrics,
+    }
+    if rank == 0:
+        result["dataset_sha256"] = dataset_sha256(job)
+        files = [os.path.join(out_dir, "metrics.json")]
+        with open(files[0], "w") as f:
+            json.dump(result, f, indent=2)
+        if evaluation is not None:
+            files += evaluation.write_outputs(predictions, out_dir, job.eval.split)
+        parent = parent_run(checkpoint, report.get("exported_from"))
+        tags = {
+            "checkpoint": checkpoint,
+            "checkpoint_step": str(report.get("step")),
+            "dataset_sha256": result["dataset_sha256"],
+            "task": job.data.task,
+            "split": job.eval.split,
+        }
+        if parent.get("run_id"):
+            tags["mlflow.parentRunId"] = parent["run_id"]
+        tracker = _child_tracker(out_dir, job, tags, parent.get("tracking_uri"))
+        tracker.log_params(
+            {"world_size": world, "eval.streams": [s.remote for s in job.eval.streams]}
+        )
+        tracker.log_metrics(
+            {f"{job.eval.split}_{k}": v for k, v in metrics.items()}, int(report.get("step") or 0)
+        )
+        for path in files:
+            tracker.log_artifact(path)
+        tracker.finish()
+        result["run_id"] = tracker.run_id
+        print(json.dumps({k: result[k] for k in ("task", "split", "metrics", "run_id")}))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Evaluate a checkpoint on the job's eval.streams (N local ranks)."
+    )
+    parser.add_argument("job", help="job YAML file (its eval.streams, data and model sections)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--checkpoint", required=True, help="exported .pt or checkpoint folder/URL")
+    parser.add_argument("--out", help="output folder (default: runs/<job>/eval/<split>)")
+    parser.add_argument("--batch-size", type=int, help="per rank (default: micro_batch_per_rank)")
+    return parser
+
+
+def rank_main(argv: list[str]) -> int:
+    """One rank (`python -m soho_scale.evaluate ...`, started by eval_main's launcher)."""
+    parser = _parser("python -m soho_scale.evaluate")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        job = load_job(args.job, args.overrides)
+        out = args.out or os.path.join("runs", job.name, "eval", job.eval.split)
+        run_evaluation(job, args.checkpoint, out, args.batch_size)
+    except (SpecError, EvalError, DataError, TransferError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def launcher_command(argv: list[str], nproc: int, master_port: int) -> list[str]:
+    """torchrun for N local ranks, each running this module with the same arguments."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(master_port),
+        "-m",
+        "soho_scale.evaluate",
+        *argv,
+    ]
+
+
+def eval_main(argv: list[str]) -> int:
+    """`soho-scale eval JOB [KEY=VALUE...] --checkpoint CKPT [--nproc N] [--out DIR]`."""
+    parser = _parser("soho-scale eval")
+    parser.add_argument("--nproc", type=int, default=1, help="local ranks (default 1)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        load_job(args.job, args.overrides)  # a bad spec fails here, before any process starts
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.nproc <= 1:
+        return rank_main(_without_nproc(argv))
+    from data_pipeline.storage import free_port
+
+    return subprocess.call(launcher_command(_without_nproc(argv), args.nproc, free_port()))
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        out.append(arg)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(rank_main(sys.argv[1:]))

@@ -1,0 +1,234 @@
+"""`soho-scale pipeline jobs/pipelines/NAME.yaml`: pre-train -> fine-tunes -> evaluations.
+
+A pipeline spec lists stages; each is a training job (`train:`) or an evaluation (`eval:` with
+`checkpoint:` naming the stage whose weights it evaluates). A training stage can start from an
+earlier stage's weights (`init_from: STAGE`): the pipeline exports that stage's last committed
+checkpoint and passes it as `model.init_from`. Every stage runs in `<run_root>/<stage>`; a stage
+that finished leaves `stage_done.json` and is skipped when the pipeline is run again, and an
+interrupted training stage resumes from its own checkpoints. One MLflow parent run holds the
+pipeline; each stage's run is its child. At the end the results report is written and logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from soho_scale.engine.tracking import PARENT_ENV
+from soho_scale.job_yaml import read_job_file
+
+DONE = "stage_done.json"
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    train: str | None = None  # job YAML to train
+    eval: str | None = None  # job YAML whose eval.streams to evaluate
+    init_from: str | None = None  # train: start from this earlier stage's weights
+    checkpoint: str | None = None  # eval: the stage whose weights to evaluate
+    nproc: int = Field(2, ge=1)
+    overrides: list[str] = []
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Stage:
+        if (self.train is None) == (self.eval is None):
+            raise ValueError("give exactly one of train or eval")
+        if self.eval is not None and self.checkpoint is None:
+            raise ValueError("an eval stage needs checkpoint: <training stage>")
+        return self
+
+
+class Pipeline(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    experiment: str
+    run_root: str
+    chance: str | None = None  # chance levels of the dataset (the synthetic world writes one)
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _references(self) -> Pipeline:
+        seen: dict[str, Stage] = {}
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"stages: {stage.name!r} appears twice")
+            for ref in (stage.init_from, stage.checkpoint):
+                if ref is not None and (ref not in seen or seen[ref].train is None):
+                    raise ValueError(
+                        f"stages.{stage.name}: {ref!r} is not an earlier training stage"
+                    )
+            seen[stage.name] = stage
+        return self
+
+
+def load_pipeline(path: str) -> Pipeline:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such pipeline file")
+    try:
+        return Pipeline.model_validate(read_job_file(path))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{where or 'pipeline'}: {first['msg']} (in {path})") from None
+
+
+def _run(cmd: list[str], log_path: str) -> int:
+    """Run one stage's command; its output goes to the terminal and to the stage's log."""
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            if _worth_showing(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        return proc.wait()
+
+
+def _worth_showing(line: str) -> bool:
+    # The stage's own progress and results; DeepSpeed's and streaming's chatter stays in the log.
+    return any(
+        key in line
+        for key in ("train:", "eval", "resumed", "ERROR", "Error", "soho-scale", '"metrics"')
+    )
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "soho_scale.cli"]
+
+
+def export_path(run_root: str, stage: str) -> str:
+    return os.path.join(run_root, stage, "export", "model.pt")
+
+
+def run_stage(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
+    run_dir = os.path.join(pipe.run_root, stage.name)
+    os.makedirs(run_dir, exist_ok=True)
+    log = os.path.join(run_dir, "stage.log")
+    started = time.time()
+    if stage.train is not None:
+        overrides = [
+            f"checkpoint.dir={os.path.join(run_dir, 'checkpoints')}",
+            f"tracking.experiment={pipe.experiment}",
+            f"tracking.run_name={pipe.name}-{stage.name}",
+            *stage.overrides,
+        ]
+        if stage.init_from:
+            overrides.append(f"model.init_from={export_path(pipe.run_root, stage.init_from)}")
+        cmd = [
+            *_cli(),
+            "train",
+            stage.train,
+            *overrides,
+            "--nproc",
+            str(stage.nproc),
+            "--run-dir",
+            run_dir,
+        ]
+        if _run(cmd, log):
+            raise RuntimeError(f"stage {stage.name} failed; see {log}")
+        from soho_scale.engine.checkpoint import committed_checkpoints
+        from soho_scale.engine.export import export
+
+        last = committed_checkpoints(os.path.join(run_dir, "checkpoints"))[-1]
+        export(last.location, export_path(pipe.run_root, stage.name))
+        result = {"checkpoint": last.location, "step": last.step}
+    else:
+        weights = export_path(pipe.run_root, stage.checkpoint)
+        out = os.path.join(run_dir, "eval")
+        cmd = [
+            *_cli(),
+            "eval",
+            stage.eval,
+            f"tracking.experiment={pipe.experiment}",
+            *stage.overrides,
+            "--checkpoint",
+            weights,
+            "--out",
+            out,
+            "--nproc",
+            str(stage.nproc),
+        ]
+        if _run(cmd, log):
+            raise RuntimeError(f"stage {stage.name} failed; see {log}")
+        with open(os.path.join(out, "metrics.json")) as f:
+            result = json.load(f)
+    result["seconds"] = round(time.time() - started, 1)
+    with open(os.path.join(run_dir, DONE), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _parent_tracker(pipe: Pipeline):
+    from soho_scale.engine.tracking import RUN_INFO, Tracker
+
+    info = os.path.join(pipe.run_root, RUN_INFO)
+    run_id = None
+    if os.path.exists(info):  # re-running the pipeline continues its parent run
+        with open(info) as f:
+            run_id = json.load(f)["run_id"]
+    return Tracker(
+        pipe.run_root,
+        pipe.experiment,
+        f"pipeline-{pipe.name}",
+        {"pipeline": pipe.name},
+        run_id=run_id,
+    )
+
+
+def run_pipeline(path: str) -> str:
+    """Run (or continue) a pipeline; returns the report folder."""
+    from soho_scale.report import chance_params, report
+
+    pipe = load_pipeline(path)
+    os.makedirs(pipe.run_root, exist_ok=True)
+    # One tracking store for every stage, unless the user points at a server.
+    os.environ.setdefault(
+        "MLFLOW_TRACKING_URI", f"sqlite:///{os.path.abspath(pipe.run_root)}/mlflow.db"
+    )
+    parent = _parent_tracker(pipe)
+    parent.log_params({"pipeline": path, "stages": ",".join(s.name for s in pipe.stages)})
+    if pipe.chance and os.path.exists(pipe.chance):
+        with open(pipe.chance) as f:
+            parent.log_params(chance_params(json.load(f)))
+    os.environ[PARENT_ENV] = parent.run_id or ""
+    total = len(pipe.stages)
+    for i, stage in enumerate(pipe.stages, 1):
+        done = os.path.join(pipe.run_root, stage.name, DONE)
+        if os.path.exists(done):
+            print(f"[{i}/{total}] {stage.name}: done already, skipped", flush=True)
+            continue
+        print(f"[{i}/{total}] {stage.name}: {'train' if stage.train else 'eval'} ...", flush=True)
+        result = run_stage(pipe, stage)
+        summary = result.get("metrics", {"step": result.get("step")})
+        print(
+            f"[{i}/{total}] {stage.name}: finished in {result['seconds']} s {summary}", flush=True
+        )
+    out = os.path.join(pipe.run_root, "report")
+    rows, files = report(pipe.experiment, out)
+    for file in files:
+        parent.log_artifact(file)
+    parent.finish()
+    return out
+
+
+def pipeline_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="soho-scale pipeline", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("pipeline", help="jobs/pipelines/NAME.yaml")
+    args = parser.parse_args(argv)
+    out = run_pipeline(args.pipeline)
+    with open(os.path.join(out, "results.md")) as f:
+        print(f.read(), end="")
+    print(f"report: {os.path.abspath(out)}")
+    return 0

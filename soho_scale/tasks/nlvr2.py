@@ -1,0 +1,101 @@
+"""NLVR2: is a statement true of a pair of images? Two passes, concatenated [CLS], 2 classes.
+
+The statement is read once with the left image and once with the right one (batch rows 2i and
+2i+1 of `images`); the two pooled [CLS] vectors are concatenated and classified. SOHO released no
+NLVR2 code; the head follows the common recipe of its baselines (LXMERT/UNITER "pair" setting):
+Linear(2H, 2H) -> GELU -> LayerNorm -> Linear(2H, 2). Metric: accuracy (dev, test-P).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soho_scale.model.config import SohoConfig
+from soho_scale.model.soho import Soho
+from soho_scale.tasks.visual import fuse_texts_with_images
+
+
+class NLVR2Model(nn.Module):
+    def __init__(self, config: SohoConfig):
+        super().__init__()
+        self.config = config
+        self.soho = Soho(config)
+        pair = 2 * config.hidden_size
+        self.head = nn.Sequential(
+            nn.Linear(pair, pair), nn.GELU(), nn.LayerNorm(pair, eps=1e-12), nn.Linear(pair, 2)
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor], batch_independent: bool = False):
+        """batch: images (2B, ...) left/right interleaved, text_ids (B, L) -> logits (B, 2)."""
+        statements = batch["text_ids"].shape[0]
+        # Each statement twice, in the order of its images: rows 2i (left), 2i+1 (right).
+        rows = torch.arange(2 * statements, device=batch["text_ids"].device)
+        pooled = fuse_texts_with_images(
+            self.soho,
+            batch["images"],
+            batch["image_sizes"],
+            batch["text_ids"].repeat_interleave(2, dim=0),
+            batch["text_mask"].repeat_interleave(2, dim=0),
+            rows,
+            batch_independent,
+        )  # (2B, D)
+        return self.head(pooled.view(statements, -1))  # (B, 2D) -> (B, 2)
+
+
+class NLVR2Step(nn.Module):
+    """What the trainer wraps: forward(batch) -> (loss, {"loss", "acc"})."""
+
+    def __init__(self, model: NLVR2Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        logits = self.model(batch).float()
+        loss = F.cross_entropy(logits, batch["labels"])
+        with torch.no_grad():
+            acc = (logits.argmax(1) == batch["labels"]).float().mean()
+        return loss, {"loss": loss.detach(), "acc": acc}
+
+
+class NLVR2Evaluation:
+    """Accuracy in percent; predictions as JSON and in the official `identifier,label` CSV."""
+
+    keep_columns = ("identifier",)
+
+    def predict(self, model: NLVR2Model, batch: dict) -> list[dict]:
+        predicted = model(batch, batch_independent=True).argmax(1).tolist()
+        return [
+            {
+                "sample_id": int(sample_id),
+                "identifier": kept["identifier"],
+                "prediction": int(p),
+                "label": int(label),
+            }
+            for sample_id, p, label, kept in zip(
+                batch["sample_ids"].tolist(), predicted, batch["labels"].tolist(), batch["kept"]
+            )
+        ]
+
+    def score(self, records: list[dict]) -> dict[str, float]:
+        return {
+            "accuracy": 100.0 * sum(r["prediction"] == r["label"] for r in records) / len(records)
+        }
+
+    def write_outputs(self, records: list[dict], out_dir: str, split: str) -> list[str]:
+        json_path = os.path.join(out_dir, "predictions.json")
+        with open(json_path, "w") as f:
+            json.dump(
+                [{k: r[k] for k in ("identifier", "prediction", "label")} for r in records], f
+            )
+        csv_path = os.path.join(out_dir, f"nlvr2_{split}_predictions.csv")
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            for r in records:
+                writer.writerow([r["identifier"], "True" if r["prediction"] == 1 else "False"])
+        return [json_path, csv_path]

@@ -1,0 +1,91 @@
+"""init_from: pre-trained backbone weights into task models, with a report of every key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from soho_scale.model.config import build_config
+from soho_scale.model.soho import Soho, SohoPretrain
+from soho_scale.tasks.snli_ve import SNLIVEModel
+from soho_scale.tasks.transfer import TransferError, load_initial_weights
+from soho_scale.tasks.vqa import VQAModel
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> tuple[str, SohoPretrain]:
+    """A `soho-scale export`-style file of a tiny pre-training model with a used dictionary."""
+    torch.manual_seed(1)
+    config = build_config("tiny")
+    model = SohoPretrain(config)
+    model.soho.dictionary.num_updates.fill_(7)  # VD state that must travel with the weights
+    model.soho.dictionary.embed.normal_()
+    path = tmp_path_factory.mktemp("export") / "model.pt"
+    blob = {
+        "state_dict": model.state_dict(),
+        "config": dataclasses.asdict(config),
+        "task": "pretrain",
+        "step": 200,
+        "source": "runs/x/checkpoints/step_00000200",
+    }
+    torch.save(blob, path)
+    return str(path), model
+
+
+def test_backbone_loads_heads_are_dropped_and_reported(pretrained, capsys):
+    path, source = pretrained
+    model = VQAModel(build_config("tiny"), num_answers=5)
+    report = load_initial_weights(model, path)
+    soho_keys = [k for k in model.state_dict() if k.startswith("soho.")]
+    assert report["loaded"] == len(soho_keys)
+    assert report["missing"] == sorted(k for k in model.state_dict() if k.startswith("head."))
+    assert report["unexpected"] == []
+    assert set(report["dropped_heads"]) == {"mlm_head", "mvm_head", "itm_head"}
+    assert report["step"] == 200 and report["exported_from"] == "runs/x/checkpoints/step_00000200"
+    for key, value in source.soho.state_dict().items():
+        torch.testing.assert_close(model.soho.state_dict()[key], value)
+    assert int(model.soho.dictionary.num_updates) == 7
+    assert '"loaded"' in capsys.readouterr().out  # printed, never silent
+
+
+def test_a_model_with_an_itm_head_keeps_it(pretrained):
+    path, source = pretrained
+
+    class WithItm(nn.Module):  # retrieval's shape: backbone + ITM classifier
+        def __init__(self):
+            super().__init__()
+            self.soho = Soho(build_config("tiny"))
+            self.itm_head = nn.Linear(128, 2)
+
+    model = WithItm()
+    report = load_initial_weights(model, path)
+    assert report["missing"] == [] and set(report["dropped_heads"]) == {"mlm_head", "mvm_head"}
+    torch.testing.assert_close(model.itm_head.weight, source.itm_head.weight)
+
+
+def test_unknown_keys_are_named(tmp_path, pretrained):
+    _, source = pretrained
+    state = {**source.state_dict(), "extra_head.weight": torch.zeros(2)}
+    torch.save({"state_dict": state, "step": 3}, tmp_path / "w.pt")
+    report = load_initial_weights(SNLIVEModel(build_config("tiny")), str(tmp_path / "w.pt"))
+    assert report["unexpected"] == ["extra_head.weight"]
+    assert "head.0.weight" in report["missing"]
+
+
+def test_another_configuration_is_refused_naming_the_tensor(pretrained):
+    path, _ = pretrained
+    wider = VQAModel(build_config("tiny", vd_size=64), num_answers=5)
+    with pytest.raises(TransferError, match=r"soho\.dictionary\..*another model configuration"):
+        load_initial_weights(wider, path)
+
+
+def test_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
+    model = SNLIVEModel(build_config("tiny"))
+    with pytest.raises(TransferError, match="neither a weights file nor a checkpoint folder"):
+        load_initial_weights(model, str(tmp_path / "nope.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(TransferError, match="junk.pt: not a weights file"):
+        load_initial_weights(model, str(tmp_path / "junk.pt"))

@@ -1,0 +1,75 @@
+"""VQA: the answer classifier, the official loss scaling, outputs, and fine-tuning that beats the
+untrained model. (The metric itself is tested in test_vqa_metric.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from soho_scale.model.config import build_config
+from soho_scale.tasks.vqa import VQAEvaluation, VQAModel, VQAStep, vqa_loss
+from tests.tasks.conftest import demo_job, finetune
+
+
+def _batch(num_answers: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    targets = torch.zeros(2, num_answers)
+    targets[0, 3], targets[1, 1], targets[1, 2] = 1.0, 0.3, 1.0
+    return {
+        "images": torch.randn(2, 3, 64, 96),
+        "image_sizes": torch.tensor([[64, 96], [64, 64]]),
+        "text_ids": torch.randint(1000, 2000, (2, 8)),
+        "text_mask": torch.ones(2, 8, dtype=torch.long),
+        "text_image_index": torch.arange(2),
+        "targets": targets,
+    }
+
+
+def test_official_head_and_loss():
+    model = VQAModel(build_config("tiny"), num_answers=7)
+    hidden = model.config.hidden_size
+    layers = [type(m).__name__ for m in model.head]
+    assert layers == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert model.head[0].out_features == 4 * hidden and model.head[2].p == 0.5
+    batch = _batch(7)
+    loss, metrics = VQAStep(model)(batch)
+    assert model(batch).shape == (2, 7)
+    assert set(metrics) == {"loss", "vqa_score"} and all(v.ndim == 0 for v in metrics.values())
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    logits = torch.randn(2, 7)
+    # BCE summed over answers, averaged over questions (the official `* num_answers`)
+    expected = F.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="sum") / 2
+    torch.testing.assert_close(vqa_loss(logits, batch["targets"]), expected)
+
+
+def test_outputs_score_with_human_answers_and_write_a_submission(tmp_path):
+    evaluation = VQAEvaluation(["yes", "no", "2"])
+    records = [
+        {"sample_id": 0, "question_id": 11, "answer": "yes", "human_answers": ["yes"] * 10},
+        {"sample_id": 1, "question_id": 12, "answer": "2", "human_answers": ["2"] * 2 + ["3"] * 8},
+        {"sample_id": 2, "question_id": 13, "answer": "no", "human_answers": []},  # test split
+    ]
+    metrics = evaluation.score(records)
+    assert metrics["scored_questions"] == 2
+    assert metrics["vqa_accuracy"] == pytest.approx(100 * (1 + 0.6) / 2)
+    paths = evaluation.write_outputs(records, str(tmp_path), "test-dev2015")
+    submission = json.loads((tmp_path / "vqa_test-dev2015_submission.json").read_text())
+    assert str(tmp_path / "vqa_test-dev2015_submission.json") in paths
+    assert submission == [
+        {"question_id": 11, "answer": "yes"},
+        {"question_id": 12, "answer": "2"},
+        {"question_id": 13, "answer": "no"},
+    ]
+
+
+@pytest.mark.slow
+def test_finetuning_beats_the_untrained_model(task_shards):
+    # The question type fixes the answer family (yes/no, colour, count): a few steps learn it.
+    job = demo_job("vqa", task_shards)
+    _, before, after = finetune(job, steps=40, lr=1e-3)
+    assert after["num_samples"] == before["num_samples"] == 48
+    assert after["vqa_accuracy"] >= before["vqa_accuracy"] + 10, (before, after)
