@@ -185,8 +185,8 @@ def _parent_tracker(pipe: Pipeline):
     )
 
 
-def run_pipeline(path: str) -> str:
-    """Run (or continue) a pipeline; returns the report folder."""
+def run_pipeline(path: str) -> str | None:
+    """Run (or continue) a pipeline; returns the report folder (None without eval stages)."""
     from soho_scale.report import chance_params, report
 
     pipe = load_pipeline(path)
@@ -213,10 +213,12 @@ def run_pipeline(path: str) -> str:
         print(
             f"[{i}/{total}] {stage.name}: finished in {result['seconds']} s {summary}", flush=True
         )
-    out = os.path.join(pipe.run_root, "report")
-    rows, files = report(pipe.experiment, out)
-    for file in files:
-        parent.log_artifact(file)
+    out = None
+    if any(stage.eval for stage in pipe.stages):
+        out = os.path.join(pipe.run_root, "report")
+        _, files = report(pipe.experiment, out)
+        for file in files:
+            parent.log_artifact(file)
     parent.finish()
     return out
 
@@ -228,7 +230,8 @@ def pipeline_main(argv: list[str]) -> int:
     parser.add_argument("pipeline", help="jobs/pipelines/NAME.yaml")
     args = parser.parse_args(argv)
     out = run_pipeline(args.pipeline)
-    with open(os.path.join(out, "results.md")) as f:
-        print(f.read(), end="")
-    print(f"report: {os.path.abspath(out)}")
+    if out is not None:
+        with open(os.path.join(out, "results.md")) as f:
+            print(f.read(), end="")
+        print(f"report: {os.path.abspath(out)}")
     return 0

@@ -67,9 +67,11 @@ def list_files(folder: str) -> dict[str, int]:
     return sizes
 
 
-def write_manifest(folder: str, step: int, extra: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(
+    folder: str, step: int, extra: dict[str, Any], files: dict[str, int] | None = None
+) -> dict[str, Any]:
     """Commit a complete local checkpoint folder (rank 0, after all ranks finished writing)."""
-    manifest = {"step": step, "files": list_files(folder), **extra}
+    manifest = {"step": step, "files": list_files(folder) if files is None else files, **extra}
     tmp = os.path.join(folder, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)

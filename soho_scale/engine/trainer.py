@@ -166,7 +166,11 @@ def build_data(job: Job, run_dir: str, micro_batch: int):
     dataset = build_dataset(
         sources,
         processor,
-        cache_root=data.cache_dir or os.path.join(run_dir, "shard_cache"),
+        # One cache per node (two "nodes" on one machine must not share streaming's folders).
+        cache_root=os.path.join(
+            data.cache_dir or os.path.join(run_dir, "shard_cache"),
+            f"node{os.environ.get('CROSS_RANK', '0')}",
+        ),
         batch_size=micro_batch,
         shuffle=data.shuffle,
         shuffle_seed=job.seed + 9176,
@@ -214,6 +218,13 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     return out
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals every process of the job,
+    and the rank (not its workers) decides when to stop, after saving a checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StopFlag:
     """SIGTERM/SIGINT (preemption) asks for a checkpoint at the next step; all ranks agree."""
 
@@ -250,23 +261,35 @@ def save_checkpoint(engine, job: Job, run_dir: str, step: int, epoch: int, loade
     }
     engine.save_checkpoint(local_root, tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank()
-    torch.save(rng_state(), os.path.join(local_root, tag, f"rng_rank{rank:05d}.pt"))
+    folder = os.path.join(local_root, tag)
+    torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank:05d}.pt"))
     dist.barrier()
+    # One process per node lists (and uploads) what its node wrote; rank 0 commits the union.
+    files: dict[str, int] = {}
+    local_leader = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if local_leader:
+        files = ckpt.list_files(folder)
+        if remote:
+            ckpt.upload_files(folder, ckpt.join(root, tag), files)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, files)
     if rank == 0:
-        folder = os.path.join(local_root, tag)
         extra = {
             "spec_hash": spec_hash(job),
             "world_size": dist.get_world_size(),
             "task": job.data.task,
             "model_config": dataclasses.asdict(job.model.config()),
         }
-        manifest = ckpt.write_manifest(folder, step, extra)
+        union = {k: v for part in every for k, v in (part or {}).items()}
         if remote:
-            ckpt.upload(folder, ckpt.join(root, tag), manifest)
-            shutil.rmtree(folder, ignore_errors=True)
+            ckpt.put_manifest(ckpt.join(root, tag), {"step": step, "files": union, **extra})
+        else:
+            ckpt.write_manifest(folder, step, extra, union)
         ckpt.prune(root, job.checkpoint.keep_last)
         logger.info("checkpoint %s committed", ckpt.join(root, tag))
     dist.barrier()
+    if remote and local_leader:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def find_resume(job: Job) -> ckpt.Committed | None:
@@ -365,6 +388,7 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
     # Worker seeds from the loader's own generator: the global RNG (checkpointed) is not touched,
     # so a resumed run draws exactly what the uninterrupted one drew.
     loader.generator = torch.Generator().manual_seed(job.seed + 1000 * rank)
+    loader.worker_init_fn = ignore_stop_signals
     numbers = derived(job, num_samples=dataset.num_samples, world_size=world)
     total_steps = numbers["total_steps"]
     schedule = functools.partial(

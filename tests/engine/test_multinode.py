@@ -1,0 +1,46 @@
+"""Two "nodes" on loopback: two DeepSpeed launchers with --no_ssh --node_rank 0/1 against
+127.0.0.1 train one job together: one MLflow run, one committed checkpoint."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from data_pipeline.storage import free_port
+from soho_scale.engine.checkpoint import committed_checkpoints
+from tests.engine.conftest import REPO
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+
+def test_two_nodes_on_loopback_train_one_job(make_job, tmp_path):
+    job = make_job("twonode", schedule__steps=2, checkpoint__interval_steps=1000)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    run_dir = tmp_path / "run"
+    port = free_port()
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs = []
+    for node in (0, 1):
+        command = [
+            deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+            "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), "--module", "soho_scale.train", job,
+            "--run-dir", str(run_dir),
+        ]  # fmt: skip
+        log = open(tmp_path / f"node{node}.log", "w")
+        procs.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=log))
+    codes = [p.wait(timeout=600) for p in procs]
+    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "world_size=2" in logs[0] or "dist_world_size=2" in logs[0]
+    found = committed_checkpoints(str(tmp_path / "twonode-ckpt"))
+    assert [c.step for c in found] == [2]
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("soho-demo").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["derived.world_size"] == "2"

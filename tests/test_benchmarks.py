@@ -1,0 +1,66 @@
+"""Smoke tests of the benchmark scripts at their smallest settings: they run and report figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_engine_overhead_reports_every_variant(tmp_path: Path) -> None:
+    result = _run(
+        [str(REPO / "benchmarks" / "engine_overhead.py"), "--steps", "1", "--rounds", "1",
+         "--warmup", "1", "--batch", "2", "--image-size", "32x64",
+         "--variants", "ddp,zero0,zero1,zero2,zero3"],
+        tmp_path, timeout=420,
+    )  # fmt: skip
+    report = json.loads(result.stdout)  # stdout holds the one JSON object and nothing else
+    stages = ("zero0", "zero1", "zero2", "zero3")
+    assert set(report["step_s"]) == {"ddp", *stages}
+    assert all(report["step_s"][k] > 0 for k in report["step_s"])
+    assert set(report["ratio_vs_ddp"]) == set(stages)
+    state = report["model_state_bytes_per_rank"]
+    # ZeRO partitions optimizer state: every stage holds less than stage 0; stage 3 the least.
+    assert all(state[k] < state["zero0"] for k in ("zero1", "zero2", "zero3"))
+    assert state["zero3"] < state["zero2"]
+    assert report["model_state_breakdown"]["zero3"]["params"] < state["zero0"] / 4
+    assert set(report["meets_targets"]) == set(report["targets"])
+    assert all(isinstance(v, bool) for v in report["meets_targets"].values())
+
+
+def test_gpu_pretrain_runs_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "gpu_pretrain.json"
+    _run(
+        [str(REPO / "benchmarks" / "gpu_pretrain.py"), "--device", "cpu", "--preset", "tiny",
+         "--image-size", "64x96", "--micro-batch", "2", "--captions", "2", "--steps", "2",
+         "--warmup", "1", "--breakdown-steps", "1", "--workers", "0", "--precision", "fp32",
+         "--out", str(out)],
+        tmp_path, timeout=300,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    for mode in ("torch_in_memory", "torch_streamed", "deepspeed_in_memory"):
+        figures = report["results"][mode]
+        assert "error" not in figures, figures.get("trace")
+        assert figures["samples_per_s"] > 0
+        assert 0 < figures["mfu"] < 1
+        assert math.isfinite(figures["loss_last"])
+        assert set(figures["breakdown_ms"]) == {"forward", "backward", "optimizer"}
+    assert report["results"]["torch_streamed"]["data_wait_fraction"] >= 0
