@@ -77,4 +77,46 @@ def train_main(argv: list[str]) -> int:
 
         args.master_port = _free_port()
     cmd = launcher_command(args.job, args.overrides, nproc, args.run_dir, args.master_port)
-    return subprocess.call(cmd, env=env)
+    return run_forwarding_signals(cmd, env)
+
+
+def rank_processes(pid: int) -> list:
+    """The rank processes (`python -m soho_scale.train`) under process `pid`."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            argv = child.cmdline()
+        except psutil.Error:
+            continue
+        if any(a == "-m" and b == "soho_scale.train" for a, b in zip(argv, argv[1:])):
+            found.append(child)
+    return found
+
+
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher; SIGTERM/SIGINT go to the ranks themselves, which checkpoint and exit
+    with PREEMPTED_EXIT_CODE (the DeepSpeed launcher, signalled directly, would kill them after
+    30 s). The launcher runs in its own session so a terminal's Ctrl-C reaches only us."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, frame) -> None:  # noqa: ANN001
+        for rank in rank_processes(proc.pid):
+            try:
+                rank.send_signal(signal.SIGTERM)  # its DataLoader workers ignore it
+            except Exception:  # noqa: BLE001 - a rank that just exited
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                forward(signal.SIGINT, None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

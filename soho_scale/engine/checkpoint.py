@@ -86,13 +86,19 @@ def write_manifest(
     return manifest
 
 
-def upload(folder: str, url: str, manifest: dict[str, Any]) -> None:
-    """Upload a committed local checkpoint; the manifest goes last, so it marks completeness."""
+def upload_files(folder: str, url: str, files: dict[str, int]) -> None:
+    """Upload checkpoint files (one process per node uploads what its node wrote)."""
     client = _client()
     bucket, prefix = _split(url)
-    for rel in manifest["files"]:
+    for rel in files:
         client.upload_file(os.path.join(folder, rel), bucket, f"{prefix}/{rel}")
-    client.put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=json.dumps(manifest).encode())
+
+
+def put_manifest(url: str, manifest: dict[str, Any]) -> None:
+    """Commit a remote checkpoint: the manifest is uploaded after every file it lists."""
+    bucket, prefix = _split(url)
+    body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    _client().put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=body)
 
 
 def download(url: str, folder: str) -> None:

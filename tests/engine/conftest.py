@@ -172,13 +172,6 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=60)
 
 
-def rank_processes(proc: subprocess.Popen) -> list:
-    import psutil
-
-    children = psutil.Process(proc.pid).children(recursive=True)
-    return [c for c in children if "soho_scale.train" in " ".join(c.cmdline())]
-
-
 def record(run_dir: str, rank: int, start: int) -> dict:
     with open(os.path.join(run_dir, f"record_rank{rank}_from{start}.json")) as f:
         return json.load(f)

@@ -1,7 +1,11 @@
 """Two "nodes" on loopback: two DeepSpeed launchers with --no_ssh --node_rank 0/1 against
-127.0.0.1 train one job together: one MLflow run, one committed checkpoint."""
+127.0.0.1 train one job together: one MLflow run, one committed checkpoint.
+
+Node 1 runs with a private /dev/shm (a mount namespace), as a second host would have: streaming's
+shared memory assumes one node per host, and two node leaders on one /dev/shm collide."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +19,16 @@ from tests.engine.conftest import REPO
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
+def _private_shm_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _private_shm_works(), reason="needs unshare -m (a private /dev/shm)")
 def test_two_nodes_on_loopback_train_one_job(make_job, tmp_path):
     job = make_job("twonode", schedule__steps=2, checkpoint__interval_steps=1000)
     hostfile = tmp_path / "hostfile"
@@ -32,6 +46,15 @@ def test_two_nodes_on_loopback_train_one_job(make_job, tmp_path):
             "--master_port", str(port), "--module", "soho_scale.train", job,
             "--run-dir", str(run_dir),
         ]  # fmt: skip
+        if node == 1:
+            launch = " ".join(f"'{part}'" for part in command)
+            command = [
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                f"mount -t tmpfs tmpfs /dev/shm && exec {launch}",
+            ]
         log = open(tmp_path / f"node{node}.log", "w")
         procs.append(subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=log))
     codes = [p.wait(timeout=600) for p in procs]
