@@ -372,4 +372,5 @@ def evaluate_job(job: Any, model: nn.Module, loader: Any, rank: int, world: int)
     )
     folds = 5 if len(data.images) >= 5000 else 1
     metrics = evaluate_retrieval(model, data, mode="exact", folds=folds, rank=rank, world=world)
-    return {k: float(v) for k, v in metrics.items()}, []
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    return numbers, []

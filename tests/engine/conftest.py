@@ -165,11 +165,20 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Kill `proc` and every process under it (the launcher runs in a session of its own)."""
+    import psutil
+
     try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for process in [psutil.Process(proc.pid), *tree] if proc.poll() is None else tree:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
     proc.wait(timeout=60)
+    psutil.wait_procs(tree, timeout=60)
 
 
 def record(run_dir: str, rank: int, start: int) -> dict:
