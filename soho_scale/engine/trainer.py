@@ -380,6 +380,10 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
     for buffer in step_module.buffers():
         dist.broadcast(buffer, src=0)
     seed_everything(job.seed + rank)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
+    # Cast before DeepSpeed: its bf16/fp16 engine converts parameters only, and BatchNorm then
+    # meets low-precision inputs with fp32 running statistics. The VD keeps itself fp32.
+    step_module.to(dtype)
     optimizer = build_optimizer(step_module, job.optim)
     ds_config = build_deepspeed_config(job, world)
     micro = job.batch.micro_batch_per_rank
@@ -410,8 +414,6 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
         lr_scheduler=scheduler,
         config=ds_config,
     )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
-
     step, epoch = 0, 0
     if found is not None:
         state = load_checkpoint(engine, local_root, tag, found)
