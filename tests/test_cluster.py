@@ -30,6 +30,8 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no user ~/.deepspeed_env
     monkeypatch.delenv("DS_ENV_FILE", raising=False)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    for name in ("BACKOFF_FACTOR", "MAX_RETRIES", "TIMEOUT"):  # set by tracking in other tests
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://storage.internal:9000")
