@@ -72,25 +72,12 @@ def build_eval_loader(
 ):
     """(dataset, loader) over `job.eval.streams`, unshuffled, batches carrying `kept` columns."""
     from data_pipeline.streaming import SohoLoader, StreamSource, build_dataset
-    from data_pipeline.transforms import ImageTransform, TextTransform
-    from soho_scale.tasks import processor_options
+    from soho_scale.tasks import sample_processor
 
     if not job.eval.streams:
         raise EvalError(f"eval.streams: job {job.name} names no evaluation data; add eval.streams")
     data = job.data
-    processor = KeepColumnsProcessor(
-        task=data.task,
-        image=ImageTransform(
-            min_size=data.image.min_size,
-            max_size=data.image.max_size,
-            square_size=data.image.max_size if data.image.square else None,
-        ),
-        text=TextTransform(data.text.tokenizer, data.text.max_len),
-        captions_per_image=data.captions_per_image,
-        seed=job.seed,
-        keep=tuple(keep_columns),
-        **processor_options(job),
-    )
+    processor = sample_processor(job, KeepColumnsProcessor, keep=tuple(keep_columns))
     dataset = build_dataset(
         [StreamSource(s.remote, s.proportion) for s in job.eval.streams],
         processor,

@@ -143,24 +143,11 @@ def build_step(job: Job) -> nn.Module:
 
 
 def build_data(job: Job, run_dir: str, micro_batch: int):
-    from data_pipeline.streaming import SampleProcessor, StreamSource, build_dataset, build_loader
-    from data_pipeline.transforms import ImageTransform, TextTransform
-    from soho_scale.tasks import processor_options
+    from data_pipeline.streaming import StreamSource, build_dataset, build_loader
+    from soho_scale.tasks import sample_processor
 
     data = job.data
-    processor = SampleProcessor(
-        task=data.task,
-        image=ImageTransform(
-            min_size=data.image.min_size,
-            max_size=data.image.max_size,
-            square_size=data.image.max_size if data.image.square else None,
-        ),
-        text=TextTransform(data.text.tokenizer, data.text.max_len),
-        captions_per_image=data.captions_per_image,
-        mlm_probability=job.objectives.mlm_probability,
-        seed=job.seed,
-        **processor_options(job),
-    )
+    processor = sample_processor(job)
     sources = [StreamSource(s.remote, s.proportion) for s in data.streams]
 
     dataset = build_dataset(
@@ -237,8 +224,9 @@ class StopFlag:
         logger.warning("received %s: checkpointing at the next step", signal.Signals(signum).name)
         self.requested = True
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+    def any_rank(self, device: torch.device) -> bool:
+        # On the engine's device: NCCL reduces CUDA tensors only.
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -456,6 +444,7 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
             skipped += int((~batch["sample_valid"]).sum()) if "sample_valid" in batch else 0
             if record_samples:
                 seen_samples += batch["sample_ids"].tolist()
+            tokens = int(batch["text_mask"].sum())  # counted on the host: no device sync
             batch = _to_device(batch, engine.device, dtype)
             loss, metrics = engine(batch)
             engine.backward(loss)
@@ -463,19 +452,20 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
             engine.step()
             meter.add(
                 batch["images"].shape[0],
-                int(batch["text_mask"].sum()),
+                tokens,
                 flops.forward_flops(batch, int(metrics.get("mlm_count", 0))),
                 data_wait,
             )
             if boundary:
                 step += 1
-                loss_history.append(float(loss.detach()))
+                if record_samples:  # reading the loss every step would sync the device
+                    loss_history.append(float(loss.detach()))
                 if step % job.tracking.log_every == 0 or step == total_steps:
                     last_metrics = _step_metrics(engine, metrics, meter, world, peak, skipped)
                     tracker.log_metrics(last_metrics, step)
                     meter.reset()
-                progress(step, float(loss.detach()), last_metrics.get("samples_per_s"))
-                preempted = stop.any_rank()
+                progress(step, last_metrics.get("loss"), last_metrics.get("samples_per_s"))
+                preempted = stop.any_rank(engine.device)
                 if preempted or step % job.checkpoint.interval_steps == 0 or step == total_steps:
                     save_checkpoint(engine, job, run_dir, step, epoch, loader)
                 if preempted or step >= total_steps:
@@ -561,9 +551,11 @@ def _progress(rank: int, total: int, start: int):
 
     bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
-    def update(step: int, loss: float, samples_per_s: float | None) -> None:
+    def update(step: int, loss: float | None, samples_per_s: float | None) -> None:
         bar.n = step
-        postfix = {"loss": f"{loss:.3f}"}
+        postfix = {}
+        if loss is not None:  # the last logged loss (tracking.log_every)
+            postfix["loss"] = f"{loss:.3f}"
         if samples_per_s:
             postfix["samples/s"] = f"{samples_per_s:.1f}"
         bar.set_postfix(postfix, refresh=False)

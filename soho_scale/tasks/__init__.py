@@ -7,7 +7,7 @@ be tested and rerun without a model, DeepSpeed or MLflow.
 This package's functions are what the trainer and `soho-scale eval` call:
 - `build_task_step(job, config)`: the step module DeepSpeed wraps (`.model` is the task model,
   which holds the backbone as `.model.soho`, so pre-trained `soho.*` weights load by name);
-- `processor_options(job)`: extra `SampleProcessor` arguments of the task (VQA: `num_answers`);
+- `sample_processor(job)`: the job's `SampleProcessor` (transforms, captions, task options);
 - `build_task_evaluation(job)`: per-sample predictions, the metric and the output files.
 """
 
@@ -76,11 +76,28 @@ def build_task_step(job: Any, config: SohoConfig) -> nn.Module:
     return SNLIVEStep(build_task_model(job, config))
 
 
-def processor_options(job: Any) -> dict[str, Any]:
-    """Task-specific keyword arguments for data_pipeline.streaming.SampleProcessor."""
-    if job.data.task == "vqa":
-        return {"num_answers": len(answer_vocab(job))}
-    return {}
+def sample_processor(job: Any, processor_class: Any = None, **extra: Any) -> Any:
+    """The job's data_pipeline SampleProcessor: its image/text transforms, captions, MLM, seed,
+    and the task's own options (VQA: `num_answers`). One place for training, eval and tests."""
+    from data_pipeline.streaming import SampleProcessor
+    from data_pipeline.transforms import ImageTransform, TextTransform
+
+    data = job.data
+    if data.task == "vqa":
+        extra.setdefault("num_answers", len(answer_vocab(job)))
+    return (processor_class or SampleProcessor)(
+        task=data.task,
+        image=ImageTransform(
+            min_size=data.image.min_size,
+            max_size=data.image.max_size,
+            square_size=data.image.max_size if data.image.square else None,
+        ),
+        text=TextTransform(data.text.tokenizer, data.text.max_len),
+        captions_per_image=data.captions_per_image,
+        mlm_probability=job.objectives.mlm_probability,
+        seed=job.seed,
+        **extra,
+    )
 
 
 def build_task_evaluation(job: Any) -> Any:

@@ -360,16 +360,10 @@ def evaluate_job(job: Any, model: nn.Module, loader: Any, rank: int, world: int)
     also reports the 1K protocol (mean over 5 folds). Returns (metrics, predictions=[])."""
     from streaming import StreamingDataset
 
-    from data_pipeline.transforms import ImageTransform, TextTransform
-
     dataset = loader.dataset
     samples = (StreamingDataset.get_item(dataset, i) for i in range(dataset.num_samples))
-    image = job.data.image
-    data = retrieval_set_from_samples(
-        samples,
-        ImageTransform(image.min_size, image.max_size, image.max_size if image.square else None),
-        TextTransform(job.data.text.tokenizer, job.data.text.max_len),
-    )
+    processor = dataset.processor  # the job's transforms (soho_scale.tasks.sample_processor)
+    data = retrieval_set_from_samples(samples, processor.image, processor.text)
     folds = 5 if len(data.images) >= 5000 else 1
     metrics = evaluate_retrieval(model, data, mode="exact", folds=folds, rank=rank, world=world)
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}

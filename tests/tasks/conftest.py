@@ -129,10 +129,9 @@ def finetune(job: Job, steps: int, lr: float, batch_size: int = 16):
     steps over the job's train stream, the job's evaluation before and after."""
     import torch
 
-    from data_pipeline.streaming import SampleProcessor, build_dataset, build_loader
-    from data_pipeline.transforms import ImageTransform, TextTransform
+    from data_pipeline.streaming import build_dataset, build_loader
     from soho_scale.evaluate import build_eval_loader, evaluate_task
-    from soho_scale.tasks import build_task_evaluation, build_task_step, processor_options
+    from soho_scale.tasks import build_task_evaluation, build_task_step, sample_processor
 
     torch.manual_seed(job.seed)
     step = build_task_step(job, job.model.config())
@@ -140,13 +139,7 @@ def finetune(job: Job, steps: int, lr: float, batch_size: int = 16):
     cache = tempfile.mkdtemp(prefix="cache-")
     _, eval_loader = build_eval_loader(job, cache, 32, evaluation.keep_columns, workers=0)
     before, _ = evaluate_task(job, step.model, eval_loader, evaluation=evaluation)
-    processor = SampleProcessor(
-        task=job.data.task,
-        image=ImageTransform(min_size=job.data.image.min_size, max_size=job.data.image.max_size),
-        text=TextTransform(job.data.text.tokenizer, job.data.text.max_len),
-        seed=job.seed,
-        **processor_options(job),
-    )
+    processor = sample_processor(job)
     dataset = build_dataset(
         [job.data.streams[0].remote], processor, cache, batch_size, shuffle_seed=job.seed
     )
