@@ -67,13 +67,9 @@ def build_task_step(job: Any, config: SohoConfig) -> nn.Module:
         from soho_scale.tasks.vqa import VQAStep
 
         return VQAStep(build_task_model(job, config))
-    if task == "nlvr2":
-        from soho_scale.tasks.nlvr2 import NLVR2Step
+    from soho_scale.tasks.classification import ClassificationStep  # nlvr2, snli_ve
 
-        return NLVR2Step(build_task_model(job, config))
-    from soho_scale.tasks.snli_ve import SNLIVEStep
-
-    return SNLIVEStep(build_task_model(job, config))
+    return ClassificationStep(build_task_model(job, config))
 
 
 def sample_processor(job: Any, processor_class: Any = None, **extra: Any) -> Any:

@@ -11,7 +11,6 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from soho_scale.model.config import SohoConfig
@@ -46,21 +45,6 @@ class SNLIVEModel(nn.Module):
             batch_independent,
         )
         return self.head(pooled)
-
-
-class SNLIVEStep(nn.Module):
-    """What the trainer wraps: forward(batch) -> (loss, {"loss", "acc"})."""
-
-    def __init__(self, model: SNLIVEModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        logits = self.model(batch).float()
-        loss = F.cross_entropy(logits, batch["labels"])
-        with torch.no_grad():
-            acc = (logits.argmax(1) == batch["labels"]).float().mean()
-        return loss, {"loss": loss.detach(), "acc": acc}
 
 
 class SNLIVEEvaluation:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from soho_scale.model.config import build_config
-from soho_scale.tasks.nlvr2 import NLVR2Model, NLVR2Step
+from soho_scale.tasks.classification import ClassificationStep
+from soho_scale.tasks.nlvr2 import NLVR2Model
 from tests.tasks.conftest import demo_job, finetune
 
 
@@ -27,7 +28,7 @@ def _batch(statements: int = 3) -> dict[str, torch.Tensor]:
 
 def test_pair_head_reads_both_images_and_every_parameter_learns():
     model = NLVR2Model(build_config("tiny"))
-    step = NLVR2Step(model)
+    step = ClassificationStep(model)
     batch = _batch()
     loss, metrics = step(batch)
     assert model(batch).shape == (3, 2)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from soho_scale.model.config import build_config
-from soho_scale.tasks.snli_ve import SNLIVEEvaluation, SNLIVEModel, SNLIVEStep
+from soho_scale.tasks.classification import ClassificationStep
+from soho_scale.tasks.snli_ve import SNLIVEEvaluation, SNLIVEModel
 from tests.tasks.conftest import demo_job, finetune
 
 
@@ -26,7 +27,7 @@ def _batch() -> dict[str, torch.Tensor]:
 def test_head_shapes_loss_and_gradients():
     model = SNLIVEModel(build_config("tiny"))
     batch = _batch()
-    loss, metrics = SNLIVEStep(model)(batch)
+    loss, metrics = ClassificationStep(model)(batch)
     logits = model(batch)
     assert logits.shape == (3, 3)
     assert set(metrics) == {"loss", "acc"} and all(v.ndim == 0 for v in metrics.values())
@@ -35,7 +36,7 @@ def test_head_shapes_loss_and_gradients():
     model.eval()
     with torch.no_grad():
         expected = F.cross_entropy(model(batch), batch["labels"])
-        again, _ = SNLIVEStep(model)(batch)
+        again, _ = ClassificationStep(model)(batch)
     torch.testing.assert_close(again, expected)
 
 
