@@ -136,6 +136,8 @@ def run_timed(args, device, step, batches, flop_model, data_wait=None) -> dict: 
     def next_batch() -> dict:
         start = time.perf_counter()
         batch = to_device(next(source), device, torch.float32)
+        if args.channels_last:
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
         if data_wait is not None:
             data_wait.append(time.perf_counter() - start)
         return batch
@@ -234,6 +236,8 @@ def mode_torch_streamed(args, device, model_factory, flop_model) -> dict:  # noq
 def mode_deepspeed_in_memory(args, device, model_factory, flop_model) -> dict:  # noqa: ANN001
     if importlib.util.find_spec("deepspeed") is None:
         return {"skipped": "deepspeed is not importable"}
+    # ZeRO flattens parameters into one buffer with plain views: NHWC weights cannot go in.
+    args = argparse.Namespace(**{**vars(args), "channels_last": False})
     import deepspeed
 
     from soho_scale.engine.optimizer import build_optimizer
@@ -251,13 +255,16 @@ def mode_deepspeed_in_memory(args, device, model_factory, flop_model) -> dict:  
         ],
     )
     setup_distributed()
-    step_module = model_factory()  # not build_step: the job's init_from needs the BERT download
+    step_module = model_factory(False)  # not build_step: init_from needs the BERT download
+    dtype = {"bf16": torch.bfloat16}.get(args.precision, torch.float32)
+    # As the trainer does: cast before DeepSpeed (its bf16 engine converts parameters only, and
+    # the frozen BatchNorm's fp32 buffers would turn the CNN's activations back to fp32).
+    step_module.to(dtype)
     engine, _, _, _ = deepspeed.initialize(
         model=step_module,
         optimizer=build_optimizer(step_module, job.optim),
         config=build_deepspeed_config(job, 1),
     )
-    dtype = {"bf16": torch.bfloat16}.get(args.precision, torch.float32)
 
     def step(batch: dict, phases: dict | None = None) -> tuple[torch.Tensor, dict]:
         batch = to_device(batch, device, dtype)
@@ -308,6 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=8, help="loader workers (streamed)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--cudnn-benchmark", action="store_true")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC CNN weights and images (torch modes)"
+    )
     parser.add_argument("--out", default=default_output())
     args = parser.parse_args(argv)
     args.height, args.width = map(int, args.image_size.lower().split("x"))
@@ -322,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     missing = [m for m in ("torchvision", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
@@ -335,9 +345,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     config = build_config(args.preset)
 
-    def model_factory() -> torch.nn.Module:
+    def model_factory(channels_last: bool = args.channels_last) -> torch.nn.Module:
         torch.manual_seed(0)
-        return PretrainStep(SohoPretrain(config), PretrainSettings(mvm_sample_prob=0.3))
+        step = PretrainStep(SohoPretrain(config), PretrainSettings(mvm_sample_prob=0.3))
+        if channels_last:  # 4-D weights only; the transformer is unaffected
+            step.to(memory_format=torch.channels_last)
+        return step
 
     flop_model = FlopModel(config)
     results: dict[str, Any] = {}

@@ -72,6 +72,11 @@ def setup_distributed() -> tuple[int, int]:
     # makes every rank a "node leader" and breaks its shared-memory set-up).
     if "LOCAL_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # Each CPU rank takes its share of the cores: torch's default (all cores per process)
+        # oversubscribes them N times over and halved the demo's step rate on 2 cores.
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -365,6 +370,8 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
     # the visual dictionary), then a per-rank seed for dropout and the objective's sampling.
     seed_everything(job.seed)
     step_module = build_step(job)
+    if torch.cuda.is_available():  # NCCL broadcasts device tensors only
+        step_module.to(torch.device("cuda", torch.cuda.current_device()))
     for buffer in step_module.buffers():
         dist.broadcast(buffer, src=0)
     seed_everything(job.seed + rank)
