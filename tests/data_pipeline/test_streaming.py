@@ -370,14 +370,16 @@ def test_outage_mid_epoch_is_retried_and_epoch_completes_once(proxy, tmp_path):
         4,
         shuffle=False,
         predownload=4,
-        download_timeout=1.0,
-        download_retry=5,
+        # streaming's retry backs off 1, 2, 4, 8, 16 s between attempts: 7 attempts of 2 s
+        # outlast a 30 s outage (6 would give up after ~31 s: too close).
+        download_timeout=2.0,
+        download_retry=7,
         clean_stale_shm=False,
     )
-    loader = build_loader(ds, 4, num_workers=1, stall_timeout_s=120)
+    loader = build_loader(ds, 4, num_workers=1, stall_timeout_s=180)
     batches = iter(loader)
     ids = next(batches)["sample_ids"].tolist()
-    outage_s = 10
+    outage_s = 30
     proxy.forwarding.clear()
     threading.Timer(outage_s, proxy.forwarding.set).start()
     start = time.monotonic()
