@@ -184,7 +184,8 @@ class EngineVariant(Variant):
 
         self.name = name
         optimizer = build_optimizer(step_module, job.optim)
-        config = build_deepspeed_config(job, world)
+        num_params = sum(p.numel() for p in step_module.parameters())
+        config = build_deepspeed_config(job, world, num_params)  # as the trainer builds it
         self.engine, _, _, _ = deepspeed.initialize(
             model=step_module, optimizer=optimizer, config=config
         )

@@ -289,9 +289,10 @@ class CheckpointSpec(Section):
 
 
 class EvalSpec(Section):
+    """What `soho-scale eval` (and a pipeline's eval stage) scores a checkpoint on."""
+
     streams: list[StreamSpec] = []  # shard folders to evaluate on; empty: no evaluation
     split: str = "val"  # what they are (val, test, karpathy_5k...): names the metrics and report
-    interval_steps: int | None = Field(None, gt=0)  # None: at the end of training only
 
 
 class TrackingSpec(Section):
@@ -383,9 +384,24 @@ def derived(job: Job, num_samples: int | None = None, world_size: int | None = N
     }
 
 
-def build_deepspeed_config(job: Job, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config: the job's template plus batch, precision and clipping from the job."""
+# Communication buffers sized for BERT-base/ResNet-101 in the templates; DeepSpeed allocates them
+# whole (ZeRO-3: 200M elements = 800 MB fp32 per rank), however small the model.
+_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+
+
+def build_deepspeed_config(
+    job: Job, world_size: int, num_params: int | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config: the job's template plus batch, precision and clipping from the job.
+
+    With `num_params` (the model's parameter count), bucket sizes larger than the whole model
+    are cut to it: the same single bucket, without the unused buffer."""
     config = job.deepspeed.read_template()
+    zero = config.get("zero_optimization", {})
+    if num_params:
+        for key in _BUCKET_KEYS:
+            if isinstance(zero.get(key), int) and zero[key] > num_params:
+                zero[key] = int(num_params)
     config["train_micro_batch_size_per_gpu"] = job.batch.micro_batch_per_rank
     config["gradient_accumulation_steps"] = accumulation_steps(job, world_size)
     config["train_batch_size"] = job.batch.global_batch

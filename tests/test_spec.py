@@ -97,19 +97,19 @@ def test_overrides_are_applied_parsed_and_recorded():
 
 
 def test_yaml_exponent_strings_become_numbers(tmp_path):
-    text = DEMO.read_text().replace("lr: 5.0e-4", "lr: 5e-4").replace("eps: 1.0e-6", "eps: 1e-6")
+    text = DEMO.read_text().replace("lr: 1.0e-3", "lr: 1e-3").replace("eps: 1.0e-6", "eps: 1e-6")
     path = write_job(tmp_path, text=text)
     raw = yaml.safe_load(path.read_text())
-    assert raw["optim"]["rest"]["lr"] == "5e-4"  # the YAML pitfall this guards against
+    assert raw["optim"]["rest"]["lr"] == "1e-3"  # the YAML pitfall this guards against
     job = load_job(path)
-    assert job.optim.rest.lr == 5e-4 and isinstance(job.optim.rest.lr, float)
+    assert job.optim.rest.lr == 1e-3 and isinstance(job.optim.rest.lr, float)
     assert job.optim.rest.eps == 1e-6
 
 
 def test_duplicate_key_is_rejected(tmp_path):
-    text = DEMO.read_text().replace("    lr: 5.0e-4", "    lr: 5.0e-4\n    lr: 1.0e-3")
+    text = DEMO.read_text().replace("    lr: 1.0e-2", "    lr: 1.0e-2\n    lr: 1.0e-3")
     message = spec_error(write_job(tmp_path, text=text))
-    assert message.startswith("optim.rest.lr: duplicate key")
+    assert message.startswith("optim.cnn.lr: duplicate key")
 
 
 def test_unknown_keys_name_their_path(tmp_path):
@@ -215,6 +215,17 @@ def test_deepspeed_accepts_every_template(template):
     assert config.zero_optimization_stage == int(stage)
     assert config.train_batch_size == 16 and config.gradient_accumulation_steps == 4
     assert config.gradient_clipping == 10.0
+
+
+def test_buckets_larger_than_the_model_are_cut_to_it():
+    job = load_job(DEMO, ["deepspeed.zero_stage=3"])
+    template = build_deepspeed_config(job, world_size=2)["zero_optimization"]
+    assert template["reduce_bucket_size"] == 200_000_000  # the template's, for BERT-base
+    small = build_deepspeed_config(job, world_size=2, num_params=9_000_000)["zero_optimization"]
+    assert small["reduce_bucket_size"] == small["stage3_prefetch_bucket_size"] == 9_000_000
+    large = build_deepspeed_config(job, world_size=2, num_params=10**9)["zero_optimization"]
+    assert large["reduce_bucket_size"] == 200_000_000
+    assert large["stage3_prefetch_bucket_size"] == 50_000_000
 
 
 def test_override_syntax_errors():

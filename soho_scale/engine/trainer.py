@@ -380,7 +380,8 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
     # meets low-precision inputs with fp32 running statistics. The VD keeps itself fp32.
     step_module.to(dtype)
     optimizer = build_optimizer(step_module, job.optim)
-    ds_config = build_deepspeed_config(job, world)
+    num_params = sum(p.numel() for p in step_module.parameters())
+    ds_config = build_deepspeed_config(job, world, num_params)
     micro = job.batch.micro_batch_per_rank
 
     dataset, loader = build_data(job, run_dir, micro)
