@@ -1,4 +1,5 @@
-"""bf16 under the DeepSpeed engine on CPU: trains, and the visual dictionary stays fp32."""
+"""The DeepSpeed engine on CPU: bf16 trains with an fp32 visual dictionary; activation
+checkpointing changes nothing but memory."""
 
 import os
 
@@ -11,7 +12,7 @@ from soho_scale.spec import load_job
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _bf16_steps(_: int, out: str) -> None:
+def _engine_steps(_: int, out: str, overrides: list[str]) -> None:
     import deepspeed
 
     from soho_scale.engine.optimizer import build_optimizer
@@ -22,17 +23,20 @@ def _bf16_steps(_: int, out: str) -> None:
     setup_distributed()
     job = load_job(
         os.path.join(REPO, "jobs/demo/pretrain.yaml"),
-        ["precision=bf16", "batch.global_batch=4", "batch.micro_batch_per_rank=4",
-         "resources.procs_per_node=1"],
+        ["batch.global_batch=4", "batch.micro_batch_per_rank=4", "resources.procs_per_node=1",
+         *overrides],
     )  # fmt: skip
-    step = build_step(job).to(torch.bfloat16)  # as train() does before deepspeed.initialize
+    dtype = {"bf16": torch.bfloat16}.get(job.precision, torch.float32)
+    torch.manual_seed(0)
+    step = build_step(job).to(dtype)  # as train() does before deepspeed.initialize
     engine, *_ = deepspeed.initialize(
         model=step,
         optimizer=build_optimizer(step, job.optim),
         config=build_deepspeed_config(job, 1),
     )
-    batch = _to_device(make_batch(), engine.device, torch.bfloat16)
+    batch = _to_device(make_batch(), engine.device, dtype)
     losses = []
+    torch.manual_seed(1)  # dropout and the objective's sampling: the same in every run
     for _ in range(3):
         loss, _ = engine(batch)
         engine.backward(loss)
@@ -46,8 +50,21 @@ def _bf16_steps(_: int, out: str) -> None:
 @pytest.mark.multiprocess
 def test_bf16_engine_trains_with_fp32_dictionary(tmp_path):
     out = str(tmp_path / "result.pt")
-    mp.spawn(_bf16_steps, args=(out,), nprocs=1, join=True)
+    mp.spawn(_engine_steps, args=(out, ["precision=bf16"]), nprocs=1, join=True)
     result = torch.load(out)
     assert result["param_dtype"] == "torch.bfloat16"
     assert result["vd_dtype"] == "torch.float32"
     assert all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+@pytest.mark.multiprocess
+def test_activation_checkpointing_under_the_engine_gives_the_same_losses(tmp_path):
+    runs = {}
+    for flag in ("false", "true"):
+        out = str(tmp_path / f"{flag}.pt")
+        overrides = [f"model.overrides.activation_checkpointing={flag}"]
+        mp.spawn(_engine_steps, args=(out, overrides), nprocs=1, join=True)
+        runs[flag] = torch.load(out)["losses"]
+    # recomputed activations (dropout RNG restored) -> same gradients -> same next losses
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-5, abs=1e-6), runs
+    assert runs["false"][-1] != runs["false"][0]  # the steps really changed the model
