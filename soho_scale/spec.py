@@ -399,9 +399,11 @@ def build_deepspeed_config(
     config = job.deepspeed.read_template()
     zero = config.get("zero_optimization", {})
     if num_params:
+        # DeepSpeed asserts an allgather bucket that is a multiple of its alignment (2): round up.
+        size = -(-int(num_params) // 64) * 64
         for key in _BUCKET_KEYS:
-            if isinstance(zero.get(key), int) and zero[key] > num_params:
-                zero[key] = int(num_params)
+            if isinstance(zero.get(key), int) and zero[key] > size:
+                zero[key] = size
     config["train_micro_batch_size_per_gpu"] = job.batch.micro_batch_per_rank
     config["gradient_accumulation_steps"] = accumulation_steps(job, world_size)
     config["train_batch_size"] = job.batch.global_batch

@@ -221,8 +221,10 @@ def test_buckets_larger_than_the_model_are_cut_to_it():
     job = load_job(DEMO, ["deepspeed.zero_stage=3"])
     template = build_deepspeed_config(job, world_size=2)["zero_optimization"]
     assert template["reduce_bucket_size"] == 200_000_000  # the template's, for BERT-base
-    small = build_deepspeed_config(job, world_size=2, num_params=9_000_000)["zero_optimization"]
-    assert small["reduce_bucket_size"] == small["stage3_prefetch_bucket_size"] == 9_000_000
+    small = build_deepspeed_config(job, world_size=2, num_params=9_000_001)["zero_optimization"]
+    assert small["reduce_bucket_size"] == small["stage3_prefetch_bucket_size"] == 9_000_064
+    odd = build_deepspeed_config(load_job(DEMO), world_size=2, num_params=9_000_001)
+    assert odd["zero_optimization"]["allgather_bucket_size"] % 2 == 0  # DeepSpeed asserts it
     large = build_deepspeed_config(job, world_size=2, num_params=10**9)["zero_optimization"]
     assert large["reduce_bucket_size"] == 200_000_000
     assert large["stage3_prefetch_bucket_size"] == 50_000_000
