@@ -4,9 +4,10 @@ side in one run on 2 CPU ranks (gloo); prints one JSON object.
 Every variant trains the same tiny model (`SohoPretrain(build_config("tiny"))`, same init) on the
 same in-memory generated batch with the same objective. The engine variants are the trainer's own
 pieces: `PretrainStep`, `build_optimizer` (one optimizer, SGD + AdamW groups),
-`build_deepspeed_config` of jobs/demo/pretrain.yaml (fp32, stage overridden) and
-`deepspeed.initialize`; the loop is engine(batch) / engine.backward / engine.step. The baseline
-is what a user would write: DistributedDataParallel + torch.optim.SGD/AdamW + clip_grad_norm_.
+`build_deepspeed_config` of jobs/demo/pretrain.yaml (fp32, stage overridden) with the trainer's
+CPU settings (`tune_for_cpu`) and `deepspeed.initialize`; the loop is engine(batch) /
+engine.backward / engine.step. The baseline is what a user would write: DistributedDataParallel
++ torch.optim.SGD/AdamW + clip_grad_norm_.
 "ddp_sgdadamw" is DDP with the trainer's optimizer, to tell optimizer cost from engine cost.
 
 Variants run interleaved (rounds, rotating order) because the machine is shared and noisy; each
@@ -179,13 +180,15 @@ class EngineVariant(Variant):
     def __init__(self, name: str, step_module: torch.nn.Module, job: Any, world: int) -> None:
         import deepspeed
 
+        from soho_scale.engine.cpu import tune_for_cpu
         from soho_scale.engine.optimizer import build_optimizer
         from soho_scale.spec import build_deepspeed_config
 
         self.name = name
         optimizer = build_optimizer(step_module, job.optim)
         num_params = sum(p.numel() for p in step_module.parameters())
-        config = build_deepspeed_config(job, world, num_params)  # as the trainer builds it
+        # as the trainer builds it for CPU ranks
+        config = tune_for_cpu(build_deepspeed_config(job, world, num_params))
         self.engine, _, _, _ = deepspeed.initialize(
             model=step_module, optimizer=optimizer, config=config
         )

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from soho_scale.engine import checkpoint as ckpt
+from soho_scale.engine.cpu import keep_freed_memory, tune_for_cpu
 from soho_scale.engine.optimizer import build_optimizer, lr_factor
 from soho_scale.engine.telemetry import FlopModel, Throughput
 from soho_scale.engine.tracking import flatten, make_tracker
@@ -64,6 +65,7 @@ def setup_distributed() -> tuple[int, int]:
     """Join the process group the launcher describes (a lone process makes a group of one)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        keep_freed_memory()  # DeepSpeed re-allocates its buffers every step (engine/cpu.py)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -382,6 +384,8 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
     optimizer = build_optimizer(step_module, job.optim)
     num_params = sum(p.numel() for p in step_module.parameters())
     ds_config = build_deepspeed_config(job, world, num_params)
+    if not torch.cuda.is_available():
+        tune_for_cpu(ds_config)
     micro = job.batch.micro_batch_per_rank
 
     dataset, loader = build_data(job, run_dir, micro)
