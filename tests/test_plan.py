@@ -78,6 +78,7 @@ def test_good_local_shards_pass_with_the_right_numbers(tmp_path, clean_env, caps
     from soho_scale.engine.telemetry import FlopModel
     from soho_scale.model.config import build_config
     from soho_scale.model.soho import model_info
+    from soho_scale.spec import load_job
 
     shards = write_shards(tmp_path / "shards", samples=40)
     job = write_job(tmp_path, str(shards), str(tmp_path / "ckpt"))
@@ -96,7 +97,8 @@ def test_good_local_shards_pass_with_the_right_numbers(tmp_path, clean_env, caps
     seconds = 3 * forward / (2 * 989e12 * 0.35)
     assert plan["time"]["total_hours"] == pytest.approx(200 * seconds / 3600)
     ckpt = plan["checkpoint"]
-    assert ckpt["params"] == model_info("tiny")["params"]
+    model = load_job(str(job)).model  # the demo job's preset and overrides
+    assert ckpt["params"] == model_info(model.preset, **model.overrides)["params"]
     # fp32, ZeRO-2: the optimizer state (fp32 weights + moments) is split over the 2 ranks.
     assert ckpt["bytes_per_rank_max"] < ckpt["bytes_total"]
     assert not (tmp_path / "ckpt").exists()  # the probe leaves nothing behind

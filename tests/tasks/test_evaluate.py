@@ -167,13 +167,14 @@ def test_eval_command_writes_outputs_and_a_child_run(task_shards, tmp_path, monk
 
 def test_a_pretraining_checkpoint_is_refused_for_evaluation(task_shards, tmp_path, capsys):
     torch.manual_seed(0)
-    soho = Soho(build_config("tiny"))
+    job_file = REPO / "jobs" / "demo" / "snli_ve.yaml"
+    soho = Soho(load_job(job_file).model.config())  # the job's backbone, without a task head
     path = tmp_path / "pretrain.pt"
     torch.save({"state_dict": {f"soho.{k}": v for k, v in soho.state_dict().items()}}, path)
     train, dev = task_shards["snli_ve"]
     code = eval_main(
         [
-            str(REPO / "jobs" / "demo" / "snli_ve.yaml"),
+            str(job_file),
             f"data.streams.0.remote={train}", f"eval.streams.0.remote={dev}",
             "model.init_from=null", "--checkpoint", str(path), "--out", str(tmp_path / "o"),
         ]
