@@ -4,8 +4,8 @@ side in one run on 2 CPU ranks (gloo); prints one JSON object.
 Every variant trains the same tiny model (`SohoPretrain(build_config("tiny"))`, same init) on the
 same in-memory generated batch with the same objective. The engine variants are the trainer's own
 pieces: `PretrainStep`, `build_optimizer` (one optimizer, SGD + AdamW groups),
-`build_deepspeed_config` of jobs/demo/pretrain.yaml (fp32, stage overridden) with the trainer's
-CPU settings (`tune_for_cpu`) and `deepspeed.initialize`; the loop is engine(batch) /
+the DeepSpeed config of jobs/demo/pretrain.yaml (fp32, stage overridden) as the trainer builds it
+for CPU ranks (`prepare_for_engine`) and `deepspeed.initialize`; the loop is engine(batch) /
 engine.backward / engine.step. The baseline is what a user would write: DistributedDataParallel
 + torch.optim.SGD/AdamW + clip_grad_norm_.
 "ddp_sgdadamw" is DDP with the trainer's optimizer, to tell optimizer cost from engine cost.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -180,15 +179,12 @@ class EngineVariant(Variant):
     def __init__(self, name: str, step_module: torch.nn.Module, job: Any, world: int) -> None:
         import deepspeed
 
-        from soho_scale.engine.cpu import tune_for_cpu
         from soho_scale.engine.optimizer import build_optimizer
-        from soho_scale.spec import build_deepspeed_config
+        from soho_scale.engine.trainer import prepare_for_engine
 
         self.name = name
+        config, _ = prepare_for_engine(step_module, job, world)  # as the trainer does
         optimizer = build_optimizer(step_module, job.optim)
-        num_params = sum(p.numel() for p in step_module.parameters())
-        # as the trainer builds it for CPU ranks
-        config = tune_for_cpu(build_deepspeed_config(job, world, num_params))
         self.engine, _, _, _ = deepspeed.initialize(
             model=step_module, optimizer=optimizer, config=config
         )
@@ -271,6 +267,7 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, port: int, result:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
         LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(args.threads),  # setup_distributed keeps an explicit choice
     )  # fmt: skip
     torch.set_num_threads(args.threads)
     import logging
@@ -316,12 +313,6 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, port: int, result:
             json.dump({"round_means": round_means, "phases": phases, "memory": memory}, f)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def summarize(raw: dict, args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
@@ -392,6 +383,8 @@ def main() -> None:
 
     import torch.multiprocessing as mp
 
+    from data_pipeline.storage import free_port
+
     # DeepSpeed picks its accelerator at import: CPU + gloo here, whatever the machine has.
     os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks over gloo even on a GPU machine
@@ -399,7 +392,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
-        mp.spawn(run_rank, args=(args.ranks, args, _free_port(), result), nprocs=args.ranks)
+        mp.spawn(run_rank, args=(args.ranks, args, free_port(), result), nprocs=args.ranks)
         with open(result) as f:
             raw = json.load(f)
     print(json.dumps(summarize(raw, args, time.perf_counter() - start)))

@@ -6,7 +6,7 @@ Modes, each skipped with a reason when what it needs is not importable:
   fp32 weights, on generated batches held in memory. Needs torch, torchvision, transformers only.
 - torch_streamed: the same loop fed by data_pipeline's streaming loader from local MDS shards of
   generated JPEGs (needs mosaicml-streaming and the bundled tokenizer).
-- deepspeed_in_memory: the trainer's engine path (`build_deepspeed_config` of the production
+- deepspeed_in_memory: the trainer's engine path (`prepare_for_engine` on the production
   pre-training job, `deepspeed.initialize`, engine(batch) / backward / step; needs deepspeed).
 
 MFU = 3 x forward FLOPs (telemetry.FlopModel, from each batch's real padded size and its MLM
@@ -241,8 +241,8 @@ def mode_deepspeed_in_memory(args, device, model_factory, flop_model) -> dict:  
     import deepspeed
 
     from soho_scale.engine.optimizer import build_optimizer
-    from soho_scale.engine.trainer import setup_distributed
-    from soho_scale.spec import build_deepspeed_config, load_job
+    from soho_scale.engine.trainer import prepare_for_engine, setup_distributed
+    from soho_scale.spec import load_job
 
     job = load_job(
         PRETRAIN_JOB,
@@ -256,14 +256,9 @@ def mode_deepspeed_in_memory(args, device, model_factory, flop_model) -> dict:  
     )
     setup_distributed()
     step_module = model_factory(False)  # not build_step: init_from needs the BERT download
-    dtype = {"bf16": torch.bfloat16}.get(args.precision, torch.float32)
-    # As the trainer does: cast before DeepSpeed (its bf16 engine converts parameters only, and
-    # the frozen BatchNorm's fp32 buffers would turn the CNN's activations back to fp32).
-    step_module.to(dtype)
+    config, dtype = prepare_for_engine(step_module, job, 1)  # cast + config, as the trainer does
     engine, _, _, _ = deepspeed.initialize(
-        model=step_module,
-        optimizer=build_optimizer(step_module, job.optim),
-        config=build_deepspeed_config(job, 1),
+        model=step_module, optimizer=build_optimizer(step_module, job.optim), config=config
     )
 
     def step(batch: dict, phases: dict | None = None) -> tuple[torch.Tensor, dict]:

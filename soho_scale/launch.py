@@ -73,9 +73,9 @@ def train_main(argv: list[str]) -> int:
     env = dict(os.environ)
     _ensure_cpu_accelerator(env)
     if args.master_port is None:
-        from soho_scale.engine.trainer import _free_port
+        from data_pipeline.storage import free_port
 
-        args.master_port = _free_port()
+        args.master_port = free_port()
     cmd = launcher_command(args.job, args.overrides, nproc, args.run_dir, args.master_port)
     return run_forwarding_signals(cmd, env)
 

@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,8 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.storage import free_port
 from soho_scale.engine import checkpoint as ckpt
-from soho_scale.engine.cpu import keep_freed_memory, tune_for_cpu
+from soho_scale.engine.cpu import keep_freed_memory, share_cores, tune_for_cpu
 from soho_scale.engine.optimizer import build_optimizer, lr_factor
 from soho_scale.engine.telemetry import FlopModel, Throughput
 from soho_scale.engine.tracking import flatten, make_tracker
@@ -55,36 +55,41 @@ def pretrain_settings(job: Job) -> PretrainSettings:
     return PretrainSettings(**job.objectives.model_dump(exclude={"mlm_probability"}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed() -> tuple[int, int]:
     """Join the process group the launcher describes (a lone process makes a group of one)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        keep_freed_memory()  # DeepSpeed re-allocates its buffers every step (engine/cpu.py)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     # The DeepSpeed launcher sets LOCAL_SIZE; streaming reads LOCAL_WORLD_SIZE (default 1, which
     # makes every rank a "node leader" and breaks its shared-memory set-up).
     if "LOCAL_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        # Each CPU rank takes its share of the cores: torch's default (all cores per process)
-        # oversubscribes them N times over and halved the demo's step rate on 2 cores.
-        cores = len(os.sched_getaffinity(0))
-        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if not torch.cuda.is_available():  # a CPU rank (engine/cpu.py)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        keep_freed_memory()  # DeepSpeed re-allocates its buffers every step
+        share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
+
+
+def prepare_for_engine(step_module: nn.Module, job: Job, world: int) -> tuple[dict, torch.dtype]:
+    """Cast `step_module` to the job's precision and build its DeepSpeed config: what the trainer
+    (and the benchmarks and tests that mirror it) do before `deepspeed.initialize`.
+
+    The cast comes first because DeepSpeed's bf16/fp16 engine converts parameters only, and
+    BatchNorm then meets low-precision inputs with fp32 running statistics (the VD keeps itself
+    fp32). The config's buckets are cut to the module's size; CPU ranks get engine/cpu.py's
+    settings. Returns (config, dtype of the batches' floating tensors)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
+    step_module.to(dtype)
+    num_params = sum(p.numel() for p in step_module.parameters())
+    config = build_deepspeed_config(job, world, num_params)
+    return (config if torch.cuda.is_available() else tune_for_cpu(config)), dtype
 
 
 def setup_logging(rank: int) -> None:
@@ -377,15 +382,8 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
     for buffer in step_module.buffers():
         dist.broadcast(buffer, src=0)
     seed_everything(job.seed + rank)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
-    # Cast before DeepSpeed: its bf16/fp16 engine converts parameters only, and BatchNorm then
-    # meets low-precision inputs with fp32 running statistics. The VD keeps itself fp32.
-    step_module.to(dtype)
+    ds_config, dtype = prepare_for_engine(step_module, job, world)
     optimizer = build_optimizer(step_module, job.optim)
-    num_params = sum(p.numel() for p in step_module.parameters())
-    ds_config = build_deepspeed_config(job, world, num_params)
-    if not torch.cuda.is_available():
-        tune_for_cpu(ds_config)
     micro = job.batch.micro_batch_per_rank
 
     dataset, loader = build_data(job, run_dir, micro)

@@ -16,8 +16,12 @@ def _engine_steps(_: int, out: str, overrides: list[str]) -> None:
     import deepspeed
 
     from soho_scale.engine.optimizer import build_optimizer
-    from soho_scale.engine.trainer import _to_device, build_step, setup_distributed
-    from soho_scale.spec import build_deepspeed_config
+    from soho_scale.engine.trainer import (
+        _to_device,
+        build_step,
+        prepare_for_engine,
+        setup_distributed,
+    )
     from tests.model.helpers import make_batch
 
     setup_distributed()
@@ -26,13 +30,11 @@ def _engine_steps(_: int, out: str, overrides: list[str]) -> None:
         ["batch.global_batch=4", "batch.micro_batch_per_rank=4", "resources.procs_per_node=1",
          *overrides],
     )  # fmt: skip
-    dtype = {"bf16": torch.bfloat16}.get(job.precision, torch.float32)
     torch.manual_seed(0)
-    step = build_step(job).to(dtype)  # as train() does before deepspeed.initialize
+    step = build_step(job)
+    config, dtype = prepare_for_engine(step, job, 1)  # as train() does
     engine, *_ = deepspeed.initialize(
-        model=step,
-        optimizer=build_optimizer(step, job.optim),
-        config=build_deepspeed_config(job, 1),
+        model=step, optimizer=build_optimizer(step, job.optim), config=config
     )
     batch = _to_device(make_batch(), engine.device, dtype)
     losses = []
