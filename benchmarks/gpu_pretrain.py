@@ -98,6 +98,28 @@ class Measure:
         }
 
 
+def phased_step(device, phases, forward, backward, update) -> tuple[torch.Tensor, dict]:  # noqa: ANN001
+    """One training step: forward() -> (loss, metrics), backward(loss), update(). With a
+    `phases` dict, each phase is timed between device synchronisations and appended to it."""
+    marks = [time.perf_counter()]
+
+    def mark() -> None:
+        if phases is not None:
+            synchronize(device)
+            marks.append(time.perf_counter())
+
+    loss, metrics = forward()
+    mark()
+    backward(loss)
+    mark()
+    update()
+    mark()
+    if phases is not None:
+        for name, a, b in zip(("forward", "backward", "optimizer"), marks, marks[1:]):
+            phases.setdefault(name, []).append(b - a)
+    return loss, metrics
+
+
 def torch_loop(args, device, step_module, batches, flop_model, data_wait=None) -> dict:  # noqa: ANN001
     """Plain PyTorch: autocast forward, backward, clip, the trainer's optimizer."""
     from soho_scale.engine.optimizer import build_optimizer
@@ -106,26 +128,17 @@ def torch_loop(args, device, step_module, batches, flop_model, data_wait=None) -
     params = [p for p in step_module.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    def step(batch: dict, phases: dict | None = None) -> tuple[torch.Tensor, dict]:
-        marks = [time.perf_counter()]
+    def forward(batch: dict) -> tuple[torch.Tensor, dict]:
         with autocast:
-            loss, metrics = step_module(batch)
-        if phases is not None:
-            synchronize(device)
-            marks.append(time.perf_counter())
-        loss.backward()
-        if phases is not None:
-            synchronize(device)
-            marks.append(time.perf_counter())
+            return step_module(batch)
+
+    def update() -> None:
         torch.nn.utils.clip_grad_norm_(params, OPTIM.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if phases is not None:
-            synchronize(device)
-            marks.append(time.perf_counter())
-            for name, a, b in zip(("forward", "backward", "optimizer"), marks, marks[1:]):
-                phases.setdefault(name, []).append(b - a)
-        return loss, metrics
+
+    def step(batch: dict, phases: dict | None = None) -> tuple[torch.Tensor, dict]:
+        return phased_step(device, phases, lambda: forward(batch), torch.Tensor.backward, update)
 
     return run_timed(args, device, step, batches, flop_model, data_wait)
 
@@ -263,19 +276,7 @@ def mode_deepspeed_in_memory(args, device, model_factory, flop_model) -> dict:  
 
     def step(batch: dict, phases: dict | None = None) -> tuple[torch.Tensor, dict]:
         batch = to_device(batch, device, dtype)
-        marks = [time.perf_counter()]
-        loss, metrics = engine(batch)
-        for call in (lambda: engine.backward(loss), engine.step):
-            if phases is not None:
-                synchronize(device)
-                marks.append(time.perf_counter())
-            call()
-        if phases is not None:
-            synchronize(device)
-            marks.append(time.perf_counter())
-            for name, a, b in zip(("forward", "backward", "optimizer"), marks, marks[1:]):
-                phases.setdefault(name, []).append(b - a)
-        return loss, metrics
+        return phased_step(device, phases, lambda: engine(batch), engine.backward, engine.step)
 
     out = run_timed(args, device, step, cycle(in_memory_batches(args)), flop_model)
     out["zero_stage"] = args.zero_stage
