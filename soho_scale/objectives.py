@@ -1,9 +1,18 @@
-"""Pre-training objective: masked language modeling + masked visual modeling + image-text matching.
+"""Pre-training objective: masked language modeling + masked visual modeling + image-text matching,
+and an optional image-text contrastive term (ITC; not in SOHO).
 
 `pretrain_loss(model, batch, settings)` runs the CNN once per image, pairs every caption with its
 own image or (for ITM negatives) another image of the batch, masks the visual cells of one VD word
 per chosen image (MVM), and returns `(loss, metrics)`. MLM and MVM are scored on matched pairs
 only; MLM's vocabulary projection runs only at masked positions.
+
+ITC (ALBEF's "align before fuse"): the same fusion encoder reads each caption alone and each
+image alone; an in-batch InfoNCE pulls a caption's mean output towards its image's. ITM's only
+signal is one bit per pair and a small transformer from scratch learns it slowly; the contrastive
+signal (every caption against every image of the batch) aligns the two modalities in far fewer
+steps (measured on the synthetic world: ITM alone stays at chance for 1500 steps even with
+oracle colour features; with ITC the in-batch retrieval rises within 100 steps). Its features
+are also the cheap first stage of two-stage retrieval (`soho_scale.tasks.retrieval_eval`).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from soho_scale.model.soho import SohoPretrain
+from soho_scale.model.soho import Soho, SohoPretrain
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,8 @@ class PretrainSettings:
     mlm_weight: float = 1.0
     mvm_weight: float = 1.0
     itm_weight: float = 1.0
+    itc_weight: float = 0.0  # not in SOHO: 0 is the paper's objective
+    itc_temperature: float = 0.05
 
 
 def pair_for_itm(
@@ -58,6 +69,51 @@ def choose_mvm_mask(indices: torch.Tensor, sample_prob: float) -> torch.Tensor:
     pick = noise.argmax(dim=1)  # (B,)
     word = indices.gather(1, pick[:, None])  # (B, 1)
     return (indices == word) & valid & chosen[:, None] & valid.any(dim=1, keepdim=True)
+
+
+def unimodal_features(
+    soho: Soho,
+    text_ids: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    visual_embeds: torch.Tensor | None = None,
+    visual_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L2-normalised mean of the fusion encoder's output over one modality alone: (T, D) for
+    texts or (B, D) for images: O(texts + images) forwards instead of O(texts x images).
+    """
+    if visual_embeds is None:
+        hidden, _ = soho.fuse(text_ids, text_mask)
+        mask = text_mask
+    else:
+        empty = torch.zeros(
+            visual_embeds.shape[0], 0, dtype=torch.long, device=visual_embeds.device
+        )
+        hidden, _ = soho.fuse(empty, empty, visual_embeds, visual_mask)
+        mask = visual_mask
+    weights = mask.to(hidden.dtype)[..., None]
+    mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return F.normalize(mean.float(), dim=-1)
+
+
+def contrastive_loss(
+    soho: Soho,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    visual_embeds: torch.Tensor,
+    visual_mask: torch.Tensor,
+    text_image_index: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE between unimodal caption (T) and image (B) features; an image
+    with several captions spreads its target evenly over them."""
+    text = unimodal_features(soho, text_ids, text_mask)  # (T, D)
+    image = unimodal_features(soho, visual_embeds=visual_embeds, visual_mask=visual_mask)  # (B, D)
+    logits = text @ image.t() / temperature  # (T, B)
+    text_to_image = F.cross_entropy(logits, text_image_index)
+    targets = F.one_hot(text_image_index, image.shape[0]).t().float()  # (B, T)
+    targets = targets / targets.sum(1, keepdim=True).clamp(min=1)
+    image_to_text = -(targets * logits.t().log_softmax(-1)).sum(1).mean()
+    return (text_to_image + image_to_text) / 2
 
 
 def _mean_or_zero(loss_sum: torch.Tensor, count: int) -> torch.Tensor:
@@ -120,6 +176,20 @@ def pretrain_loss(
         + settings.mvm_weight * mvm_loss
         + settings.itm_weight * itm_loss
     )
+    extra = {}
+    if settings.itc_weight > 0:
+        # Unmasked images and the (MLM-masked) captions, each read alone.
+        itc_loss = contrastive_loss(
+            soho,
+            batch["text_ids"],
+            batch["text_mask"],
+            soho.embed_visual(visual),
+            visual.mask,
+            batch["text_image_index"],
+            settings.itc_temperature,
+        )
+        loss = loss + settings.itc_weight * itc_loss
+        extra["itc_loss"] = itc_loss.detach()
     with torch.no_grad():
         perplexity, used = vd_usage(visual.indices, soho.dictionary.size)
         metrics = {
@@ -134,6 +204,7 @@ def pretrain_loss(
             "mvm_count": torch.tensor(float(mvm_count)),
             "vd_perplexity": perplexity,
             "vd_used": used,
+            **extra,
         }
     return loss, metrics
 

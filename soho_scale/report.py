@@ -70,14 +70,19 @@ def collect(client, experiment: str) -> tuple[list[dict[str, Any]], dict[str, fl
         if run is None:
             continue
         split = run.data.tags["split"]
-        for metric, (paper, paper_split) in PAPER[task].items():
-            value = run.data.metrics.get(f"{split}_{metric}")
+        # Retrieval: the paper's exact protocol, then (when evaluated) the two-stage ranking
+        # and its first stage alone; the published number is the exact protocol's.
+        prefixes = ("", "two_stage_", "first_stage_") if task == "retrieval" else ("",)
+        for prefix, (metric, (paper, paper_split)) in (
+            (p, item) for p in prefixes for item in PAPER[task].items()
+        ):
+            value = run.data.metrics.get(f"{split}_{prefix}{metric}")
             if value is None:
                 continue
             rows.append(
                 {
                     "task": task,
-                    "metric": metric,
+                    "metric": prefix + metric,
                     "value": round(value, 2),
                     "chance": round(chance.get(f"chance.{task}.{metric}", math.nan), 2),
                     "paper": paper,

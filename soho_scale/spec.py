@@ -157,7 +157,8 @@ class DataSpec(Section):
 
 
 class ObjectivesSpec(Section):
-    """Pre-training losses; names as in objectives.PretrainSettings (mlm_probability: collate)."""
+    """Pre-training losses; names as in objectives.PretrainSettings (mlm_probability: collate).
+    The ITC pair also applies to retrieval fine-tuning (its ITM + optional contrastive term)."""
 
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     itm_negative_prob: float = Field(0.5, ge=0, lt=1)
@@ -166,6 +167,8 @@ class ObjectivesSpec(Section):
     mlm_weight: float = Field(1.0, ge=0)
     mvm_weight: float = Field(1.0, ge=0)
     itm_weight: float = Field(1.0, ge=0)
+    itc_weight: float = Field(0.0, ge=0)  # not in SOHO (ALBEF's contrastive term); 0 = paper
+    itc_temperature: float = Field(0.05, gt=0)
 
 
 class CnnOptimSpec(Section):
@@ -293,6 +296,11 @@ class EvalSpec(Section):
 
     streams: list[StreamSpec] = []  # shard folders to evaluate on; empty: no evaluation
     split: str = "val"  # what they are (val, test, karpathy_5k...): names the metrics and report
+    # Retrieval only. exact: every pair by ITM (the paper's protocol; unprefixed metrics);
+    # two_stage: the unimodal first stage picks top-k per query, ITM re-ranks them (metrics
+    # two_stage_*, and the first stage's own ranking as first_stage_*).
+    retrieval_modes: list[Literal["exact", "two_stage"]] = Field(["exact"], min_length=1)
+    retrieval_k: int = Field(16, ge=1)
 
 
 class TrackingSpec(Section):

@@ -29,7 +29,7 @@ def test_report_has_every_task_with_chance_and_paper(tmp_path):
         "vqa": ("val2014", {"vqa_accuracy": 51.0}),
         "nlvr2": ("dev", {"accuracy": 70.0}),
         "snli_ve": ("dev", {"accuracy": 60.0}),
-        "retrieval": ("test", {m: 30.0 for m in PAPER["retrieval"]}),
+        "retrieval": ("test", {**{m: 30.0 for m in PAPER["retrieval"]}, "two_stage_ir_r5": 40.0}),
     }
     for task, (split, metrics) in evals.items():
         run = client.create_run(experiment, tags={"task": task, "split": split}).info.run_id
@@ -45,6 +45,10 @@ def test_report_has_every_task_with_chance_and_paper(tmp_path):
     assert float(by_key["vqa", "vqa_accuracy"]["chance"]) == 22.0
     assert float(by_key["nlvr2", "accuracy"]["paper"]) == 76.37
     assert float(by_key["retrieval", "ir_r5"]["chance"]) == 5.0
+    # A two-stage evaluation gets its own rows (chance and paper of the metric it ranks by).
+    two_stage = by_key["retrieval", "two_stage_ir_r5"]
+    assert (float(two_stage["value"]), float(two_stage["chance"])) == (40.0, 5.0)
+    assert ("retrieval", "two_stage_tr_r5") not in by_key  # not evaluated, no row
     assert (tmp_path / "out" / "results.png").stat().st_size > 1000
     assert "| snli_ve | accuracy | 60.00 (dev)" in (tmp_path / "out" / "results.md").read_text()
     json.dumps(rows)  # plain data

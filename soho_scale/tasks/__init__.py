@@ -62,7 +62,12 @@ def build_task_step(job: Any, config: SohoConfig) -> nn.Module:
     if task == "retrieval":  # helper module owned by retrieval; imported only when used
         from soho_scale.tasks.retrieval import RetrievalModel, RetrievalStep
 
-        return RetrievalStep(RetrievalModel(config))
+        objectives = job.objectives
+        return RetrievalStep(
+            RetrievalModel(config),
+            itc_weight=objectives.itc_weight,
+            itc_temperature=objectives.itc_temperature,
+        )
     if task == "vqa":
         from soho_scale.tasks.vqa import VQAStep
 

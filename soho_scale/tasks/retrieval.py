@@ -17,6 +17,7 @@ from torch import nn
 
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
+from soho_scale.objectives import contrastive_loss
 
 # Comparisons are done on blocks of rows/columns to bound memory for 5K x 25K matrices.
 _BLOCK = 1024
@@ -138,31 +139,6 @@ def mine_hard_negatives(
     return pairs[0], pairs[1]
 
 
-def unimodal_features(
-    soho: Soho,
-    text_ids: torch.Tensor | None = None,
-    text_mask: torch.Tensor | None = None,
-    visual_embeds: torch.Tensor | None = None,
-    visual_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """L2-normalised mean of the fusion encoder's output over one modality alone: (T, D) for
-    texts or (B, D) for images. The cheap first stage of two-stage retrieval (and what the
-    optional contrastive term aligns): O(texts + images) forwards instead of O(texts x images).
-    """
-    if visual_embeds is None:
-        hidden, _ = soho.fuse(text_ids, text_mask)
-        mask = text_mask
-    else:
-        empty = torch.zeros(
-            visual_embeds.shape[0], 0, dtype=torch.long, device=visual_embeds.device
-        )
-        hidden, _ = soho.fuse(empty, empty, visual_embeds, visual_mask)
-        mask = visual_mask
-    weights = mask.to(hidden.dtype)[..., None]
-    mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-    return F.normalize(mean.float(), dim=-1)
-
-
 class RetrievalStep(nn.Module):
     """What the trainer wraps for task "retrieval": forward(batch) -> (loss, metrics).
 
@@ -172,8 +148,9 @@ class RetrievalStep(nn.Module):
     cross-entropy over the true pairs plus, per caption, its `hard_negatives` best-scoring wrong
     images and, per image, its `hard_negatives` best-scoring wrong captions (UNITER/ALBEF-style
     in-batch hard negatives). Mining costs T x B no-grad pair forwards: keep micro-batches and
-    captions per image moderate. `itc_weight` > 0 adds an in-batch contrastive term on
-    `unimodal_features` (not in the paper) so that two-stage evaluation has an aligned first stage.
+    captions per image moderate. `itc_weight` > 0 (the job's `objectives.itc_weight`) adds the
+    in-batch contrastive term of `soho_scale.objectives` (not in the paper): it aligns the first
+    stage of two-stage evaluation and, through the shared encoder, speeds up ITM.
     """
 
     def __init__(
@@ -238,7 +215,9 @@ class RetrievalStep(nn.Module):
         loss = itm_loss
         metrics = {}
         if self.itc_weight > 0:
-            itc_loss = self.contrastive_loss(soho, text_ids, text_mask, embeds, visual.mask, owner)
+            itc_loss = contrastive_loss(
+                soho, text_ids, text_mask, embeds, visual.mask, owner, self.itc_temperature
+            )
             loss = loss + self.itc_weight * itc_loss
             metrics["itc_loss"] = itc_loss.detach()
         with torch.no_grad():
@@ -252,14 +231,3 @@ class RetrievalStep(nn.Module):
                 .mean() if len(texts) > len(owner) else scores.new_zeros(()),
             )  # fmt: skip
         return loss, metrics
-
-    def contrastive_loss(self, soho, text_ids, text_mask, embeds, mask, owner) -> torch.Tensor:  # noqa: ANN001
-        """Symmetric InfoNCE between unimodal text and image features (several texts per image)."""
-        text = unimodal_features(soho, text_ids, text_mask)  # (T, D)
-        image = unimodal_features(soho, visual_embeds=embeds, visual_mask=mask)  # (B, D)
-        logits = text @ image.t() / self.itc_temperature  # (T, B)
-        text_to_image = F.cross_entropy(logits, owner)
-        targets = F.one_hot(owner, image.shape[0]).t().float()  # (B, T)
-        targets = targets / targets.sum(1, keepdim=True).clamp(min=1)
-        image_to_text = -(targets * logits.t().log_softmax(-1)).sum(1).mean()
-        return (text_to_image + image_to_text) / 2

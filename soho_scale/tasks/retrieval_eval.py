@@ -5,7 +5,9 @@ transformer inputs of its visual tokens, then scores every (image, text) pair wi
 chunks, and computes Recall@K on the full image x text matrix (`recall_at_k`). Work is split over
 ranks by image batches; only the score rows travel, to rank 0. `mode="two_stage"` first ranks by
 cosine similarity of unimodal features (one text-only / image-only transformer pass each), then
-re-ranks the top `k` images per text and top `k` texts per image with ITM.
+re-ranks the top `k` images per text and top `k` texts per image with ITM; it also reports the
+first stage's own ranking (`first_stage_*`). `soho-scale eval` runs the modes the job's
+`eval.retrieval_modes` names.
 
 Determinism: images are batched by exact size (no padding, so a score equals that of the pair
 scored alone) in a plan that does not depend on the number of ranks, so 1 and N ranks produce
@@ -26,7 +28,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from soho_scale.tasks.retrieval import recall_at_k, unimodal_features
+from soho_scale.objectives import unimodal_features
+from soho_scale.tasks.retrieval import recall_at_k
 
 KS = (1, 5, 10)
 
@@ -326,6 +329,9 @@ def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch)
     if mode == "two_stage":
         result["k"] = k
         result["pairs_scored"] = int(candidates.sum())
+        if rank == 0:  # the first stage alone, for comparison (no ITM at all)
+            first = recall_at_k(sim.cpu(), data.text_to_image, KS)
+            result.update({f"first_stage_{key}": value for key, value in first.items()})
     else:
         result["pairs_scored"] = num_images * num_texts
     result["scores"] = None
@@ -356,7 +362,7 @@ def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch)
 
 def evaluate_job(job: Any, model: nn.Module, loader: Any, rank: int, world: int):  # noqa: ANN201
     """`soho-scale eval` for retrieval: every rank reads the whole test split (bytes and captions)
-    from the eval loader's dataset, then the exact all-pairs protocol runs distributed. MSCOCO 5K
+    from the eval loader's dataset, then each of `eval.retrieval_modes` runs distributed. MSCOCO 5K
     also reports the 1K protocol (mean over 5 folds). Returns (metrics, predictions=[])."""
     from streaming import StreamingDataset
 
@@ -365,6 +371,14 @@ def evaluate_job(job: Any, model: nn.Module, loader: Any, rank: int, world: int)
     processor = dataset.processor  # the job's transforms (soho_scale.tasks.sample_processor)
     data = retrieval_set_from_samples(samples, processor.image, processor.text)
     folds = 5 if len(data.images) >= 5000 else 1
-    metrics = evaluate_retrieval(model, data, mode="exact", folds=folds, rank=rank, world=world)
-    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    numbers: dict[str, float] = {}
+    for mode in job.eval.retrieval_modes:
+        metrics = evaluate_retrieval(
+            model, data, mode=mode, k=job.eval.retrieval_k, folds=folds, rank=rank, world=world
+        )
+        prefix = "" if mode == "exact" else "two_stage_"
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                keep = key.startswith(("first_stage_", "num_"))
+                numbers[key if keep else prefix + key] = float(value)
     return numbers, []

@@ -129,3 +129,56 @@ def test_presets_build_and_model_info_reports_counts(preset, capsys):
 def test_tiny_preset_builds_for_real():
     model = SohoPretrain(build_config("tiny"))
     assert sum(p.numel() for p in model.parameters()) == model_info("tiny")["params"]
+
+
+def test_contrastive_term_is_off_by_default_and_adds_itc_loss_when_on():
+    model = _model()
+    batch = make_batch()
+    torch.manual_seed(3)
+    loss_off, metrics_off = pretrain_loss(model.eval(), batch, PretrainSettings())
+    assert "itc_loss" not in metrics_off
+    torch.manual_seed(3)
+    loss_on, metrics_on = pretrain_loss(model, batch, PretrainSettings(itc_weight=0.5))
+    itc = metrics_on["itc_loss"]
+    assert itc > 0
+    torch.testing.assert_close(loss_on, loss_off + 0.5 * itc)
+    # Alone, it trains the CNN and the transformer (every caption vs every image of the batch).
+    model.train().zero_grad()
+    only = PretrainSettings(mlm_weight=0, mvm_weight=0, itm_weight=0, itc_weight=1.0)
+    loss, _ = pretrain_loss(model, batch, only)
+    loss.backward()
+    assert model.soho.vision.stem[0].weight.grad.abs().sum() > 0
+    assert model.soho.fusion.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def test_contrastive_loss_prefers_the_true_pairing():
+    from soho_scale.objectives import contrastive_loss
+
+    model = _model().eval()
+    batch = make_batch()
+    soho = model.soho
+    visual = soho.encode_image(batch["images"], batch["image_sizes"])
+    embeds = soho.embed_visual(visual)
+    owner = batch["text_image_index"]
+
+    def loss(images: torch.Tensor) -> torch.Tensor:  # each caption read as owned by images[owner]
+        return contrastive_loss(
+            soho, batch["text_ids"], batch["text_mask"], embeds[images], visual.mask[images],
+            owner, temperature=0.05,
+        )  # fmt: skip
+
+    # Fit the true pairing for a few steps: its loss falls below that of a shuffled pairing.
+    optimizer = torch.optim.Adam(soho.parameters(), lr=1e-3)
+    for _ in range(15):
+        visual = soho.encode_image(batch["images"], batch["image_sizes"])
+        embeds = soho.embed_visual(visual)
+        value = loss(torch.arange(len(embeds)))
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    with torch.no_grad():
+        visual = soho.encode_image(batch["images"], batch["image_sizes"])
+        embeds = soho.embed_visual(visual)
+        true = loss(torch.arange(len(embeds)))
+        shuffled = loss(torch.arange(len(embeds)).roll(1))
+    assert true < shuffled

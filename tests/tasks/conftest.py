@@ -72,6 +72,7 @@ def task_shards(
     world: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tuple[str, str]]:
     """{task: (train shard folder, eval shard folder)} with SUBSETS samples each."""
+    from data_pipeline.sources.karpathy import convert_karpathy
     from data_pipeline.sources.nlvr2 import convert_nlvr2
     from data_pipeline.sources.snli_ve import convert_snli_ve
     from data_pipeline.sources.vqa import build_answer_vocab
@@ -106,6 +107,15 @@ def task_shards(
         convert_snli_ve(source, str(world / "snli_ve" / "flickr30k_images"), out, split=split)
         snli.append(out)
     shards["nlvr2"], shards["snli_ve"] = tuple(nlvr2), tuple(snli)
+    # Retrieval: all of the small world's Karpathy split, 350 training and 100 test images.
+    retrieval = []
+    for name, split in (("train", "train,restval"), ("test", "test")):
+        out = str(root / "karpathy" / name)
+        convert_karpathy(
+            str(world / "karpathy" / "dataset_coco.json"), str(world / "coco"), out, split
+        )
+        retrieval.append(out)
+    shards["retrieval"] = tuple(retrieval)
     return shards
 
 
@@ -124,9 +134,10 @@ def demo_job(task: str, shards: dict[str, tuple[str, str]], *overrides: str) -> 
     )
 
 
-def finetune(job: Job, steps: int, lr: float, batch_size: int = 16):
-    """(step module, untrained metrics, trained metrics): AdamW on the step module for `steps`
-    steps over the job's train stream, the job's evaluation before and after."""
+def finetune(job: Job, steps: int, lr: float | None, batch_size: int = 16):
+    """(step module, untrained metrics, trained metrics): AdamW at `lr` (None: the job's
+    optimizer, constant rates) on the step module for `steps` steps over the job's train
+    stream, the job's evaluation before and after."""
     import torch
 
     from data_pipeline.streaming import build_dataset, build_loader
@@ -135,16 +146,23 @@ def finetune(job: Job, steps: int, lr: float, batch_size: int = 16):
 
     torch.manual_seed(job.seed)
     step = build_task_step(job, job.model.config())
-    evaluation = build_task_evaluation(job)
+    retrieval = job.data.task == "retrieval"  # its own protocol (retrieval_eval.evaluate_job)
+    evaluation = None if retrieval else build_task_evaluation(job)
+    keep = () if retrieval else evaluation.keep_columns
     cache = tempfile.mkdtemp(prefix="cache-")
-    _, eval_loader = build_eval_loader(job, cache, 32, evaluation.keep_columns, workers=0)
+    _, eval_loader = build_eval_loader(job, cache, 32, keep, workers=0)
     before, _ = evaluate_task(job, step.model, eval_loader, evaluation=evaluation)
     processor = sample_processor(job)
     dataset = build_dataset(
         [job.data.streams[0].remote], processor, cache, batch_size, shuffle_seed=job.seed
     )
     loader = build_loader(dataset, batch_size, num_workers=0)
-    optimizer = torch.optim.AdamW(step.parameters(), lr=lr)
+    if lr is None:  # the job's own two groups (SGD for the CNN, AdamW for the rest)
+        from soho_scale.engine.optimizer import build_optimizer
+
+        optimizer = build_optimizer(step, job.optim)
+    else:
+        optimizer = torch.optim.AdamW(step.parameters(), lr=lr)
     done = 0
     while done < steps:
         for batch in loader:

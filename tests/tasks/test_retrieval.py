@@ -228,3 +228,22 @@ def test_load_retrieval_set_reads_the_karpathy_test_shards(tmp_path: Path):
     assert torch.equal(data.text_to_image, torch.arange(100).repeat_interleave(5))
     for i in (0, 57):
         assert tuple(data.images[i].shape[1:]) == tuple(data.image_sizes[i].tolist())
+
+
+@pytest.mark.slow
+def test_finetuning_beats_the_untrained_model(task_shards):
+    # The demo recipe (ITM with hard negatives + the in-batch contrastive term) for a few CPU
+    # steps: the contrastive first stage ranks far above chance (R@5 = 5% on 100 images), the
+    # untrained model does not. Measured (seed 0, 200 steps): first stage R@5 TR/IR 6/4 untrained,
+    # 35/34 trained; exact ITM R@5 5/5 -> 10/21.
+    from tests.tasks.conftest import demo_job, finetune
+
+    job = demo_job("retrieval", task_shards)
+    assert job.objectives.itc_weight > 0 and job.eval.retrieval_modes == ["exact", "two_stage"]
+    _, before, after = finetune(job, steps=200, lr=None, batch_size=8)
+    assert after["num_images"] == 100 and after["num_texts"] == 500
+    for key in ("first_stage_tr_r5", "first_stage_ir_r5"):
+        assert after[key] >= 20 and after[key] >= before[key] + 10, (key, before, after)
+    # The exact ITM ranking (the paper's protocol) learns more slowly, but above the untrained.
+    assert after["tr_r5"] + after["ir_r5"] >= before["tr_r5"] + before["ir_r5"] + 10
+    assert {"tr_r5", "ir_r5", "two_stage_tr_r5", "two_stage_pairs_scored"} <= set(after)
