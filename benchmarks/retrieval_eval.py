@@ -4,6 +4,9 @@
 (b) exact: the CNN once per image, cached visual tokens, every pair scored by ITM;
 (c) two-stage: unimodal cosine similarity, then ITM on the top-k images per text / texts per image.
 Prints one JSON object. Usage: python benchmarks/retrieval_eval.py [--images 30] [--k 5]
+[--weights runs/demo/retrieval/export/model.pt]: recall (and the two-stage R@1 drop) means
+something only for a trained model: `--weights` takes exported weights (the demo writes them);
+without it the model is the untrained tiny one and only the timings count.
 """
 
 from __future__ import annotations
@@ -78,12 +81,22 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--pair-batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", help="exported weights to evaluate (default: untrained)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as root:
         data = test_set(root, args.images)
         torch.manual_seed(0)
-        model = RetrievalModel(build_config("tiny")).eval()
+        if args.weights:
+            from soho_scale.model.config import SohoConfig
+            from soho_scale.tasks.transfer import load_initial_weights, read_weights
+
+            _, info = read_weights(args.weights)
+            model = RetrievalModel(SohoConfig(**info["config"]))
+            load_initial_weights(model, args.weights)
+            model.eval()
+        else:
+            model = RetrievalModel(build_config("tiny")).eval()
         started = time.perf_counter()
         naive = naive_scores(model, data, args.pair_batch)
         naive_seconds = time.perf_counter() - started
@@ -97,7 +110,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "model": "tiny (untrained, seed 0)",
+                "model": args.weights or "tiny (untrained, seed 0)",
                 "device": "cpu",
                 "threads": args.threads,
                 "num_images": num_images,
