@@ -26,7 +26,12 @@ from torch import nn
 
 from data_pipeline.storage import free_port
 from soho_scale.engine import checkpoint as ckpt
-from soho_scale.engine.cpu import keep_freed_memory, share_cores, tune_for_cpu
+from soho_scale.engine.cpu import (
+    keep_freed_memory,
+    release_shm_allreduce_segment,
+    share_cores,
+    tune_for_cpu,
+)
 from soho_scale.engine.optimizer import build_optimizer, lr_factor
 from soho_scale.engine.telemetry import FlopModel, Throughput
 from soho_scale.engine.tracking import flatten, make_tracker
@@ -74,6 +79,9 @@ def setup_distributed() -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:  # every rank has mapped every segment once all have passed init_distributed
+        dist.barrier()
+        release_shm_allreduce_segment(dist.get_rank())
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -35,3 +35,46 @@ def test_cpu_ranks_split_the_cores_between_them():
     assert _threads_after_setup({"LOCAL_SIZE": "2"}) == cores // 2
     # An explicit OMP_NUM_THREADS is the user's choice and stays.
     assert _threads_after_setup({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": str(cores)}) == cores
+
+
+SHM_PROBE = """
+import os, torch, deepspeed.comm
+from soho_scale.engine.cpu import shm_allreduce_segment
+from soho_scale.engine.trainer import setup_distributed
+rank, world = setup_distributed()
+torch.distributed.barrier()  # every rank has finished its set-up
+exists = [os.path.exists(shm_allreduce_segment(r)) for r in range(world)]
+tensor = torch.ones(1000) * (rank + 1)
+deepspeed.comm.inference_all_reduce(tensor)  # DeepSpeed's shared-memory all-reduce
+print(exists, float(tensor[0]))
+"""
+
+
+@pytest.mark.multiprocess
+def test_cpu_ranks_leave_no_shared_memory_behind(monkeypatch: pytest.MonkeyPatch):
+    # DeepSpeed's CPU all-reduce segment (~69 MB per rank) is unlinked once every rank mapped it:
+    # nothing stays in /dev/shm, and the shared-memory all-reduce still works.
+    from soho_scale.engine.cpu import shm_allreduce_segment
+
+    port = str(29500 + os.getpid() % 1000 + 7)
+    base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    base.update(WORLD_SIZE="2", LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHM_PROBE],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-1] == "[False, False] 3.0"
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", port)
+    names = [shm_allreduce_segment(r) for r in range(2)]
+    assert all(n.startswith("/dev/shm/deepspeed_allreduce_buffer_") for n in names)
+    assert not any(os.path.exists(n) for n in names)
