@@ -89,11 +89,11 @@ def main() -> None:
         torch.manual_seed(0)
         if args.weights:
             from soho_scale.model.config import SohoConfig
-            from soho_scale.tasks.transfer import load_initial_weights, read_weights
+            from soho_scale.tasks.transfer import load_state, read_weights
 
-            _, info = read_weights(args.weights)
+            state, info = read_weights(args.weights)  # one read: config and tensors
             model = RetrievalModel(SohoConfig(**info["config"]))
-            load_initial_weights(model, args.weights)
+            load_state(model, state, args.weights)
             model.eval()
         else:
             model = RetrievalModel(build_config("tiny")).eval()

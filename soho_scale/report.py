@@ -73,24 +73,23 @@ def collect(client, experiment: str) -> tuple[list[dict[str, Any]], dict[str, fl
         # Retrieval: the paper's exact protocol, then (when evaluated) the two-stage ranking
         # and its first stage alone; the published number is the exact protocol's.
         prefixes = ("", "two_stage_", "first_stage_") if task == "retrieval" else ("",)
-        for prefix, (metric, (paper, paper_split)) in (
-            (p, item) for p in prefixes for item in PAPER[task].items()
-        ):
-            value = run.data.metrics.get(f"{split}_{prefix}{metric}")
-            if value is None:
-                continue
-            rows.append(
-                {
-                    "task": task,
-                    "metric": prefix + metric,
-                    "value": round(value, 2),
-                    "chance": round(chance.get(f"chance.{task}.{metric}", math.nan), 2),
-                    "paper": paper,
-                    "split": split,
-                    "paper_split": paper_split,
-                    "run_id": run.info.run_id,
-                }
-            )
+        for prefix in prefixes:
+            for metric, (paper, paper_split) in PAPER[task].items():
+                value = run.data.metrics.get(f"{split}_{prefix}{metric}")
+                if value is None:
+                    continue
+                rows.append(
+                    {
+                        "task": task,
+                        "metric": prefix + metric,
+                        "value": round(value, 2),
+                        "chance": round(chance.get(f"chance.{task}.{metric}", math.nan), 2),
+                        "paper": paper,
+                        "split": split,
+                        "paper_split": paper_split,
+                        "run_id": run.info.run_id,
+                    }
+                )
     return rows, chance
 
 
