@@ -24,10 +24,12 @@ import json
 import logging
 import os
 import random
+import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from threading import Event, Thread
+from time import time_ns
 from typing import Any
 
 import numpy as np
@@ -55,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 TASKS = tuple(COLLATE_BY_TASK)
 _PREPARING = _ShardState.PREPARING
+_LOCAL = _ShardState.LOCAL
 # Our own shard state (streaming uses 0-3): a shard that failed to download or verify. It lives
 # in streaming's shared-memory state array, so every worker and rank of the node sees it.
 _FAILED = 200
@@ -175,6 +178,15 @@ class SohoStreamingDataset(StreamingDataset):
         return join_url(stream.remote or stream.local, basename)
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        # Streaming's download thread calls this for every sample and takes the cache FileLock
+        # each time, even for a shard already on disk, where all it does is touch the access
+        # time. That lock cost ~180 us a sample here (~10% of a worker's CPU per sample,
+        # benchmarks/README.md); touch the time without it, as streaming's own get_item does.
+        # (Only eviction under a cache_limit, which soho_scale does not set, takes a LOCAL
+        # shard away, and get_item then fetches it again.)
+        if self._shard_states[shard_id] == _LOCAL:
+            self._shard_access_times[shard_id] = time_ns()
+            return
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
@@ -410,6 +422,21 @@ def build_dataset(
         raise DataError(f"cannot open {where} ({type(e).__name__}: {e})") from e
 
 
+def check_worker_tempdir() -> None:
+    """DataLoader workers pass batches to the main process over a Unix socket in the temporary
+    folder. A path longer than AF_UNIX allows (107 bytes) makes every worker drop its batches
+    (the error only reaches stderr) and the loader wait out its stall time-out: fail now."""
+    from multiprocessing.connection import arbitrary_address
+
+    address = arbitrary_address("AF_UNIX")
+    if len(address.encode()) > 107:
+        raise DataError(
+            f"temporary folder {tempfile.gettempdir()} is too long for the data loader workers' "
+            f"sockets ({len(address.encode())} > 107 bytes with the socket name); set TMPDIR to "
+            "a shorter folder"
+        )
+
+
 def build_loader(
     dataset: SohoStreamingDataset,
     batch_size: int,
@@ -418,6 +445,8 @@ def build_loader(
     persistent_workers: bool = False,
 ) -> SohoLoader:
     """The loader for `dataset`, with the collate function of its task."""
+    if num_workers > 0:
+        check_worker_tempdir()
     task = dataset.processor.task if dataset.processor else "pretrain"
     return SohoLoader(
         dataset,

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,10 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def _run(args: list[str], tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+def _run(
+    args: list[str], tmp_path: Path, timeout: int, tmpdir: str | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": tmpdir or str(tmp_path), "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=timeout,
@@ -64,3 +67,22 @@ def test_gpu_pretrain_runs_on_cpu(tmp_path: Path) -> None:
         assert math.isfinite(figures["loss_last"])
         assert set(figures["breakdown_ms"]) == {"forward", "backward", "optimizer"}
     assert report["results"]["torch_streamed"]["data_wait_fraction"] >= 0
+
+
+def test_data_throughput_reports_every_loader(tmp_path: Path) -> None:
+    # A short TMPDIR: the loader workers' sockets live there (pytest's tmp_path is too long).
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmpdir:
+        result = _run(
+            [str(REPO / "benchmarks" / "data_throughput.py"), "--samples", "48", "--rounds", "2",
+             "--workers", "1", "--batch-size", "8", "--image-size", "96x64"],
+            tmp_path, timeout=300, tmpdir=tmpdir,
+        )  # fmt: skip
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    loaders = {"ceiling_memory", "naive_files", "streamed_s3"}
+    assert set(report["samples_per_s"]) == loaders
+    assert all(len(report["per_round"][k]) == 2 for k in loaders)
+    assert all(report["samples_per_s"][k] > 0 for k in loaders)
+    assert all(report["cpu_us_per_sample"][k] > 0 for k in loaders)
+    rates = report["samples_per_s"]
+    assert report["ratio_vs_naive"] == round(rates["streamed_s3"] / rates["naive_files"], 3)
+    assert set(report["meets_targets"]) == {"ratio_vs_ceiling", "ratio_vs_naive"}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import socket
+import tempfile
 import threading
 import time
 
@@ -101,6 +103,20 @@ def test_one_process_epoch_exactly_once_with_workers(s3, tmp_path):
         3,
     ]
     assert (batch["mlm_labels"] != -100).any()
+
+
+def test_temp_folder_too_long_for_worker_sockets_fails_at_once(s3, tmp_path, monkeypatch):
+    # Workers hand batches over through a Unix socket in TMPDIR; with a path over the AF_UNIX
+    # limit every batch is dropped and the loader would wait out its stall time-out.
+    ds = build_dataset([dataset_url("plain")], processor(), str(tmp_path), 4, clean_stale_shm=False)
+    long_tmp = tmp_path / ("t" * 60) / ("u" * 40)
+    long_tmp.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(long_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.delitem(multiprocessing.current_process()._config, "tempdir", raising=False)
+    with pytest.raises(DataError, match="too long for the data loader workers' sockets.*TMPDIR"):
+        build_loader(ds, 4, num_workers=1)
+    assert list(build_loader(ds, 4, num_workers=0))  # in-process loading needs no socket
 
 
 def test_corrupt_jpeg_is_replaced_and_counted(s3, tmp_path):
