@@ -142,8 +142,9 @@ def main() -> None:
         loaders = {
             "ceiling_memory": DataLoader(MemoryDataset(raws, processor), **common),
             "naive_files": DataLoader(FileDataset(files, processor), **common),
-            "streamed_s3": build_loader(dataset, args.batch_size, num_workers=args.workers,
-                                        persistent_workers=True),  # fmt: skip
+            "streamed_s3": build_loader(
+                dataset, args.batch_size, num_workers=args.workers, persistent_workers=True
+            ),
         }
         # The first streamed epoch downloads the shards from the S3 server as it goes; later
         # epochs read streaming's local cache (a dataset larger than the cache re-downloads).
@@ -154,7 +155,7 @@ def main() -> None:
         per_round: dict[str, list[float]] = {name: [] for name in names}
         cpu_us: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.rounds):  # interleaved, rotating order: shared noise hits all three
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 rate, cpu = epoch_rate(loaders[name])
                 per_round[name].append(rate)
                 cpu_us[name].append(cpu)
