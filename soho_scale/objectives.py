@@ -95,32 +95,6 @@ def unimodal_features(
     return F.normalize(mean.float(), dim=-1)
 
 
-def contrastive_logits(
-    soho: Soho,
-    text_ids: torch.Tensor,
-    text_mask: torch.Tensor,
-    visual_embeds: torch.Tensor,
-    visual_mask: torch.Tensor,
-    temperature: float,
-) -> torch.Tensor:
-    """(T, B) cosine similarities of unimodal caption and image features over `temperature`."""
-    text = unimodal_features(soho, text_ids, text_mask)  # (T, D)
-    image = unimodal_features(soho, visual_embeds=visual_embeds, visual_mask=visual_mask)  # (B, D)
-    return text @ image.t() / temperature
-
-
-def contrastive_loss_from_logits(
-    logits: torch.Tensor, text_image_index: torch.Tensor
-) -> torch.Tensor:
-    """Symmetric in-batch InfoNCE over (T, B) logits; an image with several captions spreads its
-    target evenly over them."""
-    text_to_image = F.cross_entropy(logits, text_image_index)
-    targets = F.one_hot(text_image_index, logits.shape[1]).t().float()  # (B, T)
-    targets = targets / targets.sum(1, keepdim=True).clamp(min=1)
-    image_to_text = -(targets * logits.t().log_softmax(-1)).sum(1).mean()
-    return (text_to_image + image_to_text) / 2
-
-
 def contrastive_loss(
     soho: Soho,
     text_ids: torch.Tensor,
@@ -130,9 +104,16 @@ def contrastive_loss(
     text_image_index: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """Symmetric in-batch InfoNCE between unimodal caption (T) and image (B) features."""
-    logits = contrastive_logits(soho, text_ids, text_mask, visual_embeds, visual_mask, temperature)
-    return contrastive_loss_from_logits(logits, text_image_index)
+    """Symmetric in-batch InfoNCE between unimodal caption (T) and image (B) features; an image
+    with several captions spreads its target evenly over them."""
+    text = unimodal_features(soho, text_ids, text_mask)  # (T, D)
+    image = unimodal_features(soho, visual_embeds=visual_embeds, visual_mask=visual_mask)  # (B, D)
+    logits = text @ image.t() / temperature  # (T, B)
+    text_to_image = F.cross_entropy(logits, text_image_index)
+    targets = F.one_hot(text_image_index, image.shape[0]).t().float()  # (B, T)
+    targets = targets / targets.sum(1, keepdim=True).clamp(min=1)
+    image_to_text = -(targets * logits.t().log_softmax(-1)).sum(1).mean()
+    return (text_to_image + image_to_text) / 2
 
 
 def _mean_or_zero(loss_sum: torch.Tensor, count: int) -> torch.Tensor:

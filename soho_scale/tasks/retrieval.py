@@ -17,7 +17,7 @@ from torch import nn
 
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
-from soho_scale.objectives import contrastive_logits, contrastive_loss_from_logits
+from soho_scale.objectives import contrastive_loss
 
 # Comparisons are done on blocks of rows/columns to bound memory for 5K x 25K matrices.
 _BLOCK = 1024
@@ -139,34 +139,18 @@ def mine_hard_negatives(
     return pairs[0], pairs[1]
 
 
-def sample_negatives(
-    logits: torch.Tensor, positives: torch.Tensor, num: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ALBEF's negatives: for each text `num` wrong images drawn without replacement with
-    probability softmax(logits) over its wrong images, and for each image `num` wrong texts
-    likewise (the top `num` of logits + Gumbel noise). Same output as `mine_hard_negatives`.
-
-    Drawing instead of taking the top keeps a near-duplicate caption of another image (a false
-    negative) from being picked every time.
-    """
-    uniform = torch.rand_like(logits, dtype=torch.float32).clamp_(min=1e-20)
-    return mine_hard_negatives(logits.float() - torch.log(-torch.log(uniform)), positives, num)
-
-
 class RetrievalStep(nn.Module):
     """What the trainer wraps for task "retrieval": forward(batch) -> (loss, metrics).
 
     Batches are caption batches (`images`, `image_sizes`, `text_ids`, `text_mask`,
-    `text_image_index`). The CNN runs once per image. The loss is binary ITM cross-entropy over
-    the true pairs plus, per caption, `hard_negatives` wrong images of the (per-rank) batch and,
-    per image, `hard_negatives` wrong captions. Without the contrastive term they are the
-    best-scoring wrong pairs by ITM itself (UNITER-style; every caption is scored against every
-    image under no_grad, dropout off: T x B pair forwards, so keep micro-batches and captions
-    per image moderate). `itc_weight` > 0 (the job's `objectives.itc_weight`, not in the paper)
-    adds the in-batch contrastive term of `soho_scale.objectives`, which aligns the first stage
-    of two-stage evaluation, and the negatives are drawn from its similarities (ALBEF): no pair
-    forwards (200 steps of the demo recipe in one process: 64 s instead of 87 s, comparable
-    recall in one run each).
+    `text_image_index`). The CNN runs once per image. Every caption is scored with ITM against
+    every image of the (per-rank) batch under no_grad, dropout off; the loss is binary ITM
+    cross-entropy over the true pairs plus, per caption, its `hard_negatives` best-scoring wrong
+    images and, per image, its `hard_negatives` best-scoring wrong captions (UNITER/ALBEF-style
+    in-batch hard negatives). Mining costs T x B no-grad pair forwards: keep micro-batches and
+    captions per image moderate. `itc_weight` > 0 (the job's `objectives.itc_weight`) adds the
+    in-batch contrastive term of `soho_scale.objectives` (not in the paper): it aligns the first
+    stage of two-stage evaluation and, through the shared encoder, speeds up ITM.
     """
 
     def __init__(
@@ -216,21 +200,10 @@ class RetrievalStep(nn.Module):
         num_images = embeds.shape[0]
 
         positives = text_positives(text_ids, owner, num_images)  # (T, B)
-        if self.itc_weight > 0:
-            # The contrastive similarities choose the negatives (ALBEF): they learn fast, while
-            # ITM's own early scores are noise; and the T x B pair forwards are saved.
-            itc_logits = contrastive_logits(
-                soho, text_ids, text_mask, embeds, visual.mask, self.itc_temperature
-            )
-            scores = itc_logits.detach()
-            image_negatives, text_negatives = sample_negatives(
-                scores, positives, self.hard_negatives
-            )
-        else:
-            scores = self.pair_scores(text_ids, text_mask, embeds.detach(), visual.mask)
-            image_negatives, text_negatives = mine_hard_negatives(
-                scores, positives, self.hard_negatives
-            )
+        scores = self.pair_scores(text_ids, text_mask, embeds.detach(), visual.mask)
+        image_negatives, text_negatives = mine_hard_negatives(
+            scores, positives, self.hard_negatives
+        )
         texts = torch.cat([torch.arange(len(owner), device=owner.device), image_negatives[:, 0],
                            text_negatives[:, 0]])  # fmt: skip
         rows = torch.cat([owner, image_negatives[:, 1], text_negatives[:, 1]])
@@ -242,7 +215,9 @@ class RetrievalStep(nn.Module):
         loss = itm_loss
         metrics = {}
         if self.itc_weight > 0:
-            itc_loss = contrastive_loss_from_logits(itc_logits, owner)
+            itc_loss = contrastive_loss(
+                soho, text_ids, text_mask, embeds, visual.mask, owner, self.itc_temperature
+            )
             loss = loss + self.itc_weight * itc_loss
             metrics["itc_loss"] = itc_loss.detach()
         with torch.no_grad():
