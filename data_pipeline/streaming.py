@@ -336,6 +336,8 @@ class SohoLoader(StreamingDataLoader):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.num_workers > 0:
+            check_worker_tempdir()
         self.skipped = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -445,8 +447,6 @@ def build_loader(
     persistent_workers: bool = False,
 ) -> SohoLoader:
     """The loader for `dataset`, with the collate function of its task."""
-    if num_workers > 0:
-        check_worker_tempdir()
     task = dataset.processor.task if dataset.processor else "pretrain"
     return SohoLoader(
         dataset,
