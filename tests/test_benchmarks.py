@@ -70,8 +70,9 @@ def test_gpu_pretrain_runs_on_cpu(tmp_path: Path) -> None:
 
 
 def test_data_throughput_reports_every_loader(tmp_path: Path) -> None:
-    # A short TMPDIR: the loader workers' sockets live there (pytest's tmp_path is too long).
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmpdir:
+    # A short TMPDIR: the loader workers' sockets live there (pytest's tmp_path, and under CI
+    # even the session's temporary folder, is too long for AF_UNIX).
+    with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmpdir:
         result = _run(
             [str(REPO / "benchmarks" / "data_throughput.py"), "--samples", "48", "--rounds", "2",
              "--workers", "1", "--batch-size", "8", "--image-size", "96x64"],
