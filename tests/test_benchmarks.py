@@ -85,5 +85,6 @@ def test_data_throughput_reports_every_loader(tmp_path: Path) -> None:
     assert all(report["samples_per_s"][k] > 0 for k in loaders)
     assert all(report["cpu_us_per_sample"][k] > 0 for k in loaders)
     rates = report["samples_per_s"]
-    assert report["ratio_vs_naive"] == round(rates["streamed_s3"] / rates["naive_files"], 3)
+    ratio = rates["streamed_s3"] / rates["naive_files"]  # of the rounded rates: within rounding
+    assert report["ratio_vs_naive"] == pytest.approx(ratio, abs=0.002)
     assert set(report["meets_targets"]) == {"ratio_vs_ceiling", "ratio_vs_naive"}
