@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.collate import collate_captions
 from data_pipeline.storage import LocalS3Server
-from data_pipeline.streaming import SampleProcessor, build_dataset, build_loader
+from data_pipeline.streaming import PREFETCH_FACTOR, SampleProcessor, build_dataset, build_loader
 from data_pipeline.transforms import ImageTransform
 
 TARGETS = {"ratio_vs_ceiling": 0.9, "ratio_vs_naive": 1.0}  # issue 3
@@ -117,7 +117,7 @@ def main() -> None:
     processor = SampleProcessor("pretrain", image=ImageTransform(128, 192), captions_per_image=2)
     # The loader settings of data_pipeline.streaming.build_loader for all three.
     common = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_captions,
-                  persistent_workers=True, prefetch_factor=4, shuffle=True)  # fmt: skip
+                  persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, shuffle=True)  # fmt: skip
 
     # Streaming's file locks and multiprocessing's temp dirs go to a private TMPDIR.
     os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="soho-bench-")

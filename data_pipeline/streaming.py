@@ -61,6 +61,8 @@ _LOCAL = _ShardState.LOCAL
 # Our own shard state (streaming uses 0-3): a shard that failed to download or verify. It lives
 # in streaming's shared-memory state array, so every worker and rank of the node sees it.
 _FAILED = 200
+# Batches each DataLoader worker keeps ready (plan.py sizes /dev/shm from it).
+PREFETCH_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -430,12 +432,11 @@ def check_worker_tempdir() -> None:
     (the error only reaches stderr) and the loader wait out its stall time-out: fail now."""
     from multiprocessing.connection import arbitrary_address
 
-    address = arbitrary_address("AF_UNIX")
-    if len(address.encode()) > 107:
+    length = len(arbitrary_address("AF_UNIX").encode())
+    if length > 107:
         raise DataError(
             f"temporary folder {tempfile.gettempdir()} is too long for the data loader workers' "
-            f"sockets ({len(address.encode())} > 107 bytes with the socket name); set TMPDIR to "
-            "a shorter folder"
+            f"sockets ({length} > 107 bytes with the socket name); set TMPDIR to a shorter folder"
         )
 
 
@@ -456,5 +457,5 @@ def build_loader(
         drop_last=False,
         timeout=stall_timeout_s if num_workers > 0 else 0,
         persistent_workers=persistent_workers and num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
     )

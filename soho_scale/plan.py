@@ -33,7 +33,6 @@ from soho_scale.spec import Job, SpecError, accumulation_steps, derived, load_jo
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 DEFAULT_MFU = 0.35
-DATALOADER_PREFETCH = 4  # prefetch_factor of data_pipeline.streaming.build_loader
 
 
 def world_shape(job: Job, nodes: int | None, gpus_per_node: int | None) -> tuple[int, int]:
@@ -58,9 +57,11 @@ def texts_per_image(job: Job) -> int:
 def shm_estimate(job: Job, ranks_per_node: int, num_samples: int | None) -> int:
     """Bytes of /dev/shm a node needs: batches in flight between DataLoader workers and ranks
     (float32 images, prefetched), plus streaming's shared sample ids and shard states."""
+    from data_pipeline.streaming import PREFETCH_FACTOR  # the loader's own setting
+
     height, width = image_shape(job)
     batch = job.batch.micro_batch_per_rank * images_per_sample(job) * 3 * height * width * 4
-    in_flight = batch * job.data.workers * DATALOADER_PREFETCH if job.data.workers else 0
+    in_flight = batch * job.data.workers * PREFETCH_FACTOR if job.data.workers else 0
     streaming = 16 * (num_samples or 0) + 2**20
     return ranks_per_node * (in_flight + streaming)
 
