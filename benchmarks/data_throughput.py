@@ -12,10 +12,12 @@ and worker count, so the ratios isolate the cost of storage and streaming.
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -120,7 +122,8 @@ def main() -> None:
                   persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, shuffle=True)  # fmt: skip
 
     # Streaming's file locks and multiprocessing's temp dirs go to a private TMPDIR.
-    os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="soho-bench-")
+    os.environ["TMPDIR"] = private = tempfile.mkdtemp(prefix="soho-bench-")
+    atexit.register(shutil.rmtree, private, True)
     tempfile.tempdir = None
     with tempfile.TemporaryDirectory() as tmp, LocalS3Server(["bench"]):
         files = os.path.join(tmp, "files")

@@ -22,8 +22,10 @@ state), measured right after backward, when all of them are alive.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -388,7 +390,9 @@ def main() -> None:
     # DeepSpeed picks its accelerator at import: CPU + gloo here, whatever the machine has.
     os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks over gloo even on a GPU machine
-    os.environ.setdefault("TMPDIR", tempfile.mkdtemp(prefix="soho-bench-"))
+    if "TMPDIR" not in os.environ:
+        os.environ["TMPDIR"] = private = tempfile.mkdtemp(prefix="soho-bench-")
+        atexit.register(shutil.rmtree, private, True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -24,6 +25,7 @@ def _private_tmpdir():
     else:
         os.environ["TMPDIR"] = old
     tempfile.tempdir = None
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -214,6 +214,8 @@ def mlflow_server(tmp_path_factory):
         stdout=open(root / "server.log", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # No GenAI job runner: it leaves a store folder in /dev/shm behind every server.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     url = f"http://127.0.0.1:{port}"
 
