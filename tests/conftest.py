@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -15,6 +16,9 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session", autouse=True)
 def _private_tmpdir():
     # streaming leaves /tmp/*_filelock files behind; keep each test session's apart.
+    # multiprocessing makes its own temporary folder once and removes it at exit: make it now,
+    # outside the folders the tests remove before then.
+    multiprocessing.util.get_temp_dir()
     path = tempfile.mkdtemp(prefix="soho-tests-")
     old = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,16 +17,6 @@ import pytest
 from data_pipeline.synthetic import convert_world, write_world
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _private_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """streaming leaves /tmp/*_filelock files behind: give this session its own TMPDIR."""
-    path = str(tmp_path_factory.mktemp("tmpdir"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TMPDIR", path)
-        mp.setattr(tempfile, "tempdir", path)
-        yield
 
 
 @pytest.fixture(scope="session")

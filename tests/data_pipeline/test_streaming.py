@@ -113,7 +113,8 @@ def test_temp_folder_too_long_for_worker_sockets_fails_at_once(s3, tmp_path, mon
     long_tmp.mkdir(parents=True)
     monkeypatch.setenv("TMPDIR", str(long_tmp))
     monkeypatch.setattr(tempfile, "tempdir", None)
-    monkeypatch.delitem(multiprocessing.current_process()._config, "tempdir", raising=False)
+    # multiprocessing's own folder (pymp-*) lies in TMPDIR; it is made once per process.
+    monkeypatch.setitem(multiprocessing.current_process()._config, "tempdir", str(long_tmp))
     with pytest.raises(DataError, match="too long for the data loader workers' sockets.*TMPDIR"):
         build_loader(ds, 4, num_workers=1)
     assert list(build_loader(ds, 4, num_workers=0))  # in-process loading needs no socket

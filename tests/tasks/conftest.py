@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,6 @@ from soho_scale.spec import Job, load_job
 # (train samples, eval samples) per task: enough to learn the text priors in a few CPU steps.
 SUBSETS = {"vqa": (200, 48), "nlvr2": (32, 32), "snli_ve": (240, 48)}
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _private_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """streaming leaves /tmp/*_filelock files behind: give this session its own TMPDIR."""
-    path = str(tmp_path_factory.mktemp("tmpdir"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TMPDIR", path)
-        mp.setattr(tempfile, "tempdir", path)
-        yield
 
 
 @pytest.fixture(scope="session")
