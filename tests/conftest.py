@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _private_tmpdir():
+def _private_tmpdir(request: pytest.FixtureRequest):
     # streaming leaves /tmp/*_filelock files behind; keep each test session's apart.
     # multiprocessing makes its own temporary folder once and removes it at exit: make it now,
     # outside the folders the tests remove before then.
@@ -29,7 +29,8 @@ def _private_tmpdir():
     else:
         os.environ["TMPDIR"] = old
     tempfile.tempdir = None
-    shutil.rmtree(path, ignore_errors=True)
+    if not request.session.testsfailed:  # pytest's own tmp_path folders live here too
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
