@@ -92,11 +92,16 @@ def prepare_for_engine(step_module: nn.Module, job: Job, world: int) -> tuple[di
     The cast comes first because DeepSpeed's bf16/fp16 engine converts parameters only, and
     BatchNorm then meets low-precision inputs with fp32 running statistics (the VD keeps itself
     fp32). The config's buckets are cut to the module's size; CPU ranks get engine/cpu.py's
-    settings. Returns (config, dtype of the batches' floating tensors)."""
+    settings; ZeRO-3 gets engine/zero3.py's optimizer (no second fp32 copy of the weights in
+    fp32). Returns (config, dtype of the batches' floating tensors)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.precision, torch.float32)
     step_module.to(dtype)
     num_params = sum(p.numel() for p in step_module.parameters())
     config = build_deepspeed_config(job, world, num_params)
+    if job.deepspeed.zero_stage == 3:
+        from soho_scale.engine import zero3  # imports deepspeed: after setup_distributed
+
+        zero3.install()
     return (config if torch.cuda.is_available() else tune_for_cpu(config)), dtype
 
 

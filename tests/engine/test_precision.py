@@ -1,5 +1,5 @@
 """The DeepSpeed engine on CPU: bf16 trains with an fp32 visual dictionary; activation
-checkpointing changes nothing but memory."""
+checkpointing changes nothing but memory; ZeRO-3 in fp32 holds one copy of the weights."""
 
 import os
 
@@ -45,8 +45,15 @@ def _engine_steps(_: int, out: str, overrides: list[str]) -> None:
         engine.step()
         losses.append(float(loss))
     dictionary = engine.module.model.soho.dictionary
+    optimizer = engine.optimizer
+    shared = [  # ZeRO-3: is the optimizer's fp32 partition the weight partition itself?
+        fp32.data_ptr() == weights.data_ptr()
+        for fp32, weights in zip(getattr(optimizer, "fp32_partitioned_groups_flat", []),
+                                 getattr(optimizer, "fp16_partitioned_groups_flat", []))
+    ]  # fmt: skip
     torch.save({"losses": losses, "vd_dtype": str(dictionary.embed.dtype),
-                "param_dtype": str(next(engine.module.parameters()).dtype)}, out)  # fmt: skip
+                "param_dtype": str(next(engine.module.parameters()).dtype),
+                "fp32_is_the_partition": shared}, out)  # fmt: skip
 
 
 @pytest.mark.multiprocess
@@ -70,3 +77,16 @@ def test_activation_checkpointing_under_the_engine_gives_the_same_losses(tmp_pat
     # recomputed activations (dropout RNG restored) -> same gradients -> same next losses
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5, abs=1e-6), runs
     assert runs["false"][-1] != runs["false"][0]  # the steps really changed the model
+
+
+@pytest.mark.multiprocess
+def test_zero3_in_fp32_keeps_one_copy_of_the_weights_and_trains_like_zero0(tmp_path):
+    # DeepSpeed compares a torch.device with a device name there and always copied (zero3.py).
+    runs = {}
+    for stage in (0, 3):
+        out = str(tmp_path / f"zero{stage}.pt")
+        mp.spawn(_engine_steps, args=(out, [f"deepspeed.zero_stage={stage}"]), nprocs=1, join=True)
+        runs[stage] = torch.load(out)
+    assert runs[3]["fp32_is_the_partition"] and all(runs[3]["fp32_is_the_partition"])
+    assert runs[3]["losses"] == pytest.approx(runs[0]["losses"], rel=1e-5, abs=1e-6), runs
+    assert runs[3]["losses"][-1] != runs[3]["losses"][0]

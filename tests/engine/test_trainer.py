@@ -156,6 +156,18 @@ def test_zero3_with_mlflow_down_keeps_metrics_and_syncs_later(make_job, tmp_path
     ckpt = str(tmp_path / "zero3-ckpt")
     _both_groups_changed(f"{ckpt}/step_00000002", f"{ckpt}/step_00000004")
 
+    # Resumed from its step-2 checkpoint (the optimizer's fp32 partitions are the weights
+    # themselves under ZeRO-3, engine/zero3.py): steps 3-4 give the same losses.
+    resumed_ckpt = tmp_path / "zero3-resumed-ckpt"
+    shutil.copytree(f"{ckpt}/step_00000002", resumed_ckpt / "step_00000002")
+    resumed = make_job("zero3-resumed", deepspeed__zero_stage=3, schedule__steps=4,
+                       checkpoint__dir=str(resumed_ckpt))  # fmt: skip
+    resumed_dir = str(tmp_path / "run-resumed")
+    _ok(run_train(resumed, resumed_dir, 2, env={"MLFLOW_TRACKING_URI": dead}))
+    for rank in (0, 1):
+        full, after = record(run_dir, rank, 0), record(resumed_dir, rank, 2)
+        torch.testing.assert_close(after["losses"], full["losses"][2:], rtol=1e-6, atol=1e-6)
+
     # MLflow back: `soho-scale sync-tracking` uploads what was kept.
     sync = subprocess.run(
         [sys.executable, "-m", "soho_scale.cli", "sync-tracking", run_dir],
