@@ -121,11 +121,12 @@ def main() -> None:
     common = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_captions,
                   persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, shuffle=True)  # fmt: skip
 
-    # Streaming's file locks and multiprocessing's temp dirs go to a private TMPDIR.
-    os.environ["TMPDIR"] = private = tempfile.mkdtemp(prefix="soho-bench-")
-    atexit.register(shutil.rmtree, private, True)
+    # One private folder, removed at exit: the data, streaming's file locks and
+    # multiprocessing's temporary files (it becomes TMPDIR).
+    os.environ["TMPDIR"] = tmp = tempfile.mkdtemp(prefix="soho-bench-")
+    atexit.register(shutil.rmtree, tmp, True)
     tempfile.tempdir = None
-    with tempfile.TemporaryDirectory() as tmp, LocalS3Server(["bench"]):
+    with LocalS3Server(["bench"]):
         files = os.path.join(tmp, "files")
         os.makedirs(files)
         for i, data in enumerate(images):
