@@ -36,6 +36,9 @@ class SohoConfig:
     max_text_positions: int = 512
     dropout: float = 0.1
     visual_token_type: bool = False  # give visual tokens token type 1
+    # Pre-LN layers (LayerNorm before attention and MLP) instead of BERT's post-LN ones; only for
+    # a transformer trained from scratch: BERT weights (init_from) are post-LN.
+    pre_norm: bool = False
     init_from: str | None = None  # HF hub id or local dir with BERT weights
     # memory
     activation_checkpointing: bool = False
@@ -55,12 +58,18 @@ class SohoConfig:
             raise ValueError(
                 "model.hidden_size must be divisible by 4 (2-D sine position encoding)"
             )
+        if self.pre_norm and self.init_from:
+            raise ValueError(
+                "model.pre_norm: BERT weights (model.init_from) are post-LN; set pre_norm: false"
+            )
         if self.pool < 1:
             raise ValueError(f"model.pool: expected >= 1, got {self.pool}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU tests and the demo: a 4-block ResNet, a 2-layer 128-wide transformer.
+    # CPU tests and the demo: a 4-block ResNet, a 2-layer 128-wide pre-LN transformer from
+    # scratch. On the synthetic world BERT's post-LN layers stayed at VQA's question-type prior
+    # (42.3 after 1000 steps); pre-LN, 4 heads and no dropout learned to look (54.2), measured.
     "tiny": dict(
         backbone="resnet10",
         frozen_stages=-1,
@@ -70,9 +79,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         vd_decay_warmup_steps=50,
         hidden_size=128,
         num_layers=2,
-        num_heads=2,
+        num_heads=4,
         intermediate_size=512,
         max_text_positions=64,
+        dropout=0.0,
+        pre_norm=True,
     ),
     # The configuration the authors released (researchmm/soho): ResNet-18 + 3 layers.
     "r18-l3": dict(backbone="resnet18", num_layers=3),

@@ -1,6 +1,9 @@
 """Fusion encoder: a BERT (transformers.BertModel) reading `[CLS] text [SEP] | visual tokens`.
 
-Text goes through BERT's own embeddings (word + position + token type 0). Visual tokens get a
+Text goes through BERT's own embeddings (word + position + token type 0). With
+`pre_norm` (a transformer from scratch) the BERT layers are replaced by pre-LN ones
+(`PreNormLayer`, LayerNorm before attention and MLP, a final LayerNorm); embeddings and pooler
+stay BERT's. Visual tokens get a
 DETR-style 2-D sine position encoding computed from the valid-cell mask, optional token type 1,
 and a LayerNorm, then are appended after the text. Every parameter sits in a module whose
 forward is called, so ZeRO-3 gathers it (a parameter read outside its owner's forward would
@@ -13,7 +16,9 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, BertModel
 
 from soho_scale.model.config import SohoConfig
@@ -75,7 +80,7 @@ def bert_config(config: SohoConfig) -> BertConfig:
     return BertConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers,
+        num_hidden_layers=0 if config.pre_norm else config.num_layers,
         num_attention_heads=config.num_heads,
         intermediate_size=config.intermediate_size,
         max_position_embeddings=config.max_text_positions,
@@ -118,6 +123,64 @@ def load_pretrained_bert(config: SohoConfig) -> BertModel:
     return BertModel.from_pretrained(source, config=pretrained, add_pooling_layer=True)
 
 
+class PreNormLayer(nn.Module):
+    """x + Attention(LN(x)), then x + MLP(LN(x)). Built from nn.Linear/nn.LayerNorm modules whose
+    forward is called, so ZeRO-3 gathers every weight (nn.MultiheadAttention reads its output
+    projection's weight directly)."""
+
+    def __init__(self, config: SohoConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.attention_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attention_output = nn.Linear(hidden, hidden)
+        self.mlp_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, config.intermediate_size),
+            nn.GELU(),
+            nn.Linear(config.intermediate_size, hidden),
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.attention_dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """x (T, S, D), attend (T, 1, 1, S) bool, True = a key to attend to -> (T, S, D)."""
+        batch, length, hidden = x.shape
+        q, k, v = (
+            self.qkv(self.attention_norm(x))
+            .view(batch, length, 3, self.num_heads, hidden // self.num_heads)
+            .permute(2, 0, 3, 1, 4)
+        )
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attend, dropout_p=self.attention_dropout if self.training else 0.0
+        )
+        attended = attended.transpose(1, 2).reshape(batch, length, hidden)
+        x = x + self.dropout(self.attention_output(attended))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class PreNormEncoder(nn.Module):
+    def __init__(self, config: SohoConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(PreNormLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.checkpointing = config.activation_checkpointing
+        for module in self.modules():  # BERT's initialisation
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        attend = mask.bool()[:, None, None, :]
+        for layer in self.layer:
+            if self.checkpointing and self.training:
+                hidden = checkpoint(layer, hidden, attend, use_reentrant=False)
+            else:
+                hidden = layer(hidden, attend)
+        return self.norm(hidden)
+
+
 class FusionEncoder(nn.Module):
     """forward(text_ids, text_mask, visual_embeds, visual_mask) -> (hidden (T, L+N, D), pooled (T, D))."""
 
@@ -127,7 +190,9 @@ class FusionEncoder(nn.Module):
             self.bert = load_pretrained_bert(config)
         else:
             self.bert = BertModel(bert_config(config), add_pooling_layer=True)
-        if config.activation_checkpointing:
+        # BERT keeps embeddings and pooler; its (empty) encoder is not called.
+        self.pre_norm = PreNormEncoder(config) if config.pre_norm else None
+        if config.activation_checkpointing and self.pre_norm is None:
             self.bert.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
@@ -149,6 +214,9 @@ class FusionEncoder(nn.Module):
         else:
             hidden = torch.cat([text, visual_embeds.to(text.dtype)], dim=1)  # (T, L+N, D)
             mask = torch.cat([text_mask.to(visual_mask.dtype), visual_mask], dim=1)
-        extended = self.bert.get_extended_attention_mask(mask.long(), mask.shape)
-        hidden = self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
+        if self.pre_norm is not None:
+            hidden = self.pre_norm(hidden, mask)
+        else:
+            extended = self.bert.get_extended_attention_mask(mask.long(), mask.shape)
+            hidden = self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
         return hidden, self.bert.pooler(hidden)

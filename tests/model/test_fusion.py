@@ -8,8 +8,8 @@ from soho_scale.model.config import build_config
 from soho_scale.model.fusion import FusionEncoder, sine_position_encoding
 from soho_scale.resources import BUNDLED_BERT
 
-# The bundled small BERT (all-MiniLM-L6-v2): 384 wide, 12 heads, 6 layers, BERT vocab.
-MINILM = dict(hidden_size=384, num_heads=12, intermediate_size=1536, num_layers=6)
+# The bundled small BERT (all-MiniLM-L6-v2): 384 wide, 12 heads, 6 layers, BERT vocab, post-LN.
+MINILM = dict(hidden_size=384, num_heads=12, intermediate_size=1536, num_layers=6, pre_norm=False)
 
 
 def test_position_encoding_depends_on_each_images_valid_extent():
@@ -42,7 +42,9 @@ def test_init_from_keeps_first_layers_and_rejects_mismatch():
     config = build_config("tiny", init_from=BUNDLED_BERT, **{**MINILM, "num_layers": 3})
     assert len(FusionEncoder(config).bert.encoder.layer) == 3
     with pytest.raises(ValueError, match="hidden_size is 384"):
-        FusionEncoder(build_config("tiny", init_from=BUNDLED_BERT))
+        FusionEncoder(build_config("tiny", init_from=BUNDLED_BERT, pre_norm=False))
+    with pytest.raises(ValueError, match="model.pre_norm: BERT weights"):
+        build_config("tiny", init_from=BUNDLED_BERT)
 
 
 def test_unreachable_hub_id_fails_with_a_clear_message(monkeypatch):
@@ -53,3 +55,31 @@ def test_unreachable_hub_id_fails_with_a_clear_message(monkeypatch):
     config = build_config("tiny", init_from="no-such-org/no-such-bert", **MINILM)
     with pytest.raises(ValueError, match="cannot load a BERT config.*hub"):
         FusionEncoder(config)
+
+
+def test_pre_norm_encoder_ignores_padding_and_checkpointing_keeps_gradients():
+    torch.manual_seed(0)
+    fusion = FusionEncoder(build_config("tiny", dropout=0.1))
+    assert fusion.pre_norm is not None and len(fusion.bert.encoder.layer) == 0
+    text_ids = torch.tensor([[101, 1037, 2417, 102], [101, 2630, 102, 0]])
+    text_mask = (text_ids > 0).long()
+    visual = torch.randn(2, 4, 128)
+    visual_mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    fusion.eval()
+    with torch.no_grad():
+        hidden, pooled = fusion(text_ids, text_mask, visual, visual_mask)
+        changed = visual.clone()
+        changed[1, 2:] = 100.0  # padded cells: no other position may see them
+        hidden2, pooled2 = fusion(text_ids, text_mask, changed, visual_mask)
+        other = fusion(text_ids, text_mask, changed.flip(0), visual_mask.flip(0))[1]
+    assert torch.equal(pooled, pooled2) and torch.equal(hidden[1, :6], hidden2[1, :6])
+    assert (pooled - other).abs().max() > 1e-3  # the [CLS] output reads the image
+
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = FusionEncoder(build_config("tiny", activation_checkpointing=flag)).train()
+        model(text_ids, text_mask, visual, visual_mask)[1].square().sum().backward()
+        grads.append(model.pre_norm.layer[0].qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0

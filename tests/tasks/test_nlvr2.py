@@ -54,6 +54,7 @@ def test_finetuning_fits_the_training_statements(task_shards):
     # fits its 32 training statements, scored by the real evaluation path.
     train, _ = task_shards["nlvr2"]
     job = demo_job("nlvr2", task_shards, f"eval.streams.0.remote={train}")
-    _, before, after = finetune(job, steps=40, lr=1e-3, batch_size=8)
+    # 60 steps: the pre-LN tiny model fits 84% of them (40 steps: 66%, from 53%; measured)
+    _, before, after = finetune(job, steps=60, lr=1e-3, batch_size=8)
     assert after["num_samples"] == before["num_samples"] == 32
     assert after["accuracy"] >= before["accuracy"] + 15, (before, after)
