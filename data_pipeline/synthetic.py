@@ -24,7 +24,7 @@ from data_pipeline.synthetic_scenes import (
     draw_scene,
     encode,
     human_answers,
-    nlvr2_statement,
+    nlvr2_sentence,
     questions,
     random_scene,
     snli_hypothesis,
@@ -37,7 +37,7 @@ SIZES = {
         "coco_val": 200,  # Karpathy: 1/4 val, 1/2 test, the rest restval
         "questions_per_image": 4,
         "vg": 100,
-        "nlvr2_pairs": {"train": 400, "dev": 100, "test1": 100},
+        "nlvr2_pairs": {"train": 600, "dev": 200, "test1": 100},
         "snli_ve_images": {"train": 200, "dev": 50, "test": 50},
     },
     "medium": {
@@ -175,42 +175,43 @@ def _write_vg(root: str, seed: int, size: dict) -> None:
 
 
 def _write_nlvr2(root: str, seed: int, size: dict) -> dict[str, list[dict]]:
+    """As in NLVR2, one sentence per set of 4 image pairs, true of two and false of two: the
+    sentence alone says nothing about the label (50%), so only the images decide it."""
     rng = random.Random(f"{seed}-nlvr2")
     written = {}
     for split, n_pairs in size["nlvr2_pairs"].items():
         records = []
-        for p in range(n_pairs):
-            set_id, pair_index = 1000 + p // 4, p % 4
-            # Label drawn first, scenes drawn until the statement has it: classes stay balanced.
-            want = rng.random() < 0.5
-            while True:
+        folder = os.path.join(root, "nlvr2", "images", split)
+        for p in range(0, n_pairs, 4):
+            set_id = 1000 + p // 4
+            sentence, rule = nlvr2_sentence(rng)
+            labels = [True, True, False, False]
+            rng.shuffle(labels)
+            for pair_index, label in enumerate(labels[: n_pairs - p]):
                 left, right = random_scene(rng), random_scene(rng)
-                sentence, truth = nlvr2_statement(left, right, rng)
-                if truth == want:
-                    break
-            statements = [(sentence, truth)]
-            if rng.random() < 0.25:  # some pairs get a second statement, as in NLVR2
-                statements.append(nlvr2_statement(left, right, rng))
-            prefix = f"{split}-{set_id}-{pair_index}"
-            folder = os.path.join(root, "nlvr2", "images", split)
-            record_extra: dict[str, Any] = {}
-            if split == "train":  # training images are spread over numbered folders
-                record_extra["directory"] = set_id % 10
-                folder = os.path.join(folder, str(set_id % 10))
-            for i, scene in enumerate((left, right)):
-                _save_image(os.path.join(folder, f"{prefix}-img{i}.png"), scene, rng, "PNG")
-            for k, (text, label) in enumerate(statements):
+                while rule(left, right) != label:  # scenes drawn until the sentence has the label
+                    left, right = random_scene(rng), random_scene(rng)
+                prefix = f"{split}-{set_id}-{pair_index}"
+                record_extra: dict[str, Any] = {}
+                pair_folder = folder
+                if split == "train":  # training images are spread over numbered folders
+                    record_extra["directory"] = set_id % 10
+                    pair_folder = os.path.join(folder, str(set_id % 10))
+                for i, scene in enumerate((left, right)):
+                    _save_image(
+                        os.path.join(pair_folder, f"{prefix}-img{i}.png"), scene, rng, "PNG"
+                    )
                 records.append(
                     {
                         "validation": {},
-                        "sentence": text,
+                        "sentence": sentence,
                         "left_url": f"https://example.invalid/{prefix}-img0.png",
                         "writer": f"w{rng.randint(1, 20)}",
                         "label": str(label),
                         "right_url": f"https://example.invalid/{prefix}-img1.png",
                         "synset": "shape",
                         "query": "coloured shapes",
-                        "identifier": f"{prefix}-{k}",
+                        "identifier": f"{prefix}-0",
                         "extra_validations": {},
                         **record_extra,
                     }

@@ -12,6 +12,7 @@ import io
 import itertools
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -207,31 +208,30 @@ def human_answers(answer: str, answer_type: str, rng: random.Random) -> list[str
     return raw
 
 
-def nlvr2_statement(left: Scene, right: Scene, rng: random.Random) -> tuple[str, bool]:
+def nlvr2_sentence(rng: random.Random) -> tuple[str, Callable[[Scene, Scene], bool]]:
+    """A statement about an image pair, and the rule that decides it for (left, right)."""
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
     n = rng.randint(1, 3)
-    side, scene = rng.choice((("left", left), ("right", right)))
-    options = [
-        (f"the {side} image contains a {color} {shape}.", scene.count(color, shape) > 0),
-        (f"the {side} image contains a {color} shape.", scene.count(color) > 0),
-        (
-            f"both images contain a {shape}.",
-            left.count(shape=shape) > 0 and right.count(shape=shape) > 0,
-        ),
-        (f"both images contain a {color} shape.", left.count(color) > 0 and right.count(color) > 0),
-        (
-            f"exactly one image contains a {shape}.",
-            (left.count(shape=shape) > 0) != (right.count(shape=shape) > 0),
-        ),
-        (
-            f"the {side} image contains exactly {NUMBER_WORDS[n]} {_noun('shape', n)}.",
-            len(scene.shapes) == n,
-        ),
-        (
-            "the left image has more shapes than the right image.",
-            len(left.shapes) > len(right.shapes),
-        ),
-    ]
+    side = rng.choice(("left", "right"))
+
+    def has(scene: Scene) -> bool:
+        return scene.count(shape=shape) > 0
+
+    def has_color(scene: Scene) -> bool:
+        return scene.count(color) > 0
+
+    def one(rule: Callable[[Scene], bool]) -> Callable[[Scene, Scene], bool]:
+        return lambda left, right: rule(left if side == "left" else right)
+
+    options: list[tuple[str, Callable[[Scene, Scene], bool]]] = [
+        (f"the {side} image contains a {color} {shape}.", one(lambda s: s.count(color, shape) > 0)),
+        (f"the {side} image contains a {color} shape.", one(has_color)),
+        (f"both images contain a {shape}.", lambda left, right: has(left) and has(right)),
+        (f"both images contain a {color} shape.", lambda left, right: has_color(left) and has_color(right)),
+        (f"exactly one image contains a {shape}.", lambda left, right: has(left) != has(right)),
+        (f"the {side} image contains exactly {NUMBER_WORDS[n]} {_noun('shape', n)}.", one(lambda s: len(s.shapes) == n)),
+        ("the left image has more shapes than the right image.", lambda left, right: len(left.shapes) > len(right.shapes)),
+    ]  # fmt: skip
     return rng.choice(options)
 
 

@@ -3,7 +3,7 @@
 The statement is read once with the left image and once with the right one (batch rows 2i and
 2i+1 of `images`); the two pooled [CLS] vectors are concatenated and classified. SOHO released no
 NLVR2 code; the head follows the common recipe of its baselines (LXMERT/UNITER "pair" setting):
-Linear(2H, 2H) -> GELU -> LayerNorm -> Linear(2H, 2). Metric: accuracy (dev, test-P).
+Linear(2H, 2H) -> GELU -> LayerNorm -> Linear(2H, 2). Metrics: accuracy and consistency (dev, test-P).
 """
 
 from __future__ import annotations
@@ -67,9 +67,18 @@ class NLVR2Evaluation:
         ]
 
     def score(self, records: list[dict]) -> dict[str, float]:
-        return {
-            "accuracy": 100.0 * sum(r["prediction"] == r["label"] for r in records) / len(records)
-        }
+        """Accuracy, and NLVR2's consistency when identifiers are official
+        (`split-set-pair-sentence`): the share of sentences right on every pair they describe."""
+        right = [r["prediction"] == r["label"] for r in records]
+        metrics = {"accuracy": 100.0 * sum(right) / len(records)}
+        parts = [str(r["identifier"]).split("-") for r in records]
+        if all(len(p) == 4 for p in parts):
+            sentences: dict[tuple[str, ...], bool] = {}
+            for p, ok in zip(parts, right):
+                key = (p[0], p[1], p[3])
+                sentences[key] = sentences.get(key, True) and ok
+            metrics["consistency"] = 100.0 * sum(sentences.values()) / len(sentences)
+        return metrics
 
     def write_outputs(self, records: list[dict], out_dir: str, split: str) -> list[str]:
         json_path = os.path.join(out_dir, "predictions.json")

@@ -7,7 +7,7 @@ import torch
 
 from soho_scale.model.config import build_config
 from soho_scale.tasks.classification import ClassificationStep
-from soho_scale.tasks.nlvr2 import NLVR2Model
+from soho_scale.tasks.nlvr2 import NLVR2Evaluation, NLVR2Model
 from tests.tasks.conftest import demo_job, finetune
 
 
@@ -44,6 +44,22 @@ def test_pair_head_reads_both_images_and_every_parameter_learns():
         plain, other = model(batch, True), model(swapped, True)
     assert not torch.allclose(plain[0], other[0])  # left/right order matters to statement 0
     torch.testing.assert_close(plain[1:], other[1:])  # and to no other statement
+
+
+def test_accuracy_and_consistency_over_the_pairs_of_a_sentence():
+    def record(identifier: str, prediction: int, label: int) -> dict:
+        return {"identifier": identifier, "prediction": prediction, "label": label}
+
+    records = [
+        record("dev-7-0-0", 1, 1), record("dev-7-1-0", 0, 0), record("dev-7-2-0", 1, 1),
+        record("dev-8-0-0", 1, 1), record("dev-8-1-0", 1, 0),  # one pair wrong: inconsistent
+        record("dev-8-0-1", 0, 0),  # another sentence about set 8, right on its only pair
+    ]  # fmt: skip
+    score = NLVR2Evaluation().score(records)
+    assert score["accuracy"] == pytest.approx(100 * 5 / 6)
+    assert score["consistency"] == pytest.approx(100 * 2 / 3)  # sentences dev-7-0, dev-8-1
+    # Identifiers not in NLVR2's form: accuracy only.
+    assert NLVR2Evaluation().score([record("a", 1, 1), record("b", 0, 1)]) == {"accuracy": 50.0}
 
 
 @pytest.mark.slow
