@@ -1,9 +1,8 @@
 """Fusion encoder: a BERT (transformers.BertModel) reading `[CLS] text [SEP] | visual tokens`.
 
 Text goes through BERT's own embeddings (word + position + token type 0). With
-`pre_norm` (a transformer from scratch) the BERT layers are replaced by pre-LN ones
-(`PreNormLayer`, LayerNorm before attention and MLP, a final LayerNorm); embeddings and pooler
-stay BERT's. Visual tokens get a
+`pre_norm` (a transformer from scratch) BERT's layers are replaced by torch's pre-LN ones
+(`PreNormEncoder`); embeddings and pooler stay BERT's. Visual tokens get a
 DETR-style 2-D sine position encoding computed from the valid-cell mask, optional token type 1,
 and a LayerNorm, then are appended after the text. Every parameter sits in a module whose
 forward is called, so ZeRO-3 gathers it (a parameter read outside its owner's forward would
@@ -16,7 +15,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, BertModel
@@ -123,64 +121,43 @@ def load_pretrained_bert(config: SohoConfig) -> BertModel:
     return BertModel.from_pretrained(source, config=pretrained, add_pooling_layer=True)
 
 
-class PreNormLayer(nn.Module):
-    """x + Attention(LN(x)), then x + MLP(LN(x)), with BERT's initialisation (std 0.02).
-
-    torch's `nn.TransformerEncoderLayer(norm_first=True)` computes the same and trains under
-    ZeRO-3 too (checked on 2 gloo ranks); swapped in with torch's default initialisation it
-    failed the few-step fine-tune tests of VQA and retrieval, so this layer stays until that
-    swap carries BERT's initialisation and is re-measured."""
-
-    def __init__(self, config: SohoConfig):
-        super().__init__()
-        hidden = config.hidden_size
-        self.num_heads = config.num_heads
-        self.attention_norm = nn.LayerNorm(hidden, eps=1e-12)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.attention_output = nn.Linear(hidden, hidden)
-        self.mlp_norm = nn.LayerNorm(hidden, eps=1e-12)
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden, config.intermediate_size),
-            nn.GELU(),
-            nn.Linear(config.intermediate_size, hidden),
-        )
-        self.dropout = nn.Dropout(config.dropout)
-        self.attention_dropout = config.dropout
-
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """x (T, S, D), attend (T, 1, 1, S) bool, True = a key to attend to -> (T, S, D)."""
-        batch, length, hidden = x.shape
-        q, k, v = (
-            self.qkv(self.attention_norm(x))
-            .view(batch, length, 3, self.num_heads, hidden // self.num_heads)
-            .permute(2, 0, 3, 1, 4)
-        )
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attend, dropout_p=self.attention_dropout if self.training else 0.0
-        )
-        attended = attended.transpose(1, 2).reshape(batch, length, hidden)
-        x = x + self.dropout(self.attention_output(attended))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
-
-
 class PreNormEncoder(nn.Module):
+    """torch's pre-LN layers (`nn.TransformerEncoderLayer(norm_first=True)`) with BERT's
+    initialisation, a final LayerNorm, and per-layer activation checkpointing. (With torch's
+    default initialisation the few-step fine-tunes of VQA and retrieval learned nothing: measured.)"""
+
     def __init__(self, config: SohoConfig):
         super().__init__()
-        self.layer = nn.ModuleList(PreNormLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                config.hidden_size,
+                config.num_heads,
+                config.intermediate_size,
+                config.dropout,
+                activation="gelu",
+                layer_norm_eps=1e-12,
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(config.num_layers)
+        )
+        for name, param in self.layers.named_parameters():  # BERT's initialisation
+            if param.dim() == 2:  # attention in/out projections, MLP weights
+                nn.init.normal_(param, std=0.02)
+            elif "norm" not in name:  # their biases (LayerNorms keep 1 and 0)
+                nn.init.zeros_(param)
         self.norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
         self.checkpointing = config.activation_checkpointing
-        for module in self.modules():  # BERT's initialisation
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        attend = mask.bool()[:, None, None, :]
-        for layer in self.layer:
+        padding = ~mask.bool()
+        for layer in self.layers:
             if self.checkpointing and self.training:
-                hidden = checkpoint(layer, hidden, attend, use_reentrant=False)
+                hidden = checkpoint(
+                    layer, hidden, src_key_padding_mask=padding, use_reentrant=False
+                )
             else:
-                hidden = layer(hidden, attend)
+                hidden = layer(hidden, src_key_padding_mask=padding)
         return self.norm(hidden)
 
 

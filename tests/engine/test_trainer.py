@@ -30,7 +30,7 @@ from tests.engine.conftest import (
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 CNN_PARAM = "soho.vision.stages.3.0.conv2.weight"  # SGD group
-REST_PARAM = "soho.fusion.pre_norm.layer.1.mlp.2.weight"  # AdamW group
+REST_PARAM = "soho.fusion.pre_norm.layers.1.linear2.weight"  # AdamW group
 
 
 def _ok(result: subprocess.CompletedProcess) -> None:

@@ -80,6 +80,6 @@ def test_pre_norm_encoder_ignores_padding_and_checkpointing_keeps_gradients():
         torch.manual_seed(0)
         model = FusionEncoder(build_config("tiny", activation_checkpointing=flag)).train()
         model(text_ids, text_mask, visual, visual_mask)[1].square().sum().backward()
-        grads.append(model.pre_norm.layer[0].qkv.weight.grad)
+        grads.append(model.pre_norm.layers[0].self_attn.in_proj_weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0].abs().sum() > 0

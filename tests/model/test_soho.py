@@ -148,7 +148,7 @@ def test_contrastive_term_is_off_by_default_and_adds_itc_loss_when_on():
     loss, _ = pretrain_loss(model, batch, only)
     loss.backward()
     assert model.soho.vision.stem[0].weight.grad.abs().sum() > 0
-    assert model.soho.fusion.pre_norm.layer[0].qkv.weight.grad.abs().sum() > 0
+    assert model.soho.fusion.pre_norm.layers[0].self_attn.in_proj_weight.grad.abs().sum() > 0
 
 
 def test_contrastive_loss_prefers_the_true_pairing():

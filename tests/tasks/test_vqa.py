@@ -69,7 +69,8 @@ def test_outputs_score_with_human_answers_and_write_a_submission(tmp_path):
 @pytest.mark.slow
 def test_finetuning_beats_the_untrained_model(task_shards):
     # The question type fixes the answer family (yes/no, colour, count): a few steps learn it.
+    # Measured: 7.3 -> 22.1 after 80 steps, 27.3 after 120 (40 steps: 14.6, only "yes" learned).
     job = demo_job("vqa", task_shards)
-    _, before, after = finetune(job, steps=40, lr=1e-3)
+    _, before, after = finetune(job, steps=120, lr=1e-3)
     assert after["num_samples"] == before["num_samples"] == 48
     assert after["vqa_accuracy"] >= before["vqa_accuracy"] + 10, (before, after)
