@@ -14,11 +14,15 @@ import json
 import math
 import os
 import random
+import re
 from collections import Counter
 from typing import Any
 
 from data_pipeline.shards import read_json
 from data_pipeline.synthetic_scenes import (
+    COLORS,
+    NUMBER_WORDS,
+    SHAPES,
     Scene,
     captions,
     draw_scene,
@@ -249,6 +253,26 @@ def _write_snli_ve(root: str, seed: int, size: dict) -> dict[str, list[dict]]:
     return written
 
 
+# The words that carry a statement's content; the rest of it is its template.
+_CONTENT_WORDS = [*COLORS, *SHAPES, *(s + "s" for s in SHAPES), *NUMBER_WORDS, "left", "right"]
+_CONTENT = re.compile(r"\b(" + "|".join(_CONTENT_WORDS) + r")\b")
+
+
+def _text_prior(train: list[tuple[str, str]], evaluate: list[tuple[str, str]]) -> float:
+    """Accuracy of a reader who sees only the text: each (text, label) of `evaluate` gets the
+    training majority label of its template (the text with colours, shapes, numbers, sides
+    blanked). What a model scores above this, it owes to the image."""
+    by_template: dict[str, Counter] = {}
+    for text, label in train:
+        by_template.setdefault(_CONTENT.sub("_", text), Counter())[label] += 1
+    overall = Counter(label for _, label in train)
+    right = sum(
+        by_template.get(_CONTENT.sub("_", text), overall).most_common(1)[0][0] == label
+        for text, label in evaluate
+    )
+    return right / max(len(evaluate), 1)
+
+
 def _majority_accuracy(train: list[Any], evaluate: list[Any]) -> tuple[Any, float]:
     majority = Counter(train).most_common(1)[0][0]
     return majority, sum(x == majority for x in evaluate) / max(len(evaluate), 1)
@@ -315,11 +339,28 @@ def write_world(out: str, seed: int = 0, size: str = "small") -> dict[str, Any]:
                 for split, records in nlvr2.items()
                 if split != "train"
             },
+            "text_prior": {
+                split: _text_prior(
+                    *([(r["sentence"], r["label"]) for r in x] for x in (nlvr2["train"], records))
+                )
+                for split, records in nlvr2.items()
+                if split != "train"
+            },
         },
         "snli_ve": {
             "majority_label": snli_majority,
             **{
                 split: _majority_accuracy([snli_majority], [r["gold_label"] for r in records])[1]
+                for split, records in snli_ve.items()
+                if split != "train"
+            },
+            "text_prior": {
+                split: _text_prior(
+                    *(
+                        [(r["sentence2"], r["gold_label"]) for r in x]
+                        for x in (snli_ve["train"], records)
+                    )
+                )
                 for split, records in snli_ve.items()
                 if split != "train"
             },

@@ -4,7 +4,8 @@ Reads the evaluation runs of an MLflow experiment (runs tagged `task` and `split
 `soho-scale eval` logs them), keeps the newest per task, and writes `results.md`,
 `results.csv` (columns task, metric, value, chance, paper; percent) and `results.png`, side by side
 with the published SOHO numbers (SOHO.md) and the dataset's chance level (params `chance.*` of the
-pipeline's parent run, when the pipeline was given a chance file).
+pipeline's parent run, when the pipeline was given a chance file); the Markdown table also shows
+what the text alone scores, where the chance file has it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def chance_params(chance: dict[str, Any]) -> dict[str, float]:
         out["chance.nlvr2.accuracy"] = 100 * chance["nlvr2"].get("dev", 0.5)
     if "snli_ve" in chance:
         out["chance.snli_ve.accuracy"] = 100 * chance["snli_ve"].get("dev", 1 / 3)
+    # What the text alone scores (a per-template majority label): above it, the image counts.
+    for task, metric, prior in (
+        ("vqa", "vqa_accuracy", chance.get("vqa", {}).get("question_type_prior_accuracy")),
+        ("nlvr2", "accuracy", chance.get("nlvr2", {}).get("text_prior", {}).get("dev")),
+        ("snli_ve", "accuracy", chance.get("snli_ve", {}).get("text_prior", {}).get("dev")),
+    ):
+        if prior is not None:
+            out[f"chance.{task}.{metric}.text_prior"] = 100 * prior
     retrieval = chance.get("retrieval", {})
     for direction, prefix in (("text_retrieval", "tr"), ("image_retrieval", "ir")):
         for k, value in retrieval.get(direction, {}).items():
@@ -84,6 +93,9 @@ def collect(client, experiment: str) -> tuple[list[dict[str, Any]], dict[str, fl
                         "metric": prefix + metric,
                         "value": round(value, 2),
                         "chance": round(chance.get(f"chance.{task}.{metric}", math.nan), 2),
+                        "text_prior": round(
+                            chance.get(f"chance.{task}.{prefix}{metric}.text_prior", math.nan), 2
+                        ),
                         "paper": paper,
                         "split": split,
                         "paper_split": paper_split,
@@ -110,14 +122,20 @@ def write_report(rows: list[dict[str, Any]], out: str) -> list[str]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Chance is the majority label; "text only" what the text alone scores (a per-template
+    majority label, when the chance file has it): a result above it owes something to the image."""
     lines = [
-        "| task | metric | ours (split) | chance | SOHO paper (dataset) |",
-        "|---|---|---|---|---|",
+        "| task | metric | ours (split) | chance | text only | SOHO paper (dataset) |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def percent(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.2f}"
+
     for r in rows:
-        chance = "-" if math.isnan(r["chance"]) else f"{r['chance']:.2f}"
         lines.append(
-            f"| {r['task']} | {r['metric']} | {r['value']:.2f} ({r['split']}) | {chance} | "
+            f"| {r['task']} | {r['metric']} | {r['value']:.2f} ({r['split']}) | "
+            f"{percent(r['chance'])} | {percent(r.get('text_prior', math.nan))} | "
             f"{r['paper']:.2f} ({r['paper_split']}) |"
         )
     return "\n".join(lines)

@@ -8,9 +8,9 @@ from mlflow.tracking import MlflowClient
 from soho_scale.report import PAPER, chance_params, report
 
 CHANCE = {
-    "vqa": {"accuracy": 0.22},
+    "vqa": {"accuracy": 0.22, "question_type_prior_accuracy": 0.45},
     "nlvr2": {"dev": 0.6},
-    "snli_ve": {"dev": 1 / 3},
+    "snli_ve": {"dev": 1 / 3, "text_prior": {"dev": 0.7}},
     "retrieval": {
         "text_retrieval": {"r1": 0.01, "r5": 0.05, "r10": 0.1},
         "image_retrieval": {"r1": 0.01, "r5": 0.05, "r10": 0.1},
@@ -50,5 +50,9 @@ def test_report_has_every_task_with_chance_and_paper(tmp_path):
     assert (float(two_stage["value"]), float(two_stage["chance"])) == (40.0, 5.0)
     assert ("retrieval", "two_stage_tr_r5") not in by_key  # not evaluated, no row
     assert (tmp_path / "out" / "results.png").stat().st_size > 1000
-    assert "| snli_ve | accuracy | 60.00 (dev)" in (tmp_path / "out" / "results.md").read_text()
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    # chance, then what the text alone scores (when known), then the paper
+    assert "| snli_ve | accuracy | 60.00 (dev) | 33.33 | 70.00 | 85.00 (SNLI-VE val) |" in markdown
+    assert "| vqa | vqa_accuracy | 51.00 (val2014) | 22.00 | 45.00 |" in markdown
+    assert "| nlvr2 | accuracy | 70.00 (dev) | 60.00 | - |" in markdown
     json.dumps(rows)  # plain data

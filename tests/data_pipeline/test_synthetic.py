@@ -169,6 +169,10 @@ def test_chance_json(synthetic_world: Path) -> None:
     assert chance["retrieval"]["image_retrieval"]["r5"] == 5 / 100
     assert 0.04 < chance["retrieval"]["text_retrieval"]["r5"] < 0.06
     assert chance["nlvr2"]["dev"] == 0.5
+    # What the text alone scores: nothing for NLVR2 (each sentence is true of half its pairs);
+    # SNLI-VE's neutral hypotheses are told apart by their wording, as in the real dataset.
+    assert chance["nlvr2"]["text_prior"] == {"dev": 0.5, "test1": 0.5}
+    assert 0.6 < chance["snli_ve"]["text_prior"]["dev"] < 0.75
     assert abs(chance["snli_ve"]["dev"] - 1 / 3) < 1e-9
     vqa = chance["vqa"]
     # A trivial prior is weak: there is room for a model to beat it twice over.
