@@ -5,7 +5,8 @@ laid out as the real downloads are: COCO captions + JPEGs, VQA v2 questions/anno
 Karpathy split file, Visual Genome regions, NLVR2 JSON lines + PNG pairs, SNLI-VE JSON lines +
 Flickr30K-style JPEGs. The converters in `data_pipeline.sources` therefore run unchanged on it
 (`convert_world` runs them all), every label is right by construction, and `chance.json` holds
-the scores of trivial predictors that a trained model must beat. Same seed -> same bytes.
+the scores of trivial predictors that a trained model must beat: the majority label, and what
+the text alone scores (`question_type_prior_accuracy`, `text_prior`). Same seed -> same bytes.
 """
 
 from __future__ import annotations
