@@ -31,6 +31,13 @@ def pair_id(identifier: str) -> str:
     return identifier.rsplit("-", 1)[0]
 
 
+def sentence_id(identifier: str) -> str | None:
+    """ "train-10171-2-0" -> "train-10171-0" (the sentence, the same for every pair of its set);
+    None when the identifier is not in NLVR2's `split-set-pair-sentence` form."""
+    parts = identifier.split("-")
+    return "-".join((parts[0], parts[1], parts[3])) if len(parts) == 4 else None
+
+
 def image_paths(images_dir: str, record: dict) -> tuple[str, str]:
     prefix = pair_id(str(record["identifier"]))
     folder = images_dir

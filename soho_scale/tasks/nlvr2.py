@@ -69,13 +69,14 @@ class NLVR2Evaluation:
     def score(self, records: list[dict]) -> dict[str, float]:
         """Accuracy, and NLVR2's consistency when identifiers are official
         (`split-set-pair-sentence`): the share of sentences right on every pair they describe."""
+        from data_pipeline.sources.nlvr2 import sentence_id
+
         right = [r["prediction"] == r["label"] for r in records]
         metrics = {"accuracy": 100.0 * sum(right) / len(records)}
-        parts = [str(r["identifier"]).split("-") for r in records]
-        if all(len(p) == 4 for p in parts):
-            sentences: dict[tuple[str, ...], bool] = {}
-            for p, ok in zip(parts, right):
-                key = (p[0], p[1], p[3])
+        keys = [sentence_id(str(r["identifier"])) for r in records]
+        if None not in keys:
+            sentences: dict[str, bool] = {}
+            for key, ok in zip(keys, right):
                 sentences[key] = sentences.get(key, True) and ok
             metrics["consistency"] = 100.0 * sum(sentences.values()) / len(sentences)
         return metrics

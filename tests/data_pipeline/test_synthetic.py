@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from data_pipeline.cli import main
-from data_pipeline.sources.nlvr2 import pair_id
+from data_pipeline.sources.nlvr2 import pair_id, sentence_id
 from data_pipeline.sources.vqa import normalize_answer
 from data_pipeline.synthetic import SIZES, write_world
 from data_pipeline.synthetic_scenes import COLORS, IMAGE_SIZES
@@ -128,10 +128,10 @@ def test_nlvr2_identifiers_images_and_balance(synthetic_world: Path) -> None:
                 assert (folder / f"{pair_id(r['identifier'])}-img{i}.png").is_file()
         # As in NLVR2, one sentence describes the 4 pairs of a set: true of two, false of two,
         # so the sentence alone says nothing about the label.
-        sets: dict[str, list[dict]] = {}
+        sentences: dict[str, list[dict]] = {}
         for r in records:
-            sets.setdefault(r["identifier"].rsplit("-", 2)[0], []).append(r)
-        for members in sets.values():
+            sentences.setdefault(sentence_id(r["identifier"]), []).append(r)
+        for members in sentences.values():
             assert len({r["sentence"] for r in members}) == 1
             assert len({pair_id(r["identifier"]) for r in members}) == len(members) == 4
             assert Counter(r["label"] for r in members) == {"True": 2, "False": 2}
