@@ -274,9 +274,19 @@ def _text_prior(train: list[tuple[str, str]], evaluate: list[tuple[str, str]]) -
     return right / max(len(evaluate), 1)
 
 
-def _majority_accuracy(train: list[Any], evaluate: list[Any]) -> tuple[Any, float]:
-    majority = Counter(train).most_common(1)[0][0]
-    return majority, sum(x == majority for x in evaluate) / max(len(evaluate), 1)
+def _label_chance(splits: dict[str, list[dict]], text: str, label: str) -> dict[str, Any]:
+    """The training majority label, its accuracy on every other split, and what the text alone
+    scores there (`text_prior`)."""
+    train = [(r[text], r[label]) for r in splits["train"]]
+    majority = Counter(y for _, y in train).most_common(1)[0][0]
+    chance: dict[str, Any] = {"majority_label": majority}
+    prior = {}
+    for split, records in splits.items():
+        if split != "train":
+            pairs = [(r[text], r[label]) for r in records]
+            chance[split] = sum(y == majority for _, y in pairs) / max(len(pairs), 1)
+            prior[split] = _text_prior(train, pairs)
+    return {**chance, "text_prior": prior}
 
 
 def _vqa_chance(train: list[dict], val: list[dict]) -> dict[str, Any]:
@@ -327,45 +337,12 @@ def write_world(out: str, seed: int = 0, size: str = "small") -> dict[str, Any]:
     _write_vg(out, seed, sizes)
     nlvr2 = _write_nlvr2(out, seed, sizes)
     snli_ve = _write_snli_ve(out, seed, sizes)
-    nlvr2_majority, _ = _majority_accuracy([r["label"] for r in nlvr2["train"]], [])
-    snli_majority, _ = _majority_accuracy([r["gold_label"] for r in snli_ve["train"]], [])
     chance = {
         "seed": seed,
         "size": size,
         "vqa": _vqa_chance(coco["vqa"]["train2014"], coco["vqa"]["val2014"]),
-        "nlvr2": {
-            "majority_label": nlvr2_majority,
-            **{
-                split: _majority_accuracy([nlvr2_majority], [r["label"] for r in records])[1]
-                for split, records in nlvr2.items()
-                if split != "train"
-            },
-            "text_prior": {
-                split: _text_prior(
-                    *([(r["sentence"], r["label"]) for r in x] for x in (nlvr2["train"], records))
-                )
-                for split, records in nlvr2.items()
-                if split != "train"
-            },
-        },
-        "snli_ve": {
-            "majority_label": snli_majority,
-            **{
-                split: _majority_accuracy([snli_majority], [r["gold_label"] for r in records])[1]
-                for split, records in snli_ve.items()
-                if split != "train"
-            },
-            "text_prior": {
-                split: _text_prior(
-                    *(
-                        [(r["sentence2"], r["gold_label"]) for r in x]
-                        for x in (snli_ve["train"], records)
-                    )
-                )
-                for split, records in snli_ve.items()
-                if split != "train"
-            },
-        },
+        "nlvr2": _label_chance(nlvr2, "sentence", "label"),
+        "snli_ve": _label_chance(snli_ve, "sentence2", "gold_label"),
         "retrieval": _retrieval_chance(coco["karpathy"]),
     }
     with open(os.path.join(out, "chance.json"), "w", encoding="utf-8") as f:
