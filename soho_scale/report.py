@@ -94,7 +94,7 @@ def collect(client, experiment: str) -> tuple[list[dict[str, Any]], dict[str, fl
                         "value": round(value, 2),
                         "chance": round(chance.get(f"chance.{task}.{metric}", math.nan), 2),
                         "text_prior": round(
-                            chance.get(f"chance.{task}.{prefix}{metric}.text_prior", math.nan), 2
+                            chance.get(f"chance.{task}.{metric}.text_prior", math.nan), 2
                         ),
                         "paper": paper,
                         "split": split,
@@ -135,7 +135,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['metric']} | {r['value']:.2f} ({r['split']}) | "
-            f"{percent(r['chance'])} | {percent(r.get('text_prior', math.nan))} | "
+            f"{percent(r['chance'])} | {percent(r['text_prior'])} | "
             f"{r['paper']:.2f} ({r['paper_split']}) |"
         )
     return "\n".join(lines)
