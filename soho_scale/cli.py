@@ -81,7 +81,7 @@ def _report(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from soho_scale.evaluate import eval_main
+    from soho_scale.launch import eval_main
 
     return eval_main(argv)
 

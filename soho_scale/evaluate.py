@@ -14,12 +14,10 @@ Rank 0 writes `metrics.json`, the predictions (VQA also the test-dev/std submiss
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +29,7 @@ from torch import nn
 from data_pipeline.collate import COLLATE_BY_TASK
 from data_pipeline.storage import DataError
 from data_pipeline.streaming import SampleProcessor
+from soho_scale.launch import eval_parser
 from soho_scale.spec import Job, SpecError, load_job
 from soho_scale.tasks.transfer import TransferError
 
@@ -297,21 +296,9 @@ def run_evaluation(
     return result
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Evaluate a checkpoint on the job's eval.streams (N local ranks)."
-    )
-    parser.add_argument("job", help="job YAML file (its eval.streams, data and model sections)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    parser.add_argument("--checkpoint", required=True, help="exported .pt or checkpoint folder/URL")
-    parser.add_argument("--out", help="output folder (default: runs/<job>/eval/<split>)")
-    parser.add_argument("--batch-size", type=int, help="per rank (default: micro_batch_per_rank)")
-    return parser
-
-
 def rank_main(argv: list[str]) -> int:
-    """One rank (`python -m soho_scale.evaluate ...`, started by eval_main's launcher)."""
-    parser = _parser("python -m soho_scale.evaluate")
+    """One rank (`python -m soho_scale.evaluate ...`, started by `soho-scale eval`)."""
+    parser = eval_parser("python -m soho_scale.evaluate")
     args = parser.parse_intermixed_args(argv)
     try:
         job = load_job(args.job, args.overrides)
@@ -321,56 +308,6 @@ def rank_main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def launcher_command(argv: list[str], nproc: int, master_port: int) -> list[str]:
-    """torchrun for N local ranks, each running this module with the same arguments."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(master_port),
-        "-m",
-        "soho_scale.evaluate",
-        *argv,
-    ]
-
-
-def eval_main(argv: list[str]) -> int:
-    """`soho-scale eval JOB [KEY=VALUE...] --checkpoint CKPT [--nproc N] [--out DIR]`."""
-    parser = _parser("soho-scale eval")
-    parser.add_argument("--nproc", type=int, default=1, help="local ranks (default 1)")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        load_job(args.job, args.overrides)  # a bad spec fails here, before any process starts
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.nproc <= 1:
-        return rank_main(_without_nproc(argv))
-    from data_pipeline.storage import free_port
-
-    return subprocess.call(launcher_command(_without_nproc(argv), args.nproc, free_port()))
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--nproc":
-            skip = True
-            continue
-        if arg.startswith("--nproc="):
-            continue
-        out.append(arg)
-    return out
 
 
 if __name__ == "__main__":
