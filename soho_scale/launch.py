@@ -55,11 +55,7 @@ def launcher_command(
     cmd = [deepspeed, "--num_gpus", str(nproc)]
     if master_port:
         cmd += ["--master_port", str(master_port)]
-    cmd += list(extra or [])
-    cmd += ["--module", "soho_scale.train", job_path, *overrides]
-    if run_dir:
-        cmd += ["--run-dir", run_dir]
-    return cmd
+    return cmd + list(extra or []) + _rank_module_args(job_path, overrides, run_dir)
 
 
 def local_launcher_command(
@@ -67,15 +63,19 @@ def local_launcher_command(
 ) -> list[str]:
     """DeepSpeed's per-node launcher (`deepspeed.launcher.launch`) for N ranks on this machine:
     the command the `deepspeed` runner itself runs for one local node, without the runner's own
-    start-up (~4 s importing DeepSpeed, measured) before it."""
+    start-up (~4 s importing DeepSpeed, measured) before it. `world_info` is encoded as the
+    runner's `encode_world_info` does; importing it would import DeepSpeed here."""
     world_info = {"localhost": list(range(nproc))}
     encoded = base64.urlsafe_b64encode(json.dumps(world_info).encode()).decode()
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={encoded}"]
-    cmd += ["--master_addr=127.0.0.1", f"--master_port={master_port}", "--module"]
-    cmd += ["soho_scale.train", job_path, *overrides]
-    if run_dir:
-        cmd += ["--run-dir", run_dir]
-    return cmd
+    cmd += ["--master_addr=127.0.0.1", f"--master_port={master_port}"]
+    return cmd + _rank_module_args(job_path, overrides, run_dir)
+
+
+def _rank_module_args(job_path: str, overrides: list[str], run_dir: str | None) -> list[str]:
+    """What each rank runs, in the form both DeepSpeed launchers take it."""
+    args = ["--module", "soho_scale.train", job_path, *overrides]
+    return args + ["--run-dir", run_dir] if run_dir else args
 
 
 def train_main(argv: list[str]) -> int:
