@@ -14,6 +14,7 @@ memory only).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -42,7 +43,10 @@ def _stream_a_few_batches(cache: str) -> None:
         print(f"  batch {i}: {shapes}  MLM-masked tokens: {masked}")
         if i == 2:
             break
-    print(f"  {dataset.num_samples} samples in the stream; skipped (undecodable): {loader.skipped}")
+    print(
+        f"  {dataset.num_samples} samples in the stream; skipped (undecodable): {loader.skipped}",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -63,7 +67,17 @@ def main() -> int:
             skipped = sum(report.get("skipped", {}).values())
             print(f"  s3://soho-demo/{name:<18} {report['written']:>5} samples, {skipped} skipped")
         print("[demo] streaming a few pre-training batches back from S3:", flush=True)
-        _stream_a_few_batches(os.path.join(RUN_ROOT, "stream_check_cache"))
+        # In a process of its own: every rank's loader later removes "stale" streaming shared
+        # memory, this check's included, and this process's exit would then warn about it.
+        check = multiprocessing.get_context("spawn").Process(
+            target=_stream_a_few_batches, args=(os.path.join(RUN_ROOT, "stream_check_cache"),)
+        )
+        check.start()
+        check.join()
+        if check.exitcode != 0:
+            raise SystemExit(
+                f"[demo] streaming the shards back failed (exit code {check.exitcode})"
+            )
         print(f"[demo] pipeline {PIPELINE} (2 CPU ranks, ZeRO-2)", flush=True)
         report_dir = run_pipeline(PIPELINE)
     with open(os.path.join(report_dir, "results.md")) as f:
