@@ -39,6 +39,9 @@ class SohoConfig:
     # Pre-LN layers (LayerNorm before attention and MLP) instead of BERT's post-LN ones; only for
     # a transformer trained from scratch: BERT weights (init_from) are post-LN.
     pre_norm: bool = False
+    # What the task heads and ITM read: "cls" is BERT's pooled [CLS] (SOHO); "cls+visual_mean"
+    # adds the mean of the visual tokens' outputs (no new parameters).
+    readout: Literal["cls", "cls+visual_mean"] = "cls"
     init_from: str | None = None  # HF hub id or local dir with BERT weights
     # memory
     activation_checkpointing: bool = False
@@ -62,6 +65,8 @@ class SohoConfig:
             raise ValueError(
                 "model.pre_norm: BERT weights (model.init_from) are post-LN; set pre_norm: false"
             )
+        if self.readout not in ("cls", "cls+visual_mean"):
+            raise ValueError(f"model.readout: expected cls|cls+visual_mean, got {self.readout!r}")
         if self.pool < 1:
             raise ValueError(f"model.pool: expected >= 1, got {self.pool}")
 
@@ -70,6 +75,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: a 4-block ResNet, a 2-layer 128-wide pre-LN transformer from
     # scratch. On the synthetic world BERT's post-LN layers stayed at VQA's question-type prior
     # (42.3 after 1000 steps); pre-LN, 4 heads and no dropout learned to look (54.2), measured.
+    # Read through [CLS] alone, colour went unused although it is half of the visual tokens'
+    # variance and a linear probe reads it at 97%: NLVR2's colour sentences stayed at 50% after
+    # 300 steps, with the visual mean beside [CLS] 73% (44 dev pairs); the demo's VQA went from
+    # 48.9 to 59.9 and exact R@5 from TR 24 / IR 32 to 37 / 37.4 (measured).
     "tiny": dict(
         backbone="resnet10",
         frozen_stages=-1,
@@ -84,6 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_text_positions=64,
         dropout=0.0,
         pre_norm=True,
+        readout="cls+visual_mean",
     ),
     # The configuration the authors released (researchmm/soho): ResNet-18 + 3 layers.
     "r18-l3": dict(backbone="resnet18", num_layers=3),

@@ -4,9 +4,10 @@ Text goes through BERT's own embeddings (word + position + token type 0). With
 `pre_norm` (a transformer from scratch) BERT's layers are replaced by torch's pre-LN ones
 (`PreNormEncoder`); embeddings and pooler stay BERT's. Visual tokens get a
 DETR-style 2-D sine position encoding computed from the valid-cell mask, optional token type 1,
-and a LayerNorm, then are appended after the text. Every parameter sits in a module whose
-forward is called, so ZeRO-3 gathers it (a parameter read outside its owner's forward would
-still be partitioned).
+and a LayerNorm, then are appended after the text. The pooled output the heads read is BERT's
+pooled [CLS], plus (`readout: cls+visual_mean`) the mean of the real visual cells' outputs.
+Every parameter sits in a module whose forward is called, so ZeRO-3 gathers it (a parameter
+read outside its owner's forward would still be partitioned).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ class FusionEncoder(nn.Module):
             self.bert = BertModel(bert_config(config), add_pooling_layer=True)
         # BERT keeps embeddings and pooler; its (empty) encoder is not called.
         self.pre_norm = PreNormEncoder(config) if config.pre_norm else None
+        self.visual_mean_readout = config.readout == "cls+visual_mean"
         if config.activation_checkpointing and self.pre_norm is None:
             self.bert.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -199,4 +201,9 @@ class FusionEncoder(nn.Module):
         else:
             extended = self.bert.get_extended_attention_mask(mask.long(), mask.shape)
             hidden = self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
-        return hidden, self.bert.pooler(hidden)
+        pooled = self.bert.pooler(hidden)
+        if self.visual_mean_readout and visual_embeds is not None:
+            weights = visual_mask.to(hidden.dtype)[..., None]  # padded cells excluded
+            visual_out = hidden[:, text_ids.shape[1] :]
+            pooled = pooled + (visual_out * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return hidden, pooled

@@ -83,3 +83,26 @@ def test_pre_norm_encoder_ignores_padding_and_checkpointing_keeps_gradients():
         grads.append(model.pre_norm.layers[0].self_attn.in_proj_weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+def test_visual_mean_readout_adds_the_mean_of_the_real_cells_outputs():
+    torch.manual_seed(0)
+    text_ids = torch.tensor([[101, 1037, 2417, 102], [101, 2630, 102, 0]])
+    text_mask = (text_ids > 0).long()
+    visual = torch.randn(2, 4, 128)
+    visual_mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    fusion = FusionEncoder(build_config("tiny", readout="cls")).eval()
+    with torch.no_grad():
+        hidden, pooled = fusion(text_ids, text_mask, visual, visual_mask)
+        fusion.visual_mean_readout = True  # the same weights, read the other way
+        hidden2, pooled2 = fusion(text_ids, text_mask, visual, visual_mask)
+        text_only = fusion(text_ids, text_mask)
+    assert torch.equal(hidden, hidden2)
+    torch.testing.assert_close(pooled, fusion.bert.pooler(hidden))
+    means = torch.stack([hidden[0, 4:].mean(0), hidden[1, 4:6].mean(0)])  # padded cells excluded
+    torch.testing.assert_close(pooled2, pooled + means)
+    torch.testing.assert_close(text_only[1], fusion.bert.pooler(text_only[0]))  # no image: [CLS]
+    assert build_config("tiny").readout == "cls+visual_mean"
+    assert build_config("r101-l12").readout == "cls"  # the paper's models read [CLS] only
+    with pytest.raises(ValueError, match="model.readout"):
+        build_config("tiny", readout="mean")
