@@ -43,10 +43,7 @@ def _stream_a_few_batches(cache: str) -> None:
         print(f"  batch {i}: {shapes}  MLM-masked tokens: {masked}")
         if i == 2:
             break
-    print(
-        f"  {dataset.num_samples} samples in the stream; skipped (undecodable): {loader.skipped}",
-        flush=True,
-    )
+    print(f"  {dataset.num_samples} samples in the stream; skipped (undecodable): {loader.skipped}")
 
 
 def main() -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from soho_scale.model.fusion import masked_mean
 from soho_scale.model.soho import Soho, SohoPretrain
 
 
@@ -90,8 +91,7 @@ def unimodal_features(
         )
         hidden, _ = soho.fuse(empty, empty, visual_embeds, visual_mask)
         mask = visual_mask
-    weights = mask.to(hidden.dtype)[..., None]
-    mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    mean = masked_mean(hidden, mask)
     return F.normalize(mean.float(), dim=-1)
 
 

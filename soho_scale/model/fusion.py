@@ -45,6 +45,12 @@ def sine_position_encoding(
     return torch.cat([pos_y, pos_x], dim=3)
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """values (B, N, D), mask (B, N) -> (B, D): the mean over the unmasked positions (0 if none)."""
+    weights = mask.to(values.dtype)[..., None]
+    return (values * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 class VisualEmbedding(nn.Module):
     """Grid tokens -> transformer inputs: MVM mask embedding, 2-D position, token type, LayerNorm."""
 
@@ -203,7 +209,5 @@ class FusionEncoder(nn.Module):
             hidden = self.bert.encoder(hidden, attention_mask=extended).last_hidden_state
         pooled = self.bert.pooler(hidden)
         if self.visual_mean_readout and visual_embeds is not None:
-            weights = visual_mask.to(hidden.dtype)[..., None]  # padded cells excluded
-            visual_out = hidden[:, text_ids.shape[1] :]
-            pooled = pooled + (visual_out * weights).sum(1) / weights.sum(1).clamp(min=1)
+            pooled = pooled + masked_mean(hidden[:, text_ids.shape[1] :], visual_mask)
         return hidden, pooled
