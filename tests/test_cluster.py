@@ -16,7 +16,7 @@ import yaml
 from soho_scale.cluster import ClusterError, launch_main
 
 REPO = Path(__file__).resolve().parent.parent
-JOB = "jobs/demo/pretrain.yaml"  # global batch 16, micro batch 4
+JOB = "jobs/demo/pretrain.yaml"  # global batch 32, micro batch 16
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "planted-aws-secret-0123",
     "AWS_ACCESS_KEY_ID": "planted-aws-key-id-4567",
@@ -115,7 +115,7 @@ def test_hostfile_with_too_few_hosts_is_a_user_error(env, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("worker-0 slots=8\n")
     with pytest.raises(ClusterError, match="1 host"):
-        launch_main([JOB, "--hostfile", str(hostfile), "--nodes", "2", "--gpus-per-node", "2"])
+        launch_main([JOB, "--hostfile", str(hostfile), "--nodes", "2", "--gpus-per-node", "1"])
     hostfile.write_text("worker-0 slot=8\n")
     with pytest.raises(ClusterError, match="HOST slots=N"):
         launch_main([JOB, "--hostfile", str(hostfile), "--dry-run"])
@@ -124,7 +124,7 @@ def test_hostfile_with_too_few_hosts_is_a_user_error(env, tmp_path):
 def write_sbatch(tmp_path: Path, *extra: str) -> Path:
     out = tmp_path / "job.sbatch"
     argv = [JOB, "tracking.run_name=it's mine", "--scheduler", "slurm", "--nodes", "2"]
-    argv += ["--gpus-per-node", "4", "batch.global_batch=32", "--out", str(out), *extra]
+    argv += ["--gpus-per-node", "4", "batch.global_batch=128", "--out", str(out), *extra]
     assert launch_main(argv) == 0
     return out
 
@@ -176,14 +176,14 @@ def test_sbatch_script_runs_one_launcher_per_node(env, tmp_path):
         args = shlex.split((logs / f"node{node}.args").read_text())
         assert args[args.index("--node_rank") + 1] == str(node)
         assert args[args.index("--master_addr") + 1] == "gpu-a"
-        assert args[-3:] == [JOB, "tracking.run_name=it's mine", "batch.global_batch=32"]
+        assert args[-3:] == [JOB, "tracking.run_name=it's mine", "batch.global_batch=128"]
         assert (logs / f"node{node}.hosts").read_text() == "gpu-a slots=4\ngpu-b slots=4\n"
 
 
 def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tmp_path):
     out = tmp_path / "job.k8s.yaml"
     argv = [JOB, "--scheduler", "k8s", "--nodes", "2", "--gpus-per-node", "4", "--out", str(out)]
-    argv += ["batch.global_batch=32", "--image", "registry.example/soho:1", "--shm-size", "32Gi"]
+    argv += ["batch.global_batch=128", "--image", "registry.example/soho:1", "--shm-size", "32Gi"]
     assert launch_main(argv) == 0
     text = out.read_text()
     assert_no_secret(text)
@@ -218,7 +218,7 @@ def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tm
     subprocess.run(["bash", "-n", "-c", script], check=True)
     assert '--node_rank "$JOB_COMPLETION_INDEX"' in script
     assert f"--master_addr {name}-0.{name}" in script
-    assert "--module soho_scale.train jobs/demo/pretrain.yaml batch.global_batch=32" in script
+    assert "--module soho_scale.train jobs/demo/pretrain.yaml batch.global_batch=128" in script
 
 
 def test_k8s_job_file_outside_the_repo_is_a_user_error(env, tmp_path):

@@ -43,8 +43,9 @@ def write_shards(folder: Path, samples: int = 40) -> Path:
 
 
 def write_job(tmp_path: Path, remote: str, checkpoint: str) -> Path:
-    """The demo job (tiny model, 2 ranks, global batch 16, 200 steps) on other data."""
+    """The demo job (tiny model, 2 ranks, 800 steps) on other data, global batch 16 (4 per rank)."""
     spec = yaml.safe_load(DEMO_JOB.read_text())
+    spec["batch"] = {"micro_batch_per_rank": 4, "global_batch": 16}
     spec["data"]["streams"] = [{"remote": remote}]
     spec["checkpoint"]["dir"] = checkpoint
     path = tmp_path / "job.yaml"
@@ -89,13 +90,13 @@ def test_good_local_shards_pass_with_the_right_numbers(tmp_path, clean_env, caps
     assert plan["stream_samples"] == {str(shards): 40}
     d = plan["derived"]
     assert (d["world_size"], d["accumulation_steps"], d["global_batch"]) == (2, 2, 16)
-    assert (d["steps_per_epoch"], d["total_steps"]) == (40 // 16, 200)
+    assert (d["steps_per_epoch"], d["total_steps"]) == (40 // 16, 800)
     # FLOPs: 16 images of 64x96 (min_size x max_size), 2 captions each of 16 tokens.
     batch = {"images": torch.empty(16, 3, 64, 96), "text_ids": torch.empty(32, 16)}
     forward = FlopModel(build_config("tiny")).forward_flops(batch, round(32 * 14 * 0.15))
     assert plan["flops"]["train_flops_per_step"] == pytest.approx(3 * forward)
     seconds = 3 * forward / (2 * 989e12 * 0.35)
-    assert plan["time"]["total_hours"] == pytest.approx(200 * seconds / 3600)
+    assert plan["time"]["total_hours"] == pytest.approx(800 * seconds / 3600)
     ckpt = plan["checkpoint"]
     model = load_job(str(job)).model  # the demo job's preset and overrides
     assert ckpt["params"] == model_info(model.preset, **model.overrides)["params"]

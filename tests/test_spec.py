@@ -140,11 +140,11 @@ def test_bad_values_name_their_path(tmp_path):
 def test_batch_must_divide_across_ranks():
     message = spec_error(DEMO, ["batch.global_batch=10"])
     assert message.startswith(
-        "batch.global_batch: 10 is not divisible by micro_batch_per_rank*world_size=8"
+        "batch.global_batch: 10 is not divisible by micro_batch_per_rank*world_size=32"
     )
     job = load_job(DEMO)
-    assert derived(job, world_size=1)["accumulation_steps"] == 4  # elastic: same global batch
-    with pytest.raises(SpecError, match="micro_batch_per_rank\\*world_size=12"):
+    assert derived(job, world_size=1)["accumulation_steps"] == 2  # elastic: same global batch
+    with pytest.raises(SpecError, match="micro_batch_per_rank\\*world_size=48"):
         build_deepspeed_config(job, world_size=3)
 
 
@@ -178,9 +178,9 @@ def test_template_and_stage_must_agree():
 def test_deepspeed_config_is_filled_from_the_job():
     job = load_job(DEMO, ["precision=bf16", "optim.grad_clip=2.5"])
     config = build_deepspeed_config(job, world_size=2)
-    assert config["train_micro_batch_size_per_gpu"] == 4
-    assert config["gradient_accumulation_steps"] == 2
-    assert config["train_batch_size"] == 16
+    assert config["train_micro_batch_size_per_gpu"] == 16
+    assert config["gradient_accumulation_steps"] == 1
+    assert config["train_batch_size"] == 32
     assert config["gradient_clipping"] == 2.5
     assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
     assert config["zero_optimization"]["stage"] == 2
@@ -213,7 +213,7 @@ def test_deepspeed_accepts_every_template(template):
     job = load_job(DEMO, [f"deepspeed.zero_stage={stage}", f"deepspeed.offload={offload}"])
     config = DeepSpeedConfig(build_deepspeed_config(job, world_size=1))  # no process group: 1
     assert config.zero_optimization_stage == int(stage)
-    assert config.train_batch_size == 16 and config.gradient_accumulation_steps == 4
+    assert config.train_batch_size == 32 and config.gradient_accumulation_steps == 2
     assert config.gradient_clipping == 10.0
 
 
@@ -255,9 +255,9 @@ def test_validate_prints_resolved_job_and_numbers(capsys, tmp_path):
     resolved, summary = yaml.safe_load_all(capsys.readouterr().out)
     assert resolved["optim"]["rest"]["lr"] == 1e-3
     assert summary["overrides"] == ["optim.rest.lr=1e-3"]
-    assert summary["derived"]["steps_per_epoch"] == 10
-    assert summary["derived"]["total_steps"] == 200
-    assert summary["deepspeed_config"]["train_batch_size"] == 16
+    assert summary["derived"]["steps_per_epoch"] == 5
+    assert summary["derived"]["total_steps"] == 800
+    assert summary["deepspeed_config"]["train_batch_size"] == 32
     saved = tmp_path / "resolved.yaml"
     saved.write_text(yaml.safe_dump(resolved))
     assert load_job(saved).optim.rest.lr == 1e-3  # the printed job is itself a job file

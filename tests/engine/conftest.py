@@ -85,6 +85,7 @@ def make_job(tmp_path, pretrain_shards):
         spec["data"]["streams"] = [{"remote": pretrain_shards}]
         spec["data"]["image"] = {"min_size": 48, "max_size": 64, "square": False}
         spec["data"]["workers"] = 1
+        spec["batch"] = {"micro_batch_per_rank": 4, "global_batch": 16}
         spec["schedule"] = {"warmup_steps": 1, "steps": 6, "decay_steps": [], "gamma": 0.1}
         spec["checkpoint"] = {
             "dir": str(tmp_path / f"{name}-ckpt"),
