@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -49,10 +49,10 @@ class SohoConfig:
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone: expected one of {BACKBONES}, got {self.backbone!r}")
-        if self.bn_policy not in ("frozen", "sync", "train"):
-            raise ValueError(f"model.bn_policy: expected frozen|sync|train, got {self.bn_policy!r}")
-        if self.vd_fusion not in ("vd", "gate", "sum"):
-            raise ValueError(f"model.vd_fusion: expected vd|gate|sum, got {self.vd_fusion!r}")
+        for name, choices in _CHOICES.items():  # the Literal fields: a dataclass does not check
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"model.{name}: expected {'|'.join(choices)}, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -65,11 +65,15 @@ class SohoConfig:
             raise ValueError(
                 "model.pre_norm: BERT weights (model.init_from) are post-LN; set pre_norm: false"
             )
-        if self.readout not in ("cls", "cls+visual_mean"):
-            raise ValueError(f"model.readout: expected cls|cls+visual_mean, got {self.readout!r}")
         if self.pool < 1:
             raise ValueError(f"model.pool: expected >= 1, got {self.pool}")
 
+
+_CHOICES = {
+    name: get_args(hint)
+    for name, hint in get_type_hints(SohoConfig).items()
+    if get_origin(hint) is Literal
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: a 4-block ResNet, a 2-layer 128-wide pre-LN transformer from
