@@ -233,17 +233,19 @@ def test_load_retrieval_set_reads_the_karpathy_test_shards(tmp_path: Path):
 @pytest.mark.slow
 def test_finetuning_beats_the_untrained_model(task_shards):
     # The demo recipe (ITM with hard negatives + the in-batch contrastive term) for a few CPU
-    # steps: the contrastive first stage ranks far above chance (R@5 = 5% on 100 images), the
-    # untrained model does not. Measured (seed 0, 200 steps): first stage R@5 TR/IR 6/4 untrained,
-    # 35/34 trained; exact ITM R@5 5/5 -> 10/21 here, 4/10 in another run (not asserted).
+    # steps: both the exact ITM ranking (the paper's protocol) and the contrastive first stage
+    # rank far above chance (R@5 = 5% on 100 images); the untrained model does not. Measured
+    # (constant rates, batch 8, 400 steps; untrained R@5 3-5 everywhere), exact ITM R@5 TR/IR:
+    # seed 0 45/37.6, seed 1 14/16.4, seed 2 39/32.2; first stage 45/48.4, 33/25.4, 63/46.6.
+    # At 200 steps the exact ranking had barely left chance (seed 0: 16/16).
     from tests.tasks.conftest import demo_job, finetune
 
     job = demo_job("retrieval", task_shards)
     assert job.objectives.itc_weight > 0 and job.eval.retrieval_modes == ["exact", "two_stage"]
-    _, before, after = finetune(job, steps=200, lr=None, batch_size=8)
+    _, before, after = finetune(job, steps=400, lr=None, batch_size=8)
     assert after["num_images"] == 100 and after["num_texts"] == 500
+    for key in ("tr_r5", "ir_r5"):  # exact ITM over all 100 x 500 pairs
+        assert after[key] >= 12 and after[key] >= before[key] + 8, (key, before, after)
     for key in ("first_stage_tr_r5", "first_stage_ir_r5"):
         assert after[key] >= 20 and after[key] >= before[key] + 10, (key, before, after)
-    # The exact ITM ranking (the paper's protocol) is not asserted: in 200 steps it moves from
-    # chance to 10-30 (sum of both R@5) depending on the run; the contrastive stage is what learns.
-    assert {"tr_r5", "ir_r5", "two_stage_tr_r5", "two_stage_pairs_scored"} <= set(after)
+    assert {"two_stage_tr_r5", "two_stage_pairs_scored"} <= set(after)
