@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.dataset import _ShardState  # the shard states streaming keeps in shm
 from streaming.base.hashing import get_hash
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 TASKS = tuple(COLLATE_BY_TASK)
 _PREPARING = _ShardState.PREPARING
 _LOCAL = _ShardState.LOCAL
+_LOCK_POLL_S = 0.001
 # Our own shard state (streaming uses 0-3): a shard that failed to download or verify. It lives
 # in streaming's shared-memory state array, so every worker and rank of the node sees it.
 _FAILED = 200
@@ -200,6 +202,31 @@ class SohoStreamingDataset(StreamingDataset):
                 f"check ({type(e).__name__}: {e}); check the dataset location, or rewrite it"
             ) from e
 
+    def _epoch_shards_local(self, it: Any) -> bool:
+        """Every shard this worker reads this epoch is on disk (no cache limit can evict one)."""
+        ids = it.sample_ids[it.sample_ids >= 0]
+        shards = np.unique(np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1)
+        return not self.cache_limit and bool((self._shard_states.numpy()[shards] == _LOCAL).all())
+
+    # Streaming runs a download thread and a ready thread beside each worker's sample loop; both
+    # walk the epoch sample by sample (shared-memory reads, a lock per sample) and poll every
+    # 7 ms. With every shard of the epoch already on disk they have nothing to do but take CPU
+    # and the GIL from the worker (~190 us a sample, 8% of a worker, benchmarks/README.md):
+    # then they mark the epoch ready and exit at once.
+    def _prepare_thread(self, it: Any) -> None:
+        if self._epoch_shards_local(it):
+            it.prepare_index = it.total
+            it.on_exit()
+            return
+        super()._prepare_thread(it)
+
+    def _ready_thread(self, it: Any) -> None:
+        if self._epoch_shards_local(it):
+            it.ready_index = it.total
+            it.on_exit()
+            return
+        super()._ready_thread(it)
+
     def on_exception(self, future: Future) -> None:
         # Streaming re-raises inside a future callback (the error is only logged) and the epoch
         # then ends early; keep it for __iter__ to raise.
@@ -212,6 +239,12 @@ class SohoStreamingDataset(StreamingDataset):
             self._iterator.on_exit()
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
+        # Each epoch's start passes streaming's worker barrier three times, and each pass takes
+        # its FileLock; a worker that finds it held polls every 50 ms (filelock's default).
+        # That was ~50 ms of idle workers per epoch here; poll every millisecond.
+        barrier = self._shared_barrier
+        if getattr(getattr(barrier, "lock", None), "poll_interval", None) != _LOCK_POLL_S:
+            barrier.lock = FileLock(barrier.filelock_path, poll_interval=_LOCK_POLL_S)
         epoch, sample_in_epoch = super()._resume_incr_epoch()
         self._epoch = epoch
         return epoch, sample_in_epoch
