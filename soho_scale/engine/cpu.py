@@ -82,6 +82,68 @@ def release_shm_allreduce_segment(rank: int) -> bool:
     return True
 
 
+def use_shm_collectives() -> bool:
+    """Run DeepSpeed's blocking SUM all-reduces and its all-gathers over every rank through its
+    shared-memory CPU kernel instead of gloo (call after `deepspeed.init_distributed`).
+
+    DeepSpeed builds that kernel (deepspeed/ops/csrc/cpu/comm/shm.cpp) on CPU ranks that are all on
+    one machine (LOCAL_SIZE == world size) but uses it only for inference; training goes through
+    gloo's loopback TCP. On 2 ranks and 9.4M fp32 values (the tiny model) gloo took 24.8 ms to
+    all-reduce and 36.1 ms to all-gather (ZeRO-1/2 gather the updated weights every step); the
+    kernel all-reduces in 11.2 ms. An all-gather becomes: zero the other ranks' slices, all-reduce
+    (exact: x + 0 = x). Anything else (asynchronous calls, other ops, sub-groups, other dtypes)
+    stays on gloo. Returns whether it is on.
+    """
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    backend = ds_comm.cdb
+    world = dist.get_world_size()
+    kernel = getattr(getattr(torch.ops, "deepspeed", None), "inference_all_reduce_", None)
+    level = getattr(backend, "shm_vector_kernel_level", 0)  # 1: fp32 (avx2), 2: also bf16/fp16
+    if world < 2 or kernel is None or level < 1 or os.environ.get("LOCAL_SIZE") != str(world):
+        return False  # the kernel only exists when every rank is local; it faults otherwise
+    dtypes = {torch.float32} | ({torch.bfloat16, torch.float16} if level >= 2 else set())
+    gloo_all_reduce, gloo_all_gather = backend.all_reduce, backend.all_gather_into_tensor
+
+    def eligible(tensor: torch.Tensor, group: Any, async_op: bool) -> bool:
+        return (
+            not async_op
+            and tensor.device.type == "cpu"
+            and tensor.dtype in dtypes
+            and tensor.is_contiguous()
+            and (group is None or dist.get_world_size(group) == world)
+        )
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):  # noqa: ANN001, ANN202
+        if eligible(tensor, group, async_op) and backend._reduce_op(op) == dist.ReduceOp.SUM:
+            kernel(tensor)
+            return None
+        return gloo_all_reduce(tensor, op, group, async_op)
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):  # noqa: ANN001, ANN202
+        if not (
+            eligible(output_tensor, group, async_op)
+            and input_tensor.dtype == output_tensor.dtype
+            and output_tensor.numel() == world * input_tensor.numel()
+        ):
+            return gloo_all_gather(output_tensor, input_tensor, group, async_op)
+        rank = dist.get_rank(group)
+        slices = output_tensor.view(-1).chunk(world)
+        mine = slices[rank]
+        if mine.data_ptr() != input_tensor.data_ptr():  # ZeRO passes a view of its own slice
+            mine.copy_(input_tensor.reshape(-1))
+        for i, other in enumerate(slices):
+            if i != rank:
+                other.zero_()
+        kernel(output_tensor)
+        return None
+
+    backend.all_reduce = all_reduce
+    backend.all_gather_into_tensor = all_gather_into_tensor
+    return True
+
+
 def tune_for_cpu(ds_config: dict[str, Any]) -> dict[str, Any]:
     """ZeRO-1/2 settings for CPU ranks, where two GPU-template choices only add work.
 

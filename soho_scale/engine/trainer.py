@@ -31,6 +31,7 @@ from soho_scale.engine.cpu import (
     release_shm_allreduce_segment,
     share_cores,
     tune_for_cpu,
+    use_shm_collectives,
 )
 from soho_scale.engine.optimizer import build_optimizer, lr_factor
 from soho_scale.engine.telemetry import FlopModel, Throughput
@@ -74,6 +75,10 @@ def setup_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         keep_freed_memory()  # DeepSpeed re-allocates its buffers every step
         share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        # DeepSpeed sets up its shared-memory all-reduce only when LOCAL_SIZE (its launcher's
+        # name) equals the world size; spawned ranks name it LOCAL_WORLD_SIZE.
+        if "LOCAL_WORLD_SIZE" in os.environ:
+            os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -82,6 +87,7 @@ def setup_distributed() -> tuple[int, int]:
     else:  # every rank has mapped every segment once all have passed init_distributed
         dist.barrier()
         release_shm_allreduce_segment(dist.get_rank())
+        use_shm_collectives()
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -37,6 +37,28 @@ def test_cpu_ranks_split_the_cores_between_them():
     assert _threads_after_setup({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": str(cores)}) == cores
 
 
+def _two_local_ranks(probe: str, port: str, **env: str) -> list[str]:
+    """Run `probe` as ranks 0 and 1 of a 2-process world on this machine: each one's last line."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_SIZE")}
+    base.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", probe],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    lines = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+        lines.append(out.strip().splitlines()[-1])
+    return lines
+
+
 SHM_PROBE = """
 import os, torch, deepspeed.comm
 from soho_scale.engine.cpu import shm_allreduce_segment
@@ -57,24 +79,48 @@ def test_cpu_ranks_leave_no_shared_memory_behind(monkeypatch: pytest.MonkeyPatch
     from soho_scale.engine.cpu import shm_allreduce_segment
 
     port = str(29500 + os.getpid() % 1000 + 7)
-    base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    base.update(WORLD_SIZE="2", LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", SHM_PROBE],
-            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outs = [p.communicate(timeout=180) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-        assert out.strip().splitlines()[-1] == "[False, False] 3.0"
+    for last_line in _two_local_ranks(SHM_PROBE, port, LOCAL_SIZE="2"):
+        assert last_line == "[False, False] 3.0"
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", port)
     names = [shm_allreduce_segment(r) for r in range(2)]
     assert all(n.startswith("/dev/shm/deepspeed_allreduce_buffer_") for n in names)
     assert not any(os.path.exists(n) for n in names)
+
+
+SHM_COLLECTIVES_PROBE = """
+import torch, torch.distributed as dist, deepspeed.comm as ds
+from soho_scale.engine.trainer import setup_distributed
+rank, world = setup_distributed()
+routed = "use_shm_collectives" in ds.comm.cdb.all_reduce.__qualname__
+g = torch.Generator().manual_seed(rank)
+x = torch.randn(300_001, generator=g)
+mine, gloo = x.clone(), x.clone()
+ds.all_reduce(mine)  # DeepSpeed's collective, as ZeRO calls it
+dist.all_reduce(gloo)  # torch's gloo
+same = [torch.equal(mine, gloo)]
+peak, gloo_peak = x.clone(), x.clone()
+ds.all_reduce(peak, op=ds.ReduceOp.MAX)  # not a sum: stays on gloo
+dist.all_reduce(gloo_peak, op=dist.ReduceOp.MAX)
+same.append(torch.equal(peak, gloo_peak))
+part = torch.randn(1000, generator=g)
+expect = torch.empty(2000)
+dist.all_gather_into_tensor(expect, part)
+out = torch.full((2000,), 7.0)
+ds.all_gather_into_tensor(out, part)
+same.append(torch.equal(out, expect))
+flat = torch.full((2000,), 7.0)  # ZeRO's case: the input is this rank's slice of the output
+flat[rank * 1000 : (rank + 1) * 1000] = part
+ds.all_gather_into_tensor(flat, flat[rank * 1000 : (rank + 1) * 1000])
+same.append(torch.equal(flat, expect))
+print(routed, same)
+"""
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_collectives_on_local_cpu_ranks_use_shared_memory_and_match_gloo():
+    # Spawned ranks name the local world LOCAL_WORLD_SIZE (no LOCAL_SIZE): setup_distributed still
+    # routes DeepSpeed's sums and all-gathers through its shared-memory kernel, with gloo's results.
+    port = str(29500 + os.getpid() % 1000 + 11)
+    for last_line in _two_local_ranks(SHM_COLLECTIVES_PROBE, port, LOCAL_WORLD_SIZE="2"):
+        assert last_line == "True [True, True, True, True]"
