@@ -113,7 +113,9 @@ flat = torch.full((2000,), 7.0)  # ZeRO's case: the input is this rank's slice o
 flat[rank * 1000 : (rank + 1) * 1000] = part
 ds.all_gather_into_tensor(flat, flat[rank * 1000 : (rank + 1) * 1000])
 same.append(torch.equal(flat, expect))
-print(routed, same)
+print(routed, same, flush=True)
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
