@@ -163,6 +163,7 @@ class SohoStreamingDataset(StreamingDataset):
         self._epoch = 0
         self._planned = 0
         self._background_error: BaseException | None = None
+        self._raw_shards: set[int] = set()  # shards seen uncompressed on disk (this process)
         if World.detect().is_local_leader:
             for stream in streams:
                 if verify_shards:
@@ -188,7 +189,7 @@ class SohoStreamingDataset(StreamingDataset):
         # benchmarks/README.md); touch the time without it, as streaming's own get_item does.
         # (Only eviction under a cache_limit, which soho_scale does not set, takes a LOCAL
         # shard away, and get_item then fetches it again.)
-        if self._shard_states[shard_id] == _LOCAL:
+        if self._raw_on_disk(shard_id):
             self._shard_access_times[shard_id] = time_ns()
             return
         try:
@@ -202,11 +203,30 @@ class SohoStreamingDataset(StreamingDataset):
                 f"check ({type(e).__name__}: {e}); check the dataset location, or rewrite it"
             ) from e
 
+    def _raw_on_disk(self, shard_id: int) -> bool:
+        """The shard is LOCAL and its uncompressed files exist. (Streaming also calls a shard
+        LOCAL when only its compressed file is there, and decompresses it in prepare_shard.)"""
+        if shard_id in self._raw_shards:
+            return True
+        if self._shard_states[shard_id] != _LOCAL:
+            return False
+        shard = self.shards[shard_id]
+        folder = os.path.join(shard.dirname, shard.split or "")
+        if all(os.path.isfile(os.path.join(folder, raw.basename)) for raw, _ in shard.file_pairs):
+            self._raw_shards.add(shard_id)  # without a cache_limit nothing deletes it again
+            return True
+        return False
+
     def _epoch_shards_local(self, it: Any) -> bool:
-        """Every shard this worker reads this epoch is on disk (no cache limit can evict one)."""
-        ids = it.sample_ids[it.sample_ids >= 0]
-        shards = np.unique(np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1)
-        return not self.cache_limit and bool((self._shard_states.numpy()[shards] == _LOCAL).all())
+        """Every shard this worker reads this epoch is on disk, uncompressed (and no cache limit
+        can evict one). Computed once per epoch, by whichever of the two threads comes first."""
+        if not hasattr(it, "soho_all_local"):
+            ids = it.sample_ids[it.sample_ids >= 0]
+            shards = np.unique(np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1)
+            it.soho_all_local = not self.cache_limit and all(
+                self._raw_on_disk(int(s)) for s in shards
+            )
+        return it.soho_all_local
 
     # Streaming runs a download thread and a ready thread beside each worker's sample loop; both
     # walk the epoch sample by sample (shared-memory reads, a lock per sample) and poll every

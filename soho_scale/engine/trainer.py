@@ -77,8 +77,9 @@ def setup_distributed() -> tuple[int, int]:
         share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         # DeepSpeed sets up its shared-memory all-reduce only when LOCAL_SIZE (its launcher's
         # name) equals the world size; spawned ranks name it LOCAL_WORLD_SIZE.
-        if "LOCAL_WORLD_SIZE" in os.environ:
-            os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        if local != "1" and local == os.environ.get("WORLD_SIZE"):  # (a lone rank needs none)
+            os.environ.setdefault("LOCAL_SIZE", local)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

@@ -38,9 +38,12 @@ def jpeg(i: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_shards(out: str, n: int = NUM_SAMPLES, corrupt: tuple[int, ...] = ()) -> None:
+def write_shards(
+    out: str, n: int = NUM_SAMPLES, corrupt: tuple[int, ...] = (), compression: str | None = None
+) -> None:
     """Caption shards in the contract's layout; ~3 samples per shard."""
-    with MDSWriter(out=out, columns=COLUMNS, hashes=["sha1", "xxh64"], size_limit=3000) as w:
+    with MDSWriter(out=out, columns=COLUMNS, hashes=["sha1", "xxh64"], size_limit=3000,
+                   compression=compression) as w:  # fmt: skip
         for i in range(n):
             image = b"\xff\xd8 not a jpeg" if i in corrupt else jpeg(i)
             captions = [f"a photo number {i}", f"picture {i} of a thing", f"image {i}"]
@@ -84,6 +87,18 @@ def test_round_trip_matches_plain_streaming(s3, tmp_path):
     ours = [ds[i] for i in range(ds.num_samples)]
     assert [s["image"] for s in ours] == [raw[s["image_id"]] for s in ours]
     assert [s["sample_id"] for s in ours] == list(range(NUM_SAMPLES))
+
+
+def test_compressed_local_shards_are_read_in_workers(tmp_path):
+    # A local folder of zstd shards holds no raw shard files: streaming counts such a shard as
+    # present and decompresses it on first use; the loader's shortcuts must not skip that.
+    folder = str(tmp_path / "zstd")
+    write_shards(folder, compression="zstd")
+    assert not [f for f in os.listdir(folder) if f.endswith(".mds")]
+    ds = build_dataset([folder], processor(), str(tmp_path / "cache"), 4, clean_stale_shm=False)
+    loader = build_loader(ds, 4, num_workers=2, persistent_workers=True)
+    for _ in range(2):  # the second epoch finds every shard decompressed
+        assert sorted(epoch_ids(loader)) == list(range(NUM_SAMPLES))
 
 
 def test_one_process_epoch_exactly_once_with_workers(s3, tmp_path):

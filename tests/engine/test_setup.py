@@ -51,12 +51,14 @@ def _two_local_ranks(probe: str, port: str, **env: str) -> list[str]:
         )
         for r in range(2)
     ]
-    lines = []
-    for p in procs:
-        out, err = p.communicate(timeout=180)
+    try:
+        results = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:  # a rank left behind would wait for its peer forever
+            p.kill()
+    for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-2000:]
-        lines.append(out.strip().splitlines()[-1])
-    return lines
+    return [out.strip().splitlines()[-1] for out, _ in results]
 
 
 SHM_PROBE = """
@@ -91,8 +93,11 @@ def test_cpu_ranks_leave_no_shared_memory_behind(monkeypatch: pytest.MonkeyPatch
 SHM_COLLECTIVES_PROBE = """
 import torch, torch.distributed as dist, deepspeed.comm as ds
 from soho_scale.engine.trainer import setup_distributed
+import soho_scale.engine.cpu as cpu
 rank, world = setup_distributed()
-routed = "use_shm_collectives" in ds.comm.cdb.all_reduce.__qualname__
+calls = []
+kernel = cpu.shm_all_reduce
+cpu.shm_all_reduce = lambda t: (calls.append(t.numel()), kernel(t))
 g = torch.Generator().manual_seed(rank)
 x = torch.randn(300_001, generator=g)
 mine, gloo = x.clone(), x.clone()
@@ -113,7 +118,11 @@ flat = torch.full((2000,), 7.0)  # ZeRO's case: the input is this rank's slice o
 flat[rank * 1000 : (rank + 1) * 1000] = part
 ds.all_gather_into_tensor(flat, flat[rank * 1000 : (rank + 1) * 1000])
 same.append(torch.equal(flat, expect))
-print(routed, same, flush=True)
+later, gloo_later = x.clone(), x.clone()
+ds.all_reduce(later, async_op=True).wait()  # asynchronous: stays on gloo, keeps its handle
+dist.all_reduce(gloo_later)
+same.append(torch.equal(later, gloo_later))
+print(calls, same, flush=True)
 dist.barrier()
 dist.destroy_process_group()
 """
@@ -125,4 +134,5 @@ def test_deepspeed_collectives_on_local_cpu_ranks_use_shared_memory_and_match_gl
     # routes DeepSpeed's sums and all-gathers through its shared-memory kernel, with gloo's results.
     port = str(29500 + os.getpid() % 1000 + 11)
     for last_line in _two_local_ranks(SHM_COLLECTIVES_PROBE, port, LOCAL_WORLD_SIZE="2"):
-        assert last_line == "True [True, True, True, True]"
+        # the kernel ran the SUM and both all-gathers; MAX and the async call stayed on gloo
+        assert last_line == "[300001, 2000, 2000] [True, True, True, True, True]"
