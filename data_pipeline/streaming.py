@@ -233,19 +233,21 @@ class SohoStreamingDataset(StreamingDataset):
     # 7 ms. With every shard of the epoch already on disk they have nothing to do but take CPU
     # and the GIL from the worker (~190 us a sample, 8% of a worker, benchmarks/README.md):
     # then they mark the epoch ready and exit at once.
+    def _finish_at_once(self, it: Any, index: str) -> bool:
+        """Over local shards: set the thread's `index` of `it` to the end and exit."""
+        if not self._epoch_shards_local(it):
+            return False
+        setattr(it, index, it.total)
+        it.on_exit()
+        return True
+
     def _prepare_thread(self, it: Any) -> None:
-        if self._epoch_shards_local(it):
-            it.prepare_index = it.total
-            it.on_exit()
-            return
-        super()._prepare_thread(it)
+        if not self._finish_at_once(it, "prepare_index"):
+            super()._prepare_thread(it)
 
     def _ready_thread(self, it: Any) -> None:
-        if self._epoch_shards_local(it):
-            it.ready_index = it.total
-            it.on_exit()
-            return
-        super()._ready_thread(it)
+        if not self._finish_at_once(it, "ready_index"):
+            super()._ready_thread(it)
 
     def on_exception(self, future: Future) -> None:
         # Streaming re-raises inside a future callback (the error is only logged) and the epoch
