@@ -12,9 +12,9 @@ and worker count, so the ratios isolate the cost of storage and streaming.
 from __future__ import annotations
 
 import argparse
-import atexit
 import io
 import json
+import multiprocessing.util
 import os
 import random
 import shutil
@@ -124,7 +124,8 @@ def main() -> None:
     # One private folder, removed at exit: the data, streaming's file locks and
     # multiprocessing's temporary files (it becomes TMPDIR).
     os.environ["TMPDIR"] = tmp = tempfile.mkdtemp(prefix="soho-bench-")
-    atexit.register(shutil.rmtree, tmp, True)
+    # After multiprocessing's own exit clean-up of its folder inside it (exitpriority -100).
+    multiprocessing.util.Finalize(None, shutil.rmtree, (tmp, True), exitpriority=-101)
     tempfile.tempdir = None
     with LocalS3Server(["bench"]):
         files = os.path.join(tmp, "files")

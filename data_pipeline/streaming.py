@@ -24,20 +24,23 @@ import json
 import logging
 import os
 import random
+import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from threading import Event, Thread
-from time import time_ns
+from time import sleep, time_ns
 from typing import Any
 
 import numpy as np
 import torch
-from filelock import FileLock
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.dataset import _ShardState  # the shard states streaming keeps in shm
+from streaming.base.format.mds.encodings import _get_coder
+from streaming.base.format.mds.reader import MDSReader
 from streaming.base.hashing import get_hash
+from streaming.base.shared.barrier import SharedBarrier
 from streaming.base.util import clean_stale_shared_memory
 from streaming.base.world import World
 
@@ -60,6 +63,8 @@ TASKS = tuple(COLLATE_BY_TASK)
 _PREPARING = _ShardState.PREPARING
 _LOCAL = _ShardState.LOCAL
 _LOCK_POLL_S = 0.001
+# Shard files each worker keeps open for reading (least recently opened closed first).
+_MAX_OPEN_SHARDS = 64
 # Our own shard state (streaming uses 0-3): a shard that failed to download or verify. It lives
 # in streaming's shared-memory state array, so every worker and rank of the node sees it.
 _FAILED = 200
@@ -148,6 +153,86 @@ class SampleProcessor:
         return out
 
 
+class _PollingBarrier(SharedBarrier):
+    """Streaming's worker barrier, polling every millisecond (`_LOCK_POLL_S`).
+
+    Each epoch's start passes it three times in every worker. Streaming's own polls its shared
+    state every 7 ms and takes its FileLock with filelock's 50 ms polls, so the first worker
+    there idled up to ~7-50 ms a pass (benchmarks/README.md). Same protocol as
+    `SharedBarrier.__call__`.
+    """
+
+    def _acquire(self) -> None:
+        self.lock.acquire(poll_interval=_LOCK_POLL_S)
+
+    def __call__(self, num_procs: int) -> None:
+        self._acquire()
+        if self.num_exit == -1:
+            self.num_exit = num_procs
+        self.lock.release()
+
+        self._acquire()
+        if not self.num_enter:
+            self.lock.release()
+            while self.num_exit != num_procs:
+                sleep(_LOCK_POLL_S)
+            self._acquire()
+            self.flag = False
+        self.num_enter += 1
+        if self.num_enter == num_procs:
+            self.num_enter = 0
+            self.num_exit = 0
+            self.flag = True
+        self.lock.release()
+
+        while not self.flag:
+            sleep(_LOCK_POLL_S)
+
+        self._acquire()
+        self.num_exit += 1
+        if self.num_exit == num_procs:
+            self.num_exit = -1
+        self.lock.release()
+
+
+class _OpenShard:
+    """An uncompressed MDS shard on local disk, read through one open descriptor.
+
+    Streaming's `MDSReader.get_item` opens the file for every sample (open, two seeks and reads,
+    close) and builds a coder object per column per sample: ~23 us a sample here against ~9 us
+    for reading a JPEG file. This reads the offsets and the sample with two `pread`s and
+    decodes with coders built once: ~7 us (benchmarks/README.md). Same bytes, same coders.
+    """
+
+    def __init__(self, shard: MDSReader) -> None:
+        path = os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.columns = [
+            (name, size, _get_coder(encoding))
+            for name, size, encoding in zip(
+                shard.column_names, shard.column_sizes, shard.column_encodings
+            )
+        ]
+        # A sample starts with the byte sizes of its variable-size columns (uint32 each).
+        variable = sum(1 for _, size, _ in self.columns if not size)
+        self.sizes = struct.Struct(f"<{variable}I")
+
+    def get_item(self, index: int) -> dict[str, Any]:
+        begin, end = struct.unpack("<II", os.pread(self.fd, 8, 4 + 4 * index))
+        data = os.pread(self.fd, end - begin, begin)
+        sizes = iter(self.sizes.unpack_from(data))
+        position = self.sizes.size
+        sample = {}
+        for name, size, coder in self.columns:
+            size = size or next(sizes)
+            sample[name] = coder.decode(data[position : position + size])
+            position += size
+        return sample
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class SohoStreamingDataset(StreamingDataset):
     """StreamingDataset returning processed samples with their dataset index (`sample_id`)."""
 
@@ -164,6 +249,8 @@ class SohoStreamingDataset(StreamingDataset):
         self._planned = 0
         self._background_error: BaseException | None = None
         self._raw_shards: set[int] = set()  # shards seen uncompressed on disk (this process)
+        self._open_shards: dict[int, _OpenShard] = {}
+        self._open_pid = 0  # the process that opened them: descriptors never cross a fork
         if World.detect().is_local_leader:
             for stream in streams:
                 if verify_shards:
@@ -176,6 +263,7 @@ class SohoStreamingDataset(StreamingDataset):
                 if stream.remote and stream.local:  # never purge a local-only source folder
                     purge_corrupt_cached_shards(stream.local)
         super().__init__(streams=list(streams), **kwargs)
+        self._shared_barrier.__class__ = _PollingBarrier  # same shared state, faster polls
 
     def shard_url(self, shard_id: int) -> str:
         stream = self.streams[self.stream_per_shard[shard_id]]
@@ -260,13 +348,14 @@ class SohoStreamingDataset(StreamingDataset):
             # StreamingDataset.__iter__ waits for it forever.
             self._iterator.on_exit()
 
+    def _each_sample_id(self, it: Any) -> Iterator[int]:
+        # Streaming's sample loop sleeps 7 ms whenever the ready thread is behind, which at each
+        # epoch's start it always is, even when `_finish_at_once` is about to end it.
+        if self._epoch_shards_local(it):
+            it.prepare_index = it.ready_index = it.total
+        return super()._each_sample_id(it)
+
     def _resume_incr_epoch(self) -> tuple[int, int]:
-        # Each epoch's start passes streaming's worker barrier three times, and each pass takes
-        # its FileLock; a worker that finds it held polls every 50 ms (filelock's default).
-        # That was ~50 ms of idle workers per epoch here; poll every millisecond.
-        barrier = self._shared_barrier
-        if getattr(getattr(barrier, "lock", None), "poll_interval", None) != _LOCK_POLL_S:
-            barrier.lock = FileLock(barrier.filelock_path, poll_interval=_LOCK_POLL_S)
         epoch, sample_in_epoch = super()._resume_incr_epoch()
         self._epoch = epoch
         return epoch, sample_in_epoch
@@ -315,8 +404,26 @@ class SohoStreamingDataset(StreamingDataset):
                 self._event.set()
                 return
 
+    def _open_shard(self, shard_id: int) -> _OpenShard | None:
+        """The shard opened for `pread`, when it is an MDS shard uncompressed on disk that no
+        cache limit can evict; None sends the read through streaming."""
+        if self._open_pid != os.getpid():
+            self._open_shards, self._open_pid = {}, os.getpid()
+        shard = self._open_shards.get(shard_id)
+        if shard is not None:
+            return shard
+        reader = self.shards[shard_id]
+        if self.cache_limit or type(reader) is not MDSReader or not self._raw_on_disk(shard_id):
+            return None
+        if len(self._open_shards) >= _MAX_OPEN_SHARDS:
+            self._open_shards.pop(next(iter(self._open_shards))).close()
+        shard = self._open_shards[shard_id] = _OpenShard(reader)
+        return shard
+
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
-        raw = super().get_item(sample_id, retry)
+        shard_id, index = self.spanner[sample_id]
+        shard = self._open_shard(shard_id)
+        raw = shard.get_item(index) if shard else super().get_item(sample_id, retry)
         if self.processor is None:
             return {**raw, "sample_id": sample_id}
         out = self.processor(raw, sample_id, self._epoch)

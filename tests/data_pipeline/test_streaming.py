@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from streaming import MDSWriter, StreamingDataset
 
+import data_pipeline.streaming as streaming_module
 from data_pipeline.storage import DataError, LocalS3Server, free_port, s3_client
 from data_pipeline.streaming import SampleProcessor, build_dataset, build_loader
 from data_pipeline.transforms import ImageTransform
@@ -99,6 +100,27 @@ def test_compressed_local_shards_are_read_in_workers(tmp_path):
     loader = build_loader(ds, 4, num_workers=2, persistent_workers=True)
     for _ in range(2):  # the second epoch finds every shard decompressed
         assert sorted(epoch_ids(loader)) == list(range(NUM_SAMPLES))
+
+
+def test_local_shards_are_read_as_streaming_decodes_them(tmp_path, monkeypatch):
+    # Shards on disk are read with pread through at most _MAX_OPEN_SHARDS open files, not
+    # through streaming's reader: every column, fixed-size ones too, must decode the same.
+    monkeypatch.setattr(streaming_module, "_MAX_OPEN_SHARDS", 2)
+    folder = str(tmp_path / "mixed")
+    columns = {"image": "bytes", "label": "int", "score": "float32", "captions": "json",
+               "note": "str"}  # fmt: skip
+    with MDSWriter(out=folder, columns=columns, size_limit=2000) as writer:
+        for i in range(12):
+            writer.write({"image": jpeg(i), "label": i - 5, "score": i / 4, "captions": [f"c {i}"],
+                          "note": "é" * (i % 3)})  # fmt: skip
+    plain = StreamingDataset(local=folder, shuffle=False, batch_size=4)
+    ds = build_dataset([folder], None, str(tmp_path / "cache"), 4, shuffle=False,
+                       clean_stale_shm=False)  # fmt: skip
+    assert ds.num_shards >= 4
+    for i in range(ds.num_samples):
+        assert {**plain[i], "sample_id": i} == ds[i]
+        assert 1 <= len(ds._open_shards) <= 2
+    assert sorted(ds._open_shards) == [ds.num_shards - 2, ds.num_shards - 1]
 
 
 def test_one_process_epoch_exactly_once_with_workers(s3, tmp_path):
