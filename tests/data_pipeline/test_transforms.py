@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from data_pipeline.transforms import (
     ImageDecodeError,
     ImageTransform,
     TextTransform,
+    load_tokenizer,
     soho_size,
 )
 
@@ -59,6 +61,34 @@ def test_text_transform_pads_and_truncates_with_cls_sep():
     assert ids[0, 0] == special["cls"] and ids[0, 3] == special["sep"] and ids[0, 4] == 0
     assert mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0] and mask[1].all()
     assert ids[1, -1] == special["sep"]
+
+
+def test_text_transform_matches_the_tokenizer_call():
+    # TextTransform encodes through the Rust tokenizer directly; the result must be what the
+    # transformers tokenizer gives with the same truncation and padding.
+    rng = random.Random(0)
+    words = [
+        "red",
+        "Circle",
+        "naïve",
+        "über-groß",
+        "3",
+        "left-of",
+        "photo,",
+        "日本語",
+        "x" * 30,
+        "",
+    ]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randrange(40))) for _ in range(300)]
+    texts += ["", "   ", "a " * 50]
+    for max_len in (8, 16):
+        ours = TextTransform(max_len=max_len)
+        ids, mask = ours(texts)
+        ref = load_tokenizer(ours.tokenizer)(
+            texts, max_length=max_len, truncation=True, padding="max_length", return_tensors="pt"
+        )
+        assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+    assert TextTransform()([])[0].shape == (0, 16)
 
 
 def test_mlm_masking_rates_and_specials_never_masked():
