@@ -123,6 +123,36 @@ def test_local_shards_are_read_as_streaming_decodes_them(tmp_path, monkeypatch):
     assert sorted(ds._open_shards) == [ds.num_shards - 2, ds.num_shards - 1]
 
 
+def _barrier_rounds(barrier, arrived, rounds, procs, late):
+    for r in range(rounds):
+        if r in late:
+            time.sleep(0.05)
+        with arrived.get_lock():
+            arrived.value += 1
+        barrier(procs)
+        if arrived.value < (r + 1) * procs:  # someone got through before all had arrived
+            raise SystemExit(1)
+
+
+def test_worker_barrier_holds_every_process_until_all_arrive(tmp_path):
+    # The loader's workers meet at this barrier three times each epoch (streaming's protocol,
+    # our lock and polling); a process that passes early would read a partition not yet shared.
+    procs, rounds = 3, 25
+    barrier = streaming_module._PollingBarrier(str(tmp_path / "lock"), f"soho_test_{os.getpid()}")
+    ctx = multiprocessing.get_context("fork")
+    arrived = ctx.Value("i", 0)
+    workers = [
+        ctx.Process(target=_barrier_rounds, args=(barrier, arrived, rounds, procs, {i, 7 + i}))
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0] * procs
+    assert arrived.value == procs * rounds
+
+
 def test_one_process_epoch_exactly_once_with_workers(s3, tmp_path):
     ds = build_dataset([dataset_url("plain")], processor(), str(tmp_path), 4, clean_stale_shm=False)
     loader = build_loader(ds, 4, num_workers=2)
