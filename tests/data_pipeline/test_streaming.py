@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import os
+import pickle
 import socket
 import tempfile
 import threading
@@ -103,8 +104,8 @@ def test_compressed_local_shards_are_read_in_workers(tmp_path):
 
 
 def test_local_shards_are_read_as_streaming_decodes_them(tmp_path, monkeypatch):
-    # Shards on disk are read with pread through at most _MAX_OPEN_SHARDS open files, not
-    # through streaming's reader: every column, fixed-size ones too, must decode the same.
+    # Shards on disk are read through at most _MAX_OPEN_SHARDS memory mappings, not through
+    # streaming's reader: every column, fixed-size ones too, must decode the same.
     monkeypatch.setattr(streaming_module, "_MAX_OPEN_SHARDS", 2)
     folder = str(tmp_path / "mixed")
     columns = {"image": "bytes", "label": "int", "score": "float32", "captions": "json",
@@ -121,6 +122,8 @@ def test_local_shards_are_read_as_streaming_decodes_them(tmp_path, monkeypatch):
         assert {**plain[i], "sample_id": i} == ds[i]
         assert 1 <= len(ds._open_shards) <= 2
     assert sorted(ds._open_shards) == [ds.num_shards - 2, ds.num_shards - 1]
+    copy = pickle.loads(pickle.dumps(ds))  # as for spawned workers: mappings stay behind
+    assert copy._open_shards == {} and copy[3] == ds[3]
 
 
 def _barrier_rounds(barrier, arrived, rounds, procs, late):
