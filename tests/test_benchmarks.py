@@ -79,7 +79,7 @@ def test_data_throughput_reports_every_loader(tmp_path: Path) -> None:
             tmp_path, timeout=300, tmpdir=tmpdir,
         )  # fmt: skip
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    loaders = {"ceiling_memory", "naive_files", "streamed_s3"}
+    loaders = {"ceiling_memory", "naive_files", "files_same_sharing", "streamed_s3"}
     assert set(report["samples_per_s"]) == loaders
     assert all(len(report["per_round"][k]) == 2 for k in loaders)
     assert all(report["samples_per_s"][k] > 0 for k in loaders)
@@ -87,4 +87,6 @@ def test_data_throughput_reports_every_loader(tmp_path: Path) -> None:
     rates = report["samples_per_s"]
     ratio = rates["streamed_s3"] / rates["naive_files"]  # of the rounded rates: within rounding
     assert report["ratio_vs_naive"] == pytest.approx(ratio, abs=0.002)
+    storage = rates["streamed_s3"] / rates["files_same_sharing"]
+    assert report["ratio_storage_only"] == pytest.approx(storage, abs=0.002)
     assert set(report["meets_targets"]) == {"ratio_vs_ceiling", "ratio_vs_naive"}

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
@@ -20,7 +21,7 @@ from streaming import MDSWriter, StreamingDataset
 
 import data_pipeline.streaming as streaming_module
 from data_pipeline.storage import DataError, LocalS3Server, free_port, s3_client
-from data_pipeline.streaming import SampleProcessor, build_dataset, build_loader
+from data_pipeline.streaming import SampleProcessor, SohoLoader, build_dataset, build_loader
 from data_pipeline.transforms import ImageTransform
 
 NUM_SAMPLES = 40
@@ -154,6 +155,30 @@ def test_worker_barrier_holds_every_process_until_all_arrive(tmp_path):
         w.join(60)
     assert [w.exitcode for w in workers] == [0] * procs
     assert arrived.value == procs * rounds
+
+
+class _WorkerFacts(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        by_name = torch.multiprocessing.get_sharing_strategy() == "file_system"
+        yield {
+            "sample_ids": 0,
+            "sample_valid": True,
+            "by_name": by_name,
+            "tag": os.environ["SOHO_TAG"],
+        }
+
+
+def _tag_worker(worker_id: int) -> None:
+    os.environ["SOHO_TAG"] = f"set in worker {worker_id}"
+
+
+def test_loader_workers_hand_batches_over_by_name_and_run_the_set_init_fn():
+    # The trainer sets its own worker_init_fn after build_loader; both must run in the worker.
+    loader = SohoLoader(_WorkerFacts(), batch_size=1, num_workers=1)
+    loader.worker_init_fn = _tag_worker
+    [batch] = list(loader)
+    assert batch["by_name"].tolist() == [True] and batch["tag"] == ["set in worker 0"]
+    assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"  # parent unchanged
 
 
 def test_one_process_epoch_exactly_once_with_workers(s3, tmp_path):
