@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from threading import Event, Thread
+from threading import Event, Lock, Thread
 from time import sleep, time_ns
 from typing import Any
 
@@ -65,8 +65,9 @@ TASKS = tuple(COLLATE_BY_TASK)
 _PREPARING = _ShardState.PREPARING
 _LOCAL = _ShardState.LOCAL
 _LOCK_POLL_S = 0.001
-# Shard files each worker keeps mapped for reading (the first mapped is closed first).
-_MAX_OPEN_SHARDS = 64
+# Shard files each worker keeps mapped for reading (least recently read unmapped first). A
+# mapping holds no file descriptor, only address space and the kernel's page cache.
+_MAX_OPEN_SHARDS = 1024
 # Our own shard state (streaming uses 0-3): a shard that failed to download or verify. It lives
 # in streaming's shared-memory state array, so every worker and rank of the node sees it.
 _FAILED = 200
@@ -210,22 +211,29 @@ class _OpenShard:
     Streaming's `MDSReader.get_item` opens the file for every sample (open, two seeks and reads,
     close) and builds a coder object per column per sample: ~23 us a sample here against ~9 us
     for reading a JPEG file. This slices the sample out of the mapping and decodes it with coders
-    built once: ~5 us (benchmarks/README.md). Same bytes, same coders.
+    built once per column layout: ~5 us (benchmarks/README.md). Same bytes, same coders.
     """
 
-    def __init__(self, shard: MDSReader) -> None:
+    def __init__(self, shard: MDSReader, layout: tuple[list, struct.Struct]) -> None:
         path = os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
         with open(path, "rb") as f:
             self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.columns = [
+        self.columns, self.sizes = layout
+
+    @staticmethod
+    def layout(shard: MDSReader) -> tuple[list, struct.Struct] | None:
+        """(name, fixed size or 0, coder) per column and the struct of the sizes that start a
+        sample (uint32 per variable-size column); None for an encoding streaming does not know."""
+        columns = [
             (name, size, _get_coder(encoding))
             for name, size, encoding in zip(
                 shard.column_names, shard.column_sizes, shard.column_encodings
             )
         ]
-        # A sample starts with the byte sizes of its variable-size columns (uint32 each).
-        variable = sum(1 for _, size, _ in self.columns if not size)
-        self.sizes = struct.Struct(f"<{variable}I")
+        if any(coder is None for _, _, coder in columns):
+            return None
+        variable = sum(1 for _, size, _ in columns if not size)
+        return columns, struct.Struct(f"<{variable}I")
 
     def get_item(self, index: int) -> dict[str, Any]:
         begin, end = struct.unpack_from("<II", self.data, 4 + 4 * index)
@@ -258,7 +266,8 @@ class SohoStreamingDataset(StreamingDataset):
         self._planned = 0
         self._background_error: BaseException | None = None
         self._raw_shards: set[int] = set()  # shards seen uncompressed on disk (this process)
-        self._open_shards: dict[int, _OpenShard] = {}  # this process's mapped shards
+        self._open_shards: dict[int, _OpenShard] = {}  # this process's mapped shards, LRU order
+        self._layouts: dict[tuple, Any] = {}  # column layout -> _OpenShard.layout
         if World.detect().is_local_leader:
             for stream in streams:
                 if verify_shards:
@@ -315,14 +324,17 @@ class SohoStreamingDataset(StreamingDataset):
 
     def _epoch_shards_local(self, it: Any) -> bool:
         """Every shard this worker reads this epoch is on disk, uncompressed (and no cache limit
-        can evict one). Computed once per epoch, by whichever of the two threads comes first."""
-        if not hasattr(it, "soho_all_local"):
-            ids = it.sample_ids[it.sample_ids >= 0]
-            shards = np.unique(np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1)
-            it.soho_all_local = not self.cache_limit and all(
-                self._raw_on_disk(int(s)) for s in shards
-            )
-        return it.soho_all_local
+        can evict one). Decided once per epoch, by whichever of the worker's three threads comes
+        first: the others must not decide otherwise a moment later (a shard just downloaded)."""
+        with self._local_check:
+            if not hasattr(it, "soho_all_local"):
+                ids = it.sample_ids[it.sample_ids >= 0]
+                starts = self.sample_offset_per_shard
+                shards = np.unique(np.searchsorted(starts, ids, side="right") - 1)
+                it.soho_all_local = not self.cache_limit and all(
+                    self._raw_on_disk(int(s)) for s in shards
+                )
+            return it.soho_all_local
 
     # Streaming runs a download thread and a ready thread beside each worker's sample loop; both
     # walk the epoch sample by sample (shared-memory reads, a lock per sample) and poll every
@@ -376,6 +388,7 @@ class SohoStreamingDataset(StreamingDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._background_error = None
         self._planned = 0
+        self._local_check = Lock()  # this epoch's threads decide `_epoch_shards_local` under it
         if not hasattr(self, "_event"):
             self._event = Event()
         done = Event()
@@ -413,20 +426,27 @@ class SohoStreamingDataset(StreamingDataset):
                 return
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_open_shards": {}}  # a mapping does not pickle (spawned workers)
+        # Mappings, coders and locks do not pickle (spawned workers).
+        return {**self.__dict__, "_open_shards": {}, "_layouts": {}, "_local_check": None}
 
     def _open_shard(self, shard_id: int) -> _OpenShard | None:
         """The shard mapped for reading, when it is an MDS shard uncompressed on disk that no
         cache limit can evict; None sends the read through streaming."""
-        shard = self._open_shards.get(shard_id)
-        if shard is not None:
-            return shard
-        reader = self.shards[shard_id]
-        if self.cache_limit or type(reader) is not MDSReader or not self._raw_on_disk(shard_id):
-            return None
-        if len(self._open_shards) >= _MAX_OPEN_SHARDS:
-            self._open_shards.pop(next(iter(self._open_shards))).close()
-        shard = self._open_shards[shard_id] = _OpenShard(reader)
+        shard = self._open_shards.pop(shard_id, None)
+        if shard is None:
+            reader = self.shards[shard_id]
+            if self.cache_limit or type(reader) is not MDSReader or not self._raw_on_disk(shard_id):
+                return None
+            key = (tuple(reader.column_names), tuple(reader.column_encodings),
+                   tuple(reader.column_sizes))  # fmt: skip
+            if key not in self._layouts:
+                self._layouts[key] = _OpenShard.layout(reader)
+            if self._layouts[key] is None:
+                return None
+            if len(self._open_shards) >= _MAX_OPEN_SHARDS:
+                self._open_shards.pop(next(iter(self._open_shards))).close()
+            shard = _OpenShard(reader, self._layouts[key])
+        self._open_shards[shard_id] = shard  # most recently read last
         return shard
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
@@ -509,9 +529,9 @@ class WorkerInit:
     named in the message (torch's `file_system` sharing strategy), then `fn` runs.
 
     With torch's default strategy every tensor of every batch (eight for pre-training) goes as a
-    file descriptor, each over its own authenticated connection to the worker; here that took
-    ~70 us of main-process CPU a sample and ~12% of a 2-worker loader's throughput
-    (benchmarks/README.md). torch's shared-memory manager unlinks the files of a process that dies.
+    file descriptor, each over its own authenticated connection to the worker: the same files
+    loaded 7% slower that way, ~146 us more CPU a sample (benchmarks/README.md). torch's
+    shared-memory manager unlinks the files of a process that dies.
     """
 
     def __init__(self, fn: Any = None) -> None:
@@ -626,9 +646,10 @@ def build_dataset(
 
 
 def check_worker_tempdir() -> None:
-    """DataLoader workers pass batches to the main process over a Unix socket in the temporary
-    folder. A path longer than AF_UNIX allows (107 bytes) makes every worker drop its batches
-    (the error only reaches stderr) and the loader wait out its stall time-out: fail now."""
+    """DataLoader workers hand batches over through Unix sockets in the temporary folder
+    (multiprocessing's, and torch's shared-memory manager's with `WorkerInit`). A path longer than
+    AF_UNIX allows (107 bytes) makes every worker fail or drop its batches (the error only reaches
+    stderr) and the loader wait out its stall time-out: fail now."""
     from multiprocessing.connection import arbitrary_address
 
     length = len(arbitrary_address("AF_UNIX").encode())

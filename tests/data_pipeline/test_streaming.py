@@ -122,9 +122,15 @@ def test_local_shards_are_read_as_streaming_decodes_them(tmp_path, monkeypatch):
     for i in range(ds.num_samples):
         assert {**plain[i], "sample_id": i} == ds[i]
         assert 1 <= len(ds._open_shards) <= 2
-    assert sorted(ds._open_shards) == [ds.num_shards - 2, ds.num_shards - 1]
+    last = ds.num_shards - 1
+    assert list(ds._open_shards) == [last - 1, last]
+    first_of = ds.sample_offset_per_shard.tolist()
+    ds[first_of[last - 1]]  # read again: now the most recently read ...
+    ds[first_of[0]]  # ... so this one unmaps the other
+    assert list(ds._open_shards) == [last - 1, 0]
     copy = pickle.loads(pickle.dumps(ds))  # as for spawned workers: mappings stay behind
     assert copy._open_shards == {} and copy[3] == ds[3]
+    assert type(copy._shared_barrier) is streaming_module._PollingBarrier
 
 
 def _barrier_rounds(barrier, arrived, rounds, procs, late):
@@ -143,6 +149,7 @@ def test_worker_barrier_holds_every_process_until_all_arrive(tmp_path):
     # our lock and polling); a process that passes early would read a partition not yet shared.
     procs, rounds = 3, 25
     barrier = streaming_module._PollingBarrier(str(tmp_path / "lock"), f"soho_test_{os.getpid()}")
+    barrier(1)  # the parent opens its lock file first: forked copies must open their own
     ctx = multiprocessing.get_context("fork")
     arrived = ctx.Value("i", 0)
     workers = [
