@@ -551,6 +551,7 @@ class SohoLoader(StreamingDataLoader):
         super().__init__(*args, **kwargs)
         if self.num_workers > 0:
             check_worker_tempdir()
+            remove_orphan_batch_files()
         self.skipped = 0
 
     @property
@@ -643,6 +644,37 @@ def build_dataset(
     except Exception as e:  # streaming/botocore raise many types while fetching index.json
         where = ", ".join(join_url(s.remote or s.local, INDEX_BASENAME) for s in streams)
         raise DataError(f"cannot open {where} ({type(e).__name__}: {e})") from e
+
+
+def remove_orphan_batch_files(folder: str = "/dev/shm") -> list[str]:
+    """Delete batch files (`WorkerInit`) left by workers that no longer run.
+
+    A worker killed together with torch's shared-memory manager (SIGKILL of the process group,
+    a preempted job) leaves the files of its batches in flight; torch names them
+    `torch_<creating pid>_...`. A running process's files are kept.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("_")
+        if len(parts) < 3 or parts[0] != "torch" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # still running (or not ours to signal): keep
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def check_worker_tempdir() -> None:

@@ -188,6 +188,18 @@ def test_loader_workers_hand_batches_over_by_name_and_run_the_set_init_fn():
     assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"  # parent unchanged
 
 
+def test_batch_files_of_dead_workers_are_removed(tmp_path):
+    dead = multiprocessing.get_context("fork").Process(target=int)
+    dead.start()
+    dead.join()
+    for name in (f"torch_{dead.pid}_12_3", f"torch_{os.getpid()}_12_3", "torch_x_1", "other_1_2"):
+        (tmp_path / name).write_bytes(b"batch")
+    assert streaming_module.remove_orphan_batch_files(str(tmp_path)) == [f"torch_{dead.pid}_12_3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"torch_{os.getpid()}_12_3", "torch_x_1", "other_1_2"]
+    )
+
+
 def test_one_process_epoch_exactly_once_with_workers(s3, tmp_path):
     ds = build_dataset([dataset_url("plain")], processor(), str(tmp_path), 4, clean_stale_shm=False)
     loader = build_loader(ds, 4, num_workers=2)
