@@ -30,6 +30,7 @@ import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from threading import Event, Lock, Thread
 from time import sleep, time_ns
@@ -166,43 +167,42 @@ class _PollingBarrier(SharedBarrier):
     ms waiting for the others (benchmarks/README.md); now ~2 ms.
     """
 
-    def _lock(self) -> None:
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
         if getattr(self, "_lock_pid", None) != os.getpid():  # a forked or unpickled copy
             self._lock_fd = os.open(self.filelock_path, os.O_RDWR | os.O_CREAT, 0o644)
             self._lock_pid = os.getpid()
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _unlock(self) -> None:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    def __call__(self, num_procs: int) -> None:
-        self._lock()
-        if self.num_exit == -1:
-            self.num_exit = num_procs
-        self._unlock()
-
-        self._lock()
-        if not self.num_enter:
-            self._unlock()
-            while self.num_exit != num_procs:
-                sleep(_LOCK_POLL_S)
-            self._lock()
-            self.flag = False
-        self.num_enter += 1
-        if self.num_enter == num_procs:
-            self.num_enter = 0
-            self.num_exit = 0
-            self.flag = True
-        self._unlock()
-
-        while not self.flag:
+    def _wait(self, done: Any) -> None:
+        while not done():
             sleep(_LOCK_POLL_S)
 
-        self._lock()
-        self.num_exit += 1
-        if self.num_exit == num_procs:
-            self.num_exit = -1
-        self._unlock()
+    def __call__(self, num_procs: int) -> None:
+        with self._locked():
+            if self.num_exit == -1:
+                self.num_exit = num_procs
+        with self._locked():
+            first = not self.num_enter
+        if first:  # the first to arrive waits for everyone to leave the last pass, then closes
+            self._wait(lambda: self.num_exit == num_procs)
+        with self._locked():
+            if first:
+                self.flag = False
+            self.num_enter += 1
+            if self.num_enter == num_procs:  # the last to arrive opens
+                self.num_enter = 0
+                self.num_exit = 0
+                self.flag = True
+        self._wait(lambda: self.flag)
+        with self._locked():
+            self.num_exit += 1
+            if self.num_exit == num_procs:
+                self.num_exit = -1
 
 
 class _OpenShard:
