@@ -290,7 +290,7 @@ def _label_chance(splits: dict[str, list[dict]], text: str, label: str) -> dict[
 
 
 def _vqa_chance(train: list[dict], val: list[dict]) -> dict[str, Any]:
-    from data_pipeline.sources.vqa import normalize_answer
+    from data_pipeline.vqa_answers import normalize_answer
 
     def score(annotation: dict, answer: str) -> float:
         n = sum(normalize_answer(a["answer"]) == answer for a in annotation["answers"])

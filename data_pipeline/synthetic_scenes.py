@@ -133,7 +133,8 @@ def captions(scene: Scene, rng: random.Random) -> list[str]:
 
 
 def _answer_variants(answer: str, answer_type: str) -> list[str]:
-    """Spellings humans give for one answer; all normalise to `answer` (VQA eval rules)."""
+    """Spellings humans give for one answer; all normalise to `answer` (the challenge server's
+    rules, `data_pipeline.vqa_answers`) except "Yes!"/"No!", which the server keeps apart."""
     if answer_type == "number":
         word = NUMBER_WORDS[int(answer)]
         return [answer, word, word.capitalize(), f"{answer}."]

@@ -1,6 +1,7 @@
 """VQA v2 (questions + annotations JSON, COCO images) -> MDS shards, one sample per question.
 
-Answers are normalised exactly as the official VQA evaluation does (`normalize_answer`), the
+Answers are normalised as the VQA challenge server normalises predictions
+(`data_pipeline.vqa_answers.normalize_answer`, the copy the accuracy metric uses too), the
 answer vocabulary is every normalised `multiple_choice_answer` seen at least `min_answer_count`
 times in the training split (3129 answers at 9 on real VQA v2), and each question gets soft
 targets min(#humans who gave the answer / 3, 1) over the in-vocabulary answers.
@@ -13,8 +14,8 @@ from collections import Counter
 from functools import lru_cache
 from typing import Any
 
+from data_pipeline.errors import DataError
 from data_pipeline.shards import (
-    DataError,
     ShardWriter,
     SkipSample,
     field,
@@ -23,6 +24,7 @@ from data_pipeline.shards import (
     split_from_filename,
 )
 from data_pipeline.sources.coco import coco_image_index
+from data_pipeline.vqa_answers import normalize_answer
 
 COLUMNS = {
     "image": "bytes",
@@ -34,80 +36,6 @@ COLUMNS = {
 }
 VOCAB_NAME = "answer_vocab.json"
 _SUBTYPE = re.compile(r"(train|val|test-dev|test)\d{4}")
-
-# ---- the official VQA evaluation's answer normalisation (vqaEval.py), tables verbatim ------
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
-}  # fmt: skip
-_MANUAL_MAP = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
-_ARTICLES = ("a", "an", "the")
-# Verbatim from vqaEval.py, including its typo "(?!<=" (meant as a look-behind); changing it
-# would change official scores.
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
-_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-          "@", "`", ",", "?", "!"]  # fmt: skip
-
-
-def _process_punctuation(text: str) -> str:
-    out = text
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    # vqaEval passes re.UNICODE (32) where `count` goes: at most 32 periods are stripped.
-    return _PERIOD_STRIP.sub("", out, 32)
-
-
-def _process_digit_article(text: str) -> str:
-    words = [_MANUAL_MAP.get(w, w) for w in text.lower().split()]
-    words = [w for w in words if w not in _ARTICLES]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
-
-
-def normalize_answer(answer: str) -> str:
-    """The official VQA eval's processPunctuation + processDigitArticle ("Two." -> "2")."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(answer))
-
-
-# ---- conversion -----------------------------------------------------------------------------
 
 
 def build_answer_vocab(annotations: list[dict], min_count: int) -> list[str]:

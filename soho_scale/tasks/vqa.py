@@ -1,104 +1,27 @@
-"""VQA v2: the official accuracy metric with its answer normalisation; the answer classifier,
-its loss, the step module the trainer wraps and the evaluation (predictions, submission file).
+"""VQA v2: the official accuracy metric; the answer classifier, its loss, the step module the
+trainer wraps and the evaluation (predictions, submission file).
 
-Ported from the evaluation code of the VQA challenge server (Cloud-CV/VQA-Evaluation, the
-EvalAI implementation behind the published test-dev/test-std numbers), including its quirks:
-- the prediction is normalised fully (punctuation, lower case, number words, articles,
-  contractions); the human answers only have punctuation processed, and only when the ten of
-  them are not all identical;
-- the period rule removes at most 32 periods (the original passes re.UNICODE as `count`).
-The GT-Vision-Lab copy of the tools has curly apostrophes in its contraction table ("dont" ->
-"don’t", which never matches a human answer); the server's table, ported here, uses "'".
+The metric scores as the VQA challenge server does (Cloud-CV/VQA-Evaluation, the EvalAI
+implementation behind the published test-dev/test-std numbers): the prediction is normalised
+fully (`normalize_answer`: punctuation, lower case, number words, articles, contractions); the
+human answers only have punctuation processed (`process_punctuation`), and only when the ten of
+them are not all identical. The normalisation lives in `data_pipeline.vqa_answers`, which the
+converter builds the answer vocabulary with, so predictions and vocabulary agree.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipeline.vqa_answers import normalize_answer, process_punctuation
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
 from soho_scale.tasks.visual import fuse_texts_with_images
-
-CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
-}  # fmt: skip
-MANUAL_MAP = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
-ARTICLES = ("a", "an", "the")
-
-# The lookahead "(?!<=\d)" is the original's (a mistyped lookbehind); kept for identical scores.
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
-_PUNCT = r"[\\;/\"`\[\](){}<>@=+_\-,?!]"
-_PUNCT_OR_SPACE = r"[ \\;/\"`\[\](){}<>@=+_\-,?!]"
-_PUNCT_STRIP = re.compile(rf"(?<={_PUNCT_OR_SPACE})({_PUNCT})|({_PUNCT})(?={_PUNCT_OR_SPACE})")
-_PUNCT_STRIP_2 = re.compile(rf"(?<=[a-zA-Z])({_PUNCT})(?=[a-zA-Z])")
-_SPACES = re.compile(r"([ ]+)")
-_ORIGINAL_PERIOD_COUNT = 32  # int(re.UNICODE): the original passes that flag as sub()'s count
-
-
-def process_punctuation(text: str) -> str:
-    """The server's processPunctuation: digit commas dropped, punctuation next to punctuation,
-    spaces or between letters turned into spaces, periods not followed by a digit dropped."""
-    text = _COMMA_STRIP.sub("", text)
-    text = _PUNCT_STRIP.sub(" ", text)
-    text = _SPACES.sub(" ", text)
-    text = _PUNCT_STRIP_2.sub(" ", text)
-    return _PERIOD_STRIP.sub("", text, count=_ORIGINAL_PERIOD_COUNT)
-
-
-def process_digit_article(text: str) -> str:
-    """The server's processDigitArticle: lower case, number words to digits, articles dropped,
-    contractions restored."""
-    words = [MANUAL_MAP.get(word, word) for word in text.lower().split()]
-    words = [word for word in words if word not in ARTICLES]
-    return " ".join(CONTRACTIONS.get(word, word) for word in words)
-
-
-def normalize_answer(answer: str) -> str:
-    """A predicted answer as the official evaluation compares it ("Two." -> "2")."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
 
 
 def question_accuracy(prediction: str, answers: list[str]) -> float:
@@ -187,7 +110,8 @@ class VQAStep(nn.Module):
 
 def read_answer_vocab(remote: str) -> list[str]:
     """The answer list beside the shards at `remote` (folder or s3:// URL)."""
-    from data_pipeline.storage import join_url, read_bytes
+    from data_pipeline.storage import read_bytes
+    from data_pipeline.urls import join_url
 
     url = join_url(remote, ANSWER_VOCAB)
     vocab = json.loads(read_bytes(url))

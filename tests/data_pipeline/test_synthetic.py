@@ -10,9 +10,9 @@ from PIL import Image
 
 from data_pipeline.cli import main
 from data_pipeline.sources.nlvr2 import pair_id, sentence_id
-from data_pipeline.sources.vqa import normalize_answer
 from data_pipeline.synthetic import SIZES, write_world
 from data_pipeline.synthetic_scenes import COLORS, IMAGE_SIZES
+from data_pipeline.vqa_answers import normalize_answer
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -90,12 +90,12 @@ def test_vqa_answers_normalise_to_the_label_and_match_the_pixels(synthetic_world
         assert len(a["answers"]) == 10 and [x["answer_id"] for x in a["answers"]] == list(
             range(1, 11)
         )
+        label = a["multiple_choice_answer"]
         normalised = Counter(normalize_answer(x["answer"]) for x in a["answers"])
-        assert normalised.most_common(1)[0] == (
-            a["multiple_choice_answer"],
-            max(normalised.values()),
-        )
-        assert normalised[a["multiple_choice_answer"]] >= 8
+        # The label keeps a full soft score; the right answer's spellings outnumber the wrong
+        # ones, "Yes!" included (the challenge server keeps its "!": "yes!").
+        assert normalised[label] >= 3
+        assert normalised[label] + normalised[label + "!"] >= 8
         raw_spellings.update(x["answer"] for x in a["answers"])
         if q["question"].startswith(("what color is the", "how many")) and checked < 60:
             checked += 1
@@ -108,8 +108,8 @@ def test_vqa_answers_normalise_to_the_label_and_match_the_pixels(synthetic_world
             if colour in COLORS and answer == "0":
                 assert colour not in colours, (q, colours)
     assert checked > 20
-    # The spellings the normalisation must fold together really occur.
-    assert {"two", "Yes!", "Red."} <= raw_spellings
+    # The spellings the normalisation must fold together, and one it keeps apart, really occur.
+    assert {"two", "Red.", "Yes!"} <= raw_spellings
     assert any(s.startswith("a ") for s in raw_spellings)
 
 

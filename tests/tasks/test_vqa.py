@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_pipeline import vqa_answers
+from data_pipeline.sources import vqa as vqa_source
 from soho_scale.model.config import build_config
+from soho_scale.tasks import vqa as vqa_task
 from soho_scale.tasks.vqa import VQAEvaluation, VQAModel, VQAStep, vqa_loss
 from tests.tasks.conftest import demo_job, finetune
 
@@ -44,6 +47,16 @@ def test_official_head_and_loss():
     # BCE summed over answers, averaged over questions (the official `* num_answers`)
     expected = F.binary_cross_entropy_with_logits(logits, batch["targets"], reduction="sum") / 2
     torch.testing.assert_close(vqa_loss(logits, batch["targets"]), expected)
+
+
+def test_vocabulary_and_metric_share_one_normalisation():
+    assert vqa_source.normalize_answer is vqa_answers.normalize_answer
+    assert vqa_task.normalize_answer is vqa_answers.normalize_answer
+    # "1-2" stays "1-2" in the vocabulary and the soft targets, so predicting it scores
+    humans = ["1-2"] * 3 + ["3"] * 7
+    vocab = vqa_source.build_answer_vocab([{"multiple_choice_answer": "1-2"}], min_count=1)
+    assert vocab == ["1-2"] and vqa_source.soft_targets(humans, {"1-2": 0}) == ([0], [1.0])
+    assert vqa_task.question_accuracy(vocab[0], humans) == pytest.approx(0.9)
 
 
 def test_outputs_score_with_human_answers_and_write_a_submission(tmp_path):
