@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from data_pipeline.shards import DEFAULT_SIZE_LIMIT, DataError
+from data_pipeline.errors import DataError
+from data_pipeline.shards import DEFAULT_SIZE_LIMIT
 
 Handler = Callable[[argparse.Namespace], Any]
 
@@ -177,7 +178,7 @@ def _add_storage(subparsers: Any) -> None:
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create")
 
     def s3_local(args: argparse.Namespace) -> Any:
-        from data_pipeline.storage import run_local_s3
+        from data_pipeline.loopback import run_local_s3
 
         run_local_s3(args.port, args.bucket)
 
@@ -190,8 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synthetic(subparsers)
     _add_convert(subparsers)
     _add_storage(subparsers)
-    # More subcommands (e.g. helper B's `ls`, `s3-local`): write `_add_<name>(subparsers)`
-    # that calls parser.set_defaults(handler=...) and add one line here.
     return parser
 
 

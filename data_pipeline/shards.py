@@ -18,12 +18,14 @@ import json
 import os
 import shutil
 import tempfile
-import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+
+from data_pipeline.errors import DataError
+from data_pipeline.urls import is_remote
 
 DEFAULT_SIZE_LIMIT = 64 * 1024 * 1024
 HASHES = ["sha1", "xxh64"]
@@ -31,10 +33,6 @@ REPORT_NAME = "conversion_report.json"
 
 # Columns every sample carries, whatever the source (see the shared contract).
 COMMON_COLUMNS = {"source": "str", "split": "str", "image_id": "str"}
-
-
-class DataError(ValueError):
-    """A problem with input data or an output location that the user must fix (one line)."""
 
 
 class SkipSample(Exception):
@@ -122,10 +120,6 @@ def split_from_filename(path: str, prefix: str = "", suffix: str = "") -> str:
     return name
 
 
-def _is_remote(out: str) -> bool:
-    return urllib.parse.urlparse(out).scheme not in ("", "file")
-
-
 class ShardWriter:
     """MDS shards + `conversion_report.json` (+ extra JSON files) in one folder or URL.
 
@@ -152,7 +146,7 @@ class ShardWriter:
         self.skipped: Counter[str] = Counter()
         self.extras: dict[str, Any] = {}
         self.report_extra: dict[str, Any] = {}
-        if not _is_remote(out) and os.path.isdir(out) and os.listdir(out) and not overwrite:
+        if not is_remote(out) and os.path.isdir(out) and os.listdir(out) and not overwrite:
             raise DataError(f"{out}: output folder is not empty; pass --overwrite or another --out")
         try:
             self._writer = MDSWriter(
@@ -166,7 +160,7 @@ class ShardWriter:
         except Exception as e:  # noqa: BLE001 - botocore/streaming raise many types
             if isinstance(e, ValueError) and "compression" in str(e).lower():
                 raise DataError(f"--compression {compression!r}: {e}") from None
-            if _is_remote(out):
+            if is_remote(out):
                 raise DataError(
                     f"{out}: cannot write there ({type(e).__name__}: {e}); check that the bucket "
                     "exists, S3_ENDPOINT_URL and the AWS credentials"
@@ -220,7 +214,7 @@ class ShardWriter:
         self._write_files({**self.extras, REPORT_NAME: self.report()})
 
     def _write_files(self, files: dict[str, Any]) -> None:
-        if not _is_remote(self.out):
+        if not is_remote(self.out):
             for name, obj in files.items():
                 with open(os.path.join(self.out, name), "w", encoding="utf-8") as f:
                     json.dump(obj, f, indent=1)

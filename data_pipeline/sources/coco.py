@@ -7,8 +7,8 @@ import re
 from collections import Counter
 from typing import Any
 
+from data_pipeline.errors import DataError
 from data_pipeline.shards import (
-    DataError,
     ShardWriter,
     SkipSample,
     field,

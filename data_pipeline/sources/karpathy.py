@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from data_pipeline.shards import DataError, ShardWriter, SkipSample, field, read_image, read_json
+from data_pipeline.errors import DataError
+from data_pipeline.shards import ShardWriter, SkipSample, field, read_image, read_json
 from data_pipeline.sources.coco import require_folder
 
 COLUMNS = {"image": "bytes", "captions": "json"}

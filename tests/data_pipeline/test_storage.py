@@ -9,7 +9,9 @@ import pytest
 from streaming import MDSWriter
 
 from data_pipeline.cli import main as data_cli
-from data_pipeline.storage import DataError, LocalS3Server, describe_dataset, s3_client
+from data_pipeline.errors import DataError
+from data_pipeline.loopback import LocalS3Server
+from data_pipeline.storage import describe_dataset, s3_client
 
 
 def test_local_s3_server_sets_and_restores_environment():

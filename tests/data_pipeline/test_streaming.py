@@ -1,83 +1,32 @@
-"""Streaming datasets and loader against a real moto_server S3 API and real gloo ranks."""
+"""Streaming datasets (the correctness layer) against a real moto_server S3 API and real gloo
+ranks: every sample exactly once, damaged or missing shards named, outages ridden out."""
 
 from __future__ import annotations
 
-import io
 import json
-import multiprocessing
 import os
-import pickle
 import socket
-import tempfile
 import threading
 import time
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
-from streaming import MDSWriter, StreamingDataset
+from streaming import StreamingDataset
 
-import data_pipeline.streaming as streaming_module
-from data_pipeline.storage import DataError, LocalS3Server, free_port, s3_client
-from data_pipeline.streaming import SampleProcessor, SohoLoader, build_dataset, build_loader
-from data_pipeline.transforms import ImageTransform
-
-NUM_SAMPLES = 40
-COLUMNS = {"source": "str", "split": "str", "image_id": "str", "image": "bytes", "captions": "json"}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with LocalS3Server(["shards"]) as server:
-        yield server
-
-
-def jpeg(i: int) -> bytes:
-    image = Image.new("RGB", (40 + 10 * (i % 3), 30 + 20 * (i % 2)), (i * 7 % 255, 100, 50))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def write_shards(
-    out: str, n: int = NUM_SAMPLES, corrupt: tuple[int, ...] = (), compression: str | None = None
-) -> None:
-    """Caption shards in the contract's layout; ~3 samples per shard."""
-    with MDSWriter(out=out, columns=COLUMNS, hashes=["sha1", "xxh64"], size_limit=3000,
-                   compression=compression) as w:  # fmt: skip
-        for i in range(n):
-            image = b"\xff\xd8 not a jpeg" if i in corrupt else jpeg(i)
-            captions = [f"a photo number {i}", f"picture {i} of a thing", f"image {i}"]
-            w.write(
-                {
-                    "source": "coco",
-                    "split": "train",
-                    "image_id": str(i),
-                    "image": image,
-                    "captions": captions,
-                }
-            )
-
-
-_written: set[str] = set()
-
-
-def dataset_url(name: str, **kwargs) -> str:
-    url = f"s3://shards/{name}"
-    if url not in _written:
-        write_shards(url, **kwargs)
-        _written.add(url)
-    return url
-
-
-def processor(task: str = "pretrain") -> SampleProcessor:
-    return SampleProcessor(task, image=ImageTransform(32, 48), captions_per_image=2, seed=5)
-
-
-def epoch_ids(loader) -> list[int]:
-    return [i for batch in loader for i in batch["sample_ids"].tolist()]
+from data_pipeline.errors import DataError
+from data_pipeline.loader import build_loader
+from data_pipeline.loopback import free_port
+from data_pipeline.storage import s3_client
+from data_pipeline.streaming import StreamSource, build_dataset
+from tests.data_pipeline.helpers import (
+    NUM_SAMPLES,
+    dataset_url,
+    epoch_ids,
+    jpeg,
+    processor,
+    write_shards,
+)
 
 
 def test_round_trip_matches_plain_streaming(s3, tmp_path):
@@ -102,152 +51,6 @@ def test_compressed_local_shards_are_read_in_workers(tmp_path):
     loader = build_loader(ds, 4, num_workers=2, persistent_workers=True)
     for _ in range(2):  # the second epoch finds every shard decompressed
         assert sorted(epoch_ids(loader)) == list(range(NUM_SAMPLES))
-
-
-def test_local_shards_are_read_as_streaming_decodes_them(tmp_path, monkeypatch):
-    # Shards on disk are read through at most _MAX_OPEN_SHARDS memory mappings, not through
-    # streaming's reader: every column, fixed-size ones too, must decode the same.
-    monkeypatch.setattr(streaming_module, "_MAX_OPEN_SHARDS", 2)
-    folder = str(tmp_path / "mixed")
-    columns = {"image": "bytes", "label": "int", "score": "float32", "captions": "json",
-               "note": "str"}  # fmt: skip
-    with MDSWriter(out=folder, columns=columns, size_limit=2000) as writer:
-        for i in range(12):
-            writer.write({"image": jpeg(i), "label": i - 5, "score": i / 4, "captions": [f"c {i}"],
-                          "note": "é" * (i % 3)})  # fmt: skip
-    plain = StreamingDataset(local=folder, shuffle=False, batch_size=4)
-    ds = build_dataset([folder], None, str(tmp_path / "cache"), 4, shuffle=False,
-                       clean_stale_shm=False)  # fmt: skip
-    assert ds.num_shards >= 4
-    for i in range(ds.num_samples):
-        assert {**plain[i], "sample_id": i} == ds[i]
-        assert 1 <= len(ds._open_shards) <= 2
-    last = ds.num_shards - 1
-    assert list(ds._open_shards) == [last - 1, last]
-    first_of = ds.sample_offset_per_shard.tolist()
-    ds[first_of[last - 1]]  # read again: now the most recently read ...
-    ds[first_of[0]]  # ... so this one unmaps the other
-    assert list(ds._open_shards) == [last - 1, 0]
-    copy = pickle.loads(pickle.dumps(ds))  # as for spawned workers: mappings stay behind
-    assert copy._open_shards == {} and copy[3] == ds[3]
-    assert type(copy._shared_barrier) is streaming_module._PollingBarrier
-
-
-def _barrier_rounds(barrier, arrived, rounds, procs, late):
-    for r in range(rounds):
-        if r in late:
-            time.sleep(0.05)
-        with arrived.get_lock():
-            arrived.value += 1
-        barrier(procs)
-        if arrived.value < (r + 1) * procs:  # someone got through before all had arrived
-            raise SystemExit(1)
-
-
-def test_worker_barrier_holds_every_process_until_all_arrive(tmp_path):
-    # The loader's workers meet at this barrier three times each epoch (streaming's protocol,
-    # our lock and polling); a process that passes early would read a partition not yet shared.
-    procs, rounds = 3, 25
-    barrier = streaming_module._PollingBarrier(str(tmp_path / "lock"), f"soho_test_{os.getpid()}")
-    barrier(1)  # the parent opens its lock file first: forked copies must open their own
-    ctx = multiprocessing.get_context("fork")
-    arrived = ctx.Value("i", 0)
-    workers = [
-        ctx.Process(target=_barrier_rounds, args=(barrier, arrived, rounds, procs, {i, 7 + i}))
-        for i in range(procs)
-    ]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    assert [w.exitcode for w in workers] == [0] * procs
-    assert arrived.value == procs * rounds
-
-
-class _WorkerFacts(torch.utils.data.IterableDataset):
-    def __iter__(self):
-        by_name = torch.multiprocessing.get_sharing_strategy() == "file_system"
-        yield {
-            "sample_ids": 0,
-            "sample_valid": True,
-            "by_name": by_name,
-            "tag": os.environ["SOHO_TAG"],
-        }
-
-
-def _tag_worker(worker_id: int) -> None:
-    os.environ["SOHO_TAG"] = f"set in worker {worker_id}"
-
-
-def test_loader_workers_hand_batches_over_by_name_and_run_the_set_init_fn():
-    # The trainer sets its own worker_init_fn after build_loader; both must run in the worker.
-    loader = SohoLoader(_WorkerFacts(), batch_size=1, num_workers=1)
-    loader.worker_init_fn = _tag_worker
-    [batch] = list(loader)
-    assert batch["by_name"].tolist() == [True] and batch["tag"] == ["set in worker 0"]
-    assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"  # parent unchanged
-
-
-def test_batch_files_of_dead_workers_are_removed(tmp_path):
-    dead = multiprocessing.get_context("fork").Process(target=int)
-    dead.start()
-    dead.join()
-    for name in (f"torch_{dead.pid}_12_3", f"torch_{os.getpid()}_12_3", "torch_x_1", "other_1_2"):
-        (tmp_path / name).write_bytes(b"batch")
-    assert streaming_module.remove_orphan_batch_files(str(tmp_path)) == [f"torch_{dead.pid}_12_3"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"torch_{os.getpid()}_12_3", "torch_x_1", "other_1_2"]
-    )
-
-
-def test_one_process_epoch_exactly_once_with_workers(s3, tmp_path):
-    ds = build_dataset([dataset_url("plain")], processor(), str(tmp_path), 4, clean_stale_shm=False)
-    loader = build_loader(ds, 4, num_workers=2)
-    ids = epoch_ids(loader)
-    assert sorted(ids) == list(range(NUM_SAMPLES))
-    batch = next(iter(loader))
-    assert batch["text_ids"].shape == (8, 16) and batch["text_image_index"].tolist() == [
-        0,
-        0,
-        1,
-        1,
-        2,
-        2,
-        3,
-        3,
-    ]
-    assert (batch["mlm_labels"] != -100).any()
-
-
-def test_temp_folder_too_long_for_worker_sockets_fails_at_once(s3, tmp_path, monkeypatch):
-    # Workers hand batches over through a Unix socket in TMPDIR; with a path over the AF_UNIX
-    # limit every batch is dropped and the loader would wait out its stall time-out.
-    ds = build_dataset([dataset_url("plain")], processor(), str(tmp_path), 4, clean_stale_shm=False)
-    long_tmp = tmp_path / ("t" * 60) / ("u" * 40)
-    long_tmp.mkdir(parents=True)
-    monkeypatch.setenv("TMPDIR", str(long_tmp))
-    monkeypatch.setattr(tempfile, "tempdir", None)
-    # multiprocessing's own folder (pymp-*) lies in TMPDIR; it is made once per process.
-    monkeypatch.setitem(multiprocessing.current_process()._config, "tempdir", str(long_tmp))
-    with pytest.raises(DataError, match="too long for the data loader workers' sockets.*TMPDIR"):
-        build_loader(ds, 4, num_workers=1)
-    assert list(build_loader(ds, 4, num_workers=0))  # in-process loading needs no socket
-
-
-def test_corrupt_jpeg_is_replaced_and_counted(s3, tmp_path):
-    url = dataset_url("corrupt", corrupt=(3, 17))
-    ds = build_dataset([url], processor(), str(tmp_path), 4, shuffle=False, clean_stale_shm=False)
-    loader = build_loader(ds, 4, num_workers=2)
-    batches = list(loader)
-    assert len(batches) == NUM_SAMPLES // 4  # nothing dropped
-    invalid = [
-        i
-        for b in batches
-        for i, ok in zip(b["sample_ids"].tolist(), b["sample_valid"].tolist())
-        if not ok
-    ]
-    assert sorted(invalid) == [3, 17]
-    assert loader.skipped == 2
 
 
 def test_missing_shard_is_named_before_the_epoch(s3, tmp_path):
@@ -308,8 +111,6 @@ def test_corrupt_cached_shard_is_downloaded_again(s3, tmp_path):
 
 
 def test_mixed_streams_follow_proportions(s3, tmp_path):
-    from data_pipeline.streaming import StreamSource
-
     a, b = dataset_url("plain"), dataset_url("mix_b", n=20)
     ds = build_dataset(
         [StreamSource(a, 0.75), StreamSource(b, 0.25)],

@@ -53,8 +53,8 @@ def test_corrupt_image_raises_decode_error():
         ImageTransform(64, 96)(encode(50, 50)[:40])
 
 
-def test_text_transform_pads_and_truncates_with_cls_sep():
-    text = TextTransform(max_len=8)
+def test_text_transform_pads_and_truncates_with_cls_sep(bundled_bert):
+    text = TextTransform(bundled_bert, max_len=8)
     ids, mask = text(["a dog", "a very long caption with far too many words in it"])
     special = text.special_ids()
     assert ids.shape == mask.shape == (2, 8)
@@ -63,7 +63,7 @@ def test_text_transform_pads_and_truncates_with_cls_sep():
     assert ids[1, -1] == special["sep"]
 
 
-def test_text_transform_matches_the_tokenizer_call():
+def test_text_transform_matches_the_tokenizer_call(bundled_bert):
     # TextTransform encodes through the Rust tokenizer directly; the result must be what the
     # transformers tokenizer gives with the same truncation and padding.
     rng = random.Random(0)
@@ -82,13 +82,13 @@ def test_text_transform_matches_the_tokenizer_call():
     texts = [" ".join(rng.choice(words) for _ in range(rng.randrange(40))) for _ in range(300)]
     texts += ["", "   ", "a " * 50]
     for max_len in (8, 16):
-        ours = TextTransform(max_len=max_len)
+        ours = TextTransform(bundled_bert, max_len=max_len)
         ids, mask = ours(texts)
         ref = load_tokenizer(ours.tokenizer)(
             texts, max_length=max_len, truncation=True, padding="max_length", return_tensors="pt"
         )
         assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
-    assert TextTransform()([])[0].shape == (0, 16)
+    assert TextTransform(bundled_bert)([])[0].shape == (0, 16)
 
 
 def test_mlm_masking_rates_and_specials_never_masked():
