@@ -9,15 +9,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from soho_scale.spec import (
-    Job,
-    SpecError,
-    build_deepspeed_config,
-    derived,
-    dump_job,
-    load_job,
-    validate_main,
-)
+from soho_scale.engine.deepspeed_config import build_deepspeed_config
+from soho_scale.launch.validate import validate_main
+from soho_scale.spec import Job, SpecError, derived, dump_job, load_job
 
 ROOT = Path(__file__).resolve().parent.parent
 # Job specs (pipeline specs under jobs/pipelines/ are another format, tested with the pipeline).

@@ -1,8 +1,8 @@
 """The job file as plain data: safe YAML with duplicate keys rejected, and dotted overrides.
 
-Kept apart from the typed spec (soho_scale.spec) so the YAML rules read on their own: no
-`yaml.load`, no `_base_` chains, no environment interpolation; numbers stay whatever YAML made of
-them (`1e-4` is the string '1e-4') until pydantic coerces them.
+Kept apart from the typed schema so the YAML rules read on their own: no `yaml.load`, no
+`_base_` chains, no environment interpolation; numbers stay whatever YAML made of them (`1e-4` is
+the string '1e-4') until pydantic coerces them.
 """
 
 from __future__ import annotations
@@ -12,19 +12,7 @@ from typing import Any
 
 import yaml
 
-
-class SpecError(ValueError):
-    """A job spec problem a user can fix; the message is one line naming the key path."""
-
-
-def path_text(parts: tuple | list) -> str:
-    """Key path as text: ('data', 'streams', 0, 'remote') -> data.streams[0].remote."""
-    text = ""
-    for part in parts:
-        if part == "":
-            continue
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
+from soho_scale.spec.errors import SpecError, path_text
 
 
 def _reject_duplicates(node: yaml.Node, where: tuple, seen: set[int]) -> None:

@@ -1,0 +1,103 @@
+"""Spec errors as one line a user can act on: `key.path: problem`.
+
+`SpecError` is what every spec problem raises; `format_spec_error` turns pydantic's first
+validation error into that line (with "did you mean" for unknown keys); `problem` is how a
+validator below a section names the key inside it that is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
+
+
+class SpecError(ValueError):
+    """A job spec problem a user can fix; the message is one line naming the key path."""
+
+
+def path_text(parts: tuple | list) -> str:
+    """Key path as text: ('data', 'streams', 0, 'remote') -> data.streams[0].remote."""
+    text = ""
+    for part in parts:
+        if part == "":
+            continue
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def problem(subpath: str, message: str) -> PydanticCustomError:
+    # Validators below a model's own location name the offending key through `subpath`, so the
+    # one-line error can point at e.g. `model.overrides.vd_size` rather than at `model`.
+    return PydanticCustomError("spec", "{message}", {"subpath": subpath, "message": message})
+
+
+def _section_keys(root: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The keys the spec knows at `loc` (for "did you mean"); None when not a spec section."""
+    kind: Any = root
+    for part in loc:
+        while typing.get_origin(kind) in (
+            typing.Union,
+            types.UnionType,
+        ):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if isinstance(part, int) and typing.get_origin(kind) is list:
+            kind = typing.get_args(kind)[0]
+        elif isinstance(kind, type) and issubclass(kind, BaseModel) and part in kind.model_fields:
+            kind = kind.model_fields[part].annotation
+        else:
+            return None
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return [k for k in kind.model_fields if not (kind is root and k == "overrides")]
+    return None
+
+
+def describe(error: dict) -> str:
+    """One pydantic error as 'expected ..., got ...' (the key path is added by the caller)."""
+    kind, got = error["type"], error.get("input")
+    if kind == "spec":
+        return error["ctx"]["message"]
+    if kind in ("float_parsing", "float_type"):
+        return f"expected a number, got {got!r}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"expected an integer, got {got!r}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"expected true or false, got {got!r}"
+    if kind == "string_type" and isinstance(got, bool):
+        return f"expected a string, got {got!r} (YAML reads yes/no/on/off as booleans; quote it)"
+    if kind == "string_type":
+        return f"expected a string, got {got!r}"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"expected a mapping of keys, got {got!r}"
+    if kind == "list_type":
+        return f"expected a list, got {got!r}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "literal_error":
+        return f"expected one of {error['ctx']['expected']}, got {got!r}"
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    message = error["msg"].replace("Input should be", "expected")
+    return f"{message[0].lower()}{message[1:]}, got {got!r}"
+
+
+def format_spec_error(error: ValidationError, root: type[BaseModel]) -> str:
+    """The first problem of a validation error as one line: `key.path: problem`."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    if first["type"] == "spec":
+        loc += tuple(p for p in first["ctx"]["subpath"].split(".") if p)
+    message = describe(first)
+    if first["type"] == "extra_forbidden":
+        known = _section_keys(root, loc[:-1]) or []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        message = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+        if known and not close:
+            message += f" (known: {', '.join(known)})"
+    more = error.error_count() - 1
+    suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
+    return f"{path_text(loc) or 'job'}: {message}{suffix}"

@@ -1,0 +1,330 @@
+"""The job spec's schema: one typed section per concern, unknown keys rejected at every level.
+
+Each field's default is the value a job gets when its YAML leaves the key out; data defaults come
+from `data_pipeline.settings` (one definition for the spec and the loader). Validators check what
+a key alone cannot (ordering, mutually exclusive keys, the DeepSpeed template's own settings) and
+name the offending key (`errors.problem`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from data_pipeline import settings as data_settings
+from soho_scale.model.config import PRESETS, SohoConfig, build_config
+from soho_scale.spec.derived import accumulation_steps
+from soho_scale.spec.errors import SpecError, describe, problem
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# DeepSpeed fields the job owns; a template that sets one would say a number twice.
+JOB_OWNED_DS_KEYS = {
+    "train_batch_size": "batch.global_batch",
+    "train_micro_batch_size_per_gpu": "batch.micro_batch_per_rank",
+    "gradient_accumulation_steps": "batch.* (derived)",
+    "gradient_clipping": "optim.grad_clip",
+    "fp16": "precision",
+    "bf16": "precision",
+    "amp": "precision",
+    "optimizer": "optim.* (the engine builds the optimizer)",
+    "scheduler": "schedule.* (the engine computes the LR)",
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True)
+
+
+class ModelSpec(Section):
+    preset: str
+    # Any SohoConfig field, e.g. vd_size, num_layers, init_from (BERT weights: hub id/dir/package:)
+    overrides: dict[str, Any] = {}
+    # Weights to start from: a pre-training checkpoint (dir or s3://) or exported weights file.
+    init_from: str | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        if preset not in PRESETS:
+            raise problem("", f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        return preset
+
+    @field_validator("overrides")
+    @classmethod
+    def _valid_overrides(cls, overrides: dict[str, Any], info: Any) -> dict[str, Any]:
+        hints = typing.get_type_hints(SohoConfig)
+        coerced = {}
+        for key, value in overrides.items():
+            if key not in hints:
+                close = difflib.get_close_matches(key, hints, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise problem(key, f"unknown option{hint}")
+            try:
+                coerced[key] = TypeAdapter(hints[key]).validate_python(value)
+            except ValidationError as e:
+                raise problem(key, describe(e.errors()[0])) from None
+        if "preset" in info.data:  # else the preset error is reported already
+            try:
+                build_config(info.data["preset"], **coerced)
+            except ValueError as e:
+                # SohoConfig says "model.<field>: ..."; re-anchor the message under overrides
+                field, sep, rest = str(e).removeprefix("model.").partition(": ")
+                raise (problem(field, rest) if sep else problem("", str(e))) from None
+        return coerced
+
+    def config(self) -> SohoConfig:
+        """The model configuration: the preset with the overrides applied."""
+        return build_config(self.preset, **self.overrides)
+
+
+class StreamSpec(Section):
+    remote: str  # s3://bucket/prefix or a local folder holding index.json
+    proportion: float | None = Field(None, gt=0)
+
+
+class ImageSpec(Section):
+    min_size: int = Field(600, gt=0)  # short side
+    max_size: int = Field(1000, gt=0)  # long side cap
+    square: bool = False  # fixed max_size x max_size images (throughput runs)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ImageSpec:
+        if self.max_size < self.min_size:
+            raise problem("max_size", f"{self.max_size} is smaller than min_size {self.min_size}")
+        return self
+
+
+class TextSpec(Section):
+    tokenizer: str = "bert-base-uncased"  # hub id, local dir or package:<module>/<dir>
+    max_len: int = Field(16, ge=3)  # tokens incl. [CLS] and [SEP]
+
+
+class DataSpec(Section):
+    task: Literal["pretrain", "vqa", "nlvr2", "retrieval", "snli_ve"]
+    streams: list[StreamSpec] = Field(min_length=1)
+    cache_dir: str | None = None  # local shard cache; None: the loader picks one per run
+    image: ImageSpec = ImageSpec()
+    text: TextSpec = TextSpec()
+    captions_per_image: int = Field(4, ge=1)
+    workers: int = Field(data_settings.WORKERS, ge=0)
+    shuffle: bool = True
+    download_retry: int = Field(data_settings.DOWNLOAD_RETRY, ge=1)  # total attempts
+    download_timeout: float = Field(data_settings.DOWNLOAD_TIMEOUT_S, gt=0)  # per socket read
+    validate_hash: Literal["sha1", "xxh64"] | None = data_settings.VALIDATE_HASH
+    # Fixed so that a resume on another world size still sees every sample exactly once.
+    num_canonical_nodes: int = Field(data_settings.NUM_CANONICAL_NODES, ge=1)
+    # No batch for this long: fail naming the shards still downloading.
+    stall_timeout_s: float = Field(data_settings.STALL_TIMEOUT_S, gt=0)
+
+    @model_validator(mode="after")
+    def _proportions(self) -> DataSpec:
+        given = [s.proportion is not None for s in self.streams]
+        if any(given) and not all(given):
+            raise problem("streams", "give a proportion for every stream or for none")
+        return self
+
+
+class ObjectivesSpec(Section):
+    """Pre-training losses; names as in objectives.PretrainSettings (mlm_probability: collate).
+    The ITC pair also applies to retrieval fine-tuning (its ITM + optional contrastive term)."""
+
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    itm_negative_prob: float = Field(0.5, ge=0, lt=1)
+    mvm_sample_prob: float = Field(0.3, ge=0, le=1)  # official code: 0.015
+    mvm_temperature: float = Field(0.07, gt=0)  # official code: none (1.0)
+    mlm_weight: float = Field(1.0, ge=0)
+    mvm_weight: float = Field(1.0, ge=0)
+    itm_weight: float = Field(1.0, ge=0)
+    itc_weight: float = Field(0.0, ge=0)  # not in SOHO (ALBEF's contrastive term); 0 = paper
+    itc_temperature: float = Field(0.05, gt=0)
+
+
+class CnnOptimSpec(Section):
+    """SGD with momentum for the CNN backbone and neck."""
+
+    lr: float = Field(1e-2, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class RestOptimSpec(Section):
+    """AdamW for everything that is not the CNN (transformer, heads, embeddings)."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0)
+
+
+class OptimSpec(Section):
+    cnn: CnnOptimSpec = CnnOptimSpec()
+    rest: RestOptimSpec = RestOptimSpec()
+    grad_clip: float | None = Field(10.0, gt=0)  # global L2 norm; null: no clipping
+
+
+class ScheduleSpec(Section):
+    warmup_steps: int = Field(1000, ge=0)
+    warmup_start_factor: float = Field(1 / 3, gt=0, le=1)
+    epochs: int | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    decay_epochs: list[int] = []  # LR x gamma at each (epoch-based milestones)...
+    decay_steps: list[int] = []  # ...or at each optimizer step; not both
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_way_each(self) -> ScheduleSpec:
+        if (self.epochs is None) == (self.steps is None):
+            raise problem("", "give exactly one of epochs or steps")
+        if self.decay_epochs and self.decay_steps:
+            raise problem("", "give decay_epochs or decay_steps, not both")
+        for key, milestones, total in (
+            ("decay_epochs", self.decay_epochs, self.epochs),
+            ("decay_steps", self.decay_steps, self.steps),
+        ):
+            if (
+                any(b <= a for a, b in zip(milestones, milestones[1:]))
+                or min(milestones, default=1) < 1
+            ):
+                raise problem(key, f"{milestones} must be positive and strictly increasing")
+            if total is not None and milestones and milestones[-1] >= total:
+                unit = key.removeprefix("decay_")
+                raise problem(key, f"{milestones[-1]} is not before the end ({unit}: {total})")
+        return self
+
+
+class BatchSpec(Section):
+    micro_batch_per_rank: int = Field(gt=0)  # images per rank per forward pass
+    global_batch: int = Field(gt=0)  # images per optimizer step, all ranks together
+
+
+class DeepSpeedSpec(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: bool = False  # CPU offload of optimizer state and parameters
+    # A name in ds_configs/ ("zero2" or "zero2.json") or a path; default from stage and offload.
+    template: str | None = None
+
+    def template_path(self) -> Path:
+        name = self.template or f"zero{self.zero_stage}{'_offload' if self.offload else ''}"
+        if "/" in name:
+            return Path(name).expanduser()
+        return DS_CONFIG_DIR / (name if name.endswith(".json") else f"{name}.json")
+
+    def read_template(self) -> dict[str, Any]:
+        """The template's JSON; raises SpecError naming deepspeed.template when it is unusable."""
+        path = self.template_path()
+        if not path.is_file():
+            known = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
+            raise SpecError(f"deepspeed.template: no such file {path} (templates: {known})")
+        try:
+            template = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SpecError(f"deepspeed.template: {path} is not valid JSON ({e})") from None
+        owned = sorted(set(template) & set(JOB_OWNED_DS_KEYS))
+        if owned:
+            where = ", ".join(f"{k} -> {JOB_OWNED_DS_KEYS[k]}" for k in owned)
+            raise SpecError(
+                f"deepspeed.template: {path.name} sets {where}; remove it from the template"
+            )
+        stage = template.get("zero_optimization", {}).get("stage", 0)
+        if stage != self.zero_stage:
+            raise SpecError(
+                f"deepspeed.template: {path.name} is ZeRO stage {stage} "
+                f"but deepspeed.zero_stage is {self.zero_stage}"
+            )
+        zero = template.get("zero_optimization", {})
+        offloads = any(
+            zero.get(k, {}).get("device", "none") != "none"
+            for k in ("offload_optimizer", "offload_param")
+        )
+        if offloads != self.offload:
+            raise SpecError(
+                f"deepspeed.template: {path.name} {'offloads' if offloads else 'does not offload'} "
+                f"to CPU but deepspeed.offload is {str(self.offload).lower()}"
+            )
+        return template
+
+    @model_validator(mode="after")
+    def _template_usable(self) -> DeepSpeedSpec:
+        try:
+            self.read_template()
+        except SpecError as e:
+            raise problem("template", str(e).removeprefix("deepspeed.template: ")) from None
+        return self
+
+
+class CheckpointSpec(Section):
+    dir: str  # local folder or s3://bucket/prefix
+    interval_steps: int = Field(1000, gt=0)
+    keep_last: int = Field(3, ge=1)
+    resume: str = Field("auto", min_length=1)  # auto | never | a checkpoint path
+
+
+class EvalSpec(Section):
+    """What `soho-scale eval` (and a pipeline's eval stage) scores a checkpoint on."""
+
+    streams: list[StreamSpec] = []  # shard folders to evaluate on; empty: no evaluation
+    split: str = "val"  # what they are (val, test, karpathy_5k...): names the metrics and report
+    # Retrieval only. exact: every pair by ITM (the paper's protocol; unprefixed metrics);
+    # two_stage: the unimodal first stage picks top-k per query, ITM re-ranks them (metrics
+    # two_stage_*, and the first stage's own ranking as first_stage_*).
+    retrieval_modes: list[Literal["exact", "two_stage"]] = Field(["exact"], min_length=1)
+    retrieval_k: int = Field(16, ge=1)
+
+
+class TrackingSpec(Section):
+    experiment: str = "soho"
+    run_name: str | None = None
+    tags: dict[str, str] = {}
+    log_every: int = Field(10, gt=0)
+    # Write each rank's sample ids and per-step losses to the run folder (the resume tests read
+    # them; reading the loss every step synchronises the device).
+    record_samples: bool = False
+
+
+class ResourcesSpec(Section):
+    nodes: int = Field(1, ge=1)
+    procs_per_node: int = Field(1, ge=1)  # ranks per node (GPUs, or CPU processes)
+    # Dense FLOP/s of one rank's device at the job's precision, for MFU; null: the known peak
+    # of the GPU found at run time (soho_scale.engine.telemetry.KNOWN_PEAK_FLOPS), none on CPU.
+    peak_flops: float | None = Field(None, gt=0)
+
+
+class Job(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    model: ModelSpec
+    data: DataSpec
+    objectives: ObjectivesSpec = ObjectivesSpec()
+    optim: OptimSpec = OptimSpec()
+    schedule: ScheduleSpec
+    batch: BatchSpec
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)  # reads its template
+    checkpoint: CheckpointSpec
+    eval: EvalSpec = EvalSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    overrides: list[str] = []  # the dotted overrides applied by load_job, in order
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> Job:
+        try:
+            accumulation_steps(self, self.resources.nodes * self.resources.procs_per_node)
+        except SpecError as e:
+            raise problem(
+                "batch.global_batch", str(e).removeprefix("batch.global_batch: ")
+            ) from None
+        return self
