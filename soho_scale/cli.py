@@ -29,13 +29,13 @@ def _data(argv: list[str]) -> int:
 
 
 def _validate(argv: list[str]) -> int:
-    from soho_scale.spec import validate_main
+    from soho_scale.launch.validate import validate_main
 
     return validate_main(argv)
 
 
 def _train(argv: list[str]) -> int:
-    from soho_scale.launch import train_main
+    from soho_scale.launch.local import train_main
 
     return train_main(argv)
 
@@ -51,7 +51,7 @@ def _sync_tracking(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    from soho_scale.engine.export import export_main
+    from soho_scale.engine.weights import export_main
 
     return export_main(argv)
 
@@ -63,7 +63,7 @@ def _plan(argv: list[str]) -> int:
 
 
 def _launch(argv: list[str]) -> int:
-    from soho_scale.cluster import launch_main
+    from soho_scale.launch.submit import launch_main
 
     return launch_main(argv)
 
@@ -81,7 +81,7 @@ def _report(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from soho_scale.launch import eval_main
+    from soho_scale.launch.local import eval_main
 
     return eval_main(argv)
 

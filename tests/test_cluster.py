@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from soho_scale.cluster import ClusterError, launch_main
+from soho_scale.launch.submit import ClusterError, launch_main
 
 REPO = Path(__file__).resolve().parent.parent
 JOB = "jobs/demo/pretrain.yaml"  # global batch 32, micro batch 16
@@ -58,7 +58,7 @@ def test_hostfile_dry_run_command_and_env_file(env, tmp_path, capsys):
     out = capsys.readouterr().out
     command = shlex.split(out.strip().splitlines()[-1])
     assert command[0].endswith("deepspeed")
-    flags = dict(zip(command[1:-6:2], command[2:-6:2]))
+    flags = dict(zip(command[1:-7:2], command[2:-7:2]))
     assert flags == {
         "--num_gpus": "1",
         "--master_port": "29500",
@@ -66,9 +66,10 @@ def test_hostfile_dry_run_command_and_env_file(env, tmp_path, capsys):
         "--launcher": "openmpi",
         "--num_nodes": "2",
     }
-    assert command[-6:] == [
+    assert command[-7:] == [
         "--module",
-        "soho_scale.train",
+        "soho_scale.launch.rank",
+        "train",
         JOB,
         "optim.rest.lr=1e-4",
         "--run-dir",
@@ -107,7 +108,7 @@ def test_deepspeed_runner_reads_env_file_and_drops_secrets(env, tmp_path, capsys
     assert "-w worker-0,worker-1" in remote
     assert "export S3_ENDPOINT_URL=http://storage.internal:9000;" in remote
     assert "export MLFLOW_TRACKING_URI=http://mlflow.internal:5000;" in remote
-    assert f"--module --enable_each_rank_log=None soho_scale.train {JOB}" in remote
+    assert f"--module --enable_each_rank_log=None soho_scale.launch.rank train {JOB}" in remote
     assert_no_secret(remote)
 
 
@@ -146,7 +147,7 @@ def test_sbatch_script_is_valid_bash_with_the_launch_lines(env, tmp_path):
         assert line in text.splitlines()
     assert "srun --nodes=2 --ntasks-per-node=1" in text
     assert '--no_ssh --node_rank "$SLURM_NODEID" --num_nodes 2 --num_gpus 4' in text
-    assert "--module soho_scale.train jobs/demo/pretrain.yaml" in text
+    assert "--module soho_scale.launch.rank train jobs/demo/pretrain.yaml" in text
     assert_no_secret(text)
 
 
@@ -218,7 +219,10 @@ def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tm
     subprocess.run(["bash", "-n", "-c", script], check=True)
     assert '--node_rank "$JOB_COMPLETION_INDEX"' in script
     assert f"--master_addr {name}-0.{name}" in script
-    assert "--module soho_scale.train jobs/demo/pretrain.yaml batch.global_batch=128" in script
+    assert (
+        "--module soho_scale.launch.rank train jobs/demo/pretrain.yaml batch.global_batch=128"
+        in script
+    )
 
 
 def test_k8s_job_file_outside_the_repo_is_a_user_error(env, tmp_path):

@@ -12,8 +12,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data_pipeline.storage import free_port
-from soho_scale.engine.checkpoint import committed_checkpoints
+from data_pipeline.loopback import free_port
+from soho_scale.engine.checkpoint_store import committed_checkpoints
 from tests.engine.conftest import REPO
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -43,7 +43,7 @@ def test_two_nodes_on_loopback_train_one_job(make_job, tmp_path):
         command = [
             deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
             "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
-            "--master_port", str(port), "--module", "soho_scale.train", job,
+            "--master_port", str(port), "--module", "soho_scale.launch.rank", "train", job,
             "--run-dir", str(run_dir),
         ]  # fmt: skip
         if node == 1:

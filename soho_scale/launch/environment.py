@@ -1,0 +1,86 @@
+"""What travels from the machine running `soho-scale launch` to the ranks on other nodes.
+
+Non-secret settings every rank needs (`PROPAGATED`: storage endpoint, region, tracking URI, ...)
+travel by value: in the sbatch script, in the Kubernetes manifest, or in DeepSpeed's env file
+for the hostfile runner. A secret (`soho_scale.secrets`) never goes into a file we write:
+credentials come from each host's own environment or AWS chain (hostfile, Slurm) or from
+Kubernetes Secrets by reference. The runner's env-file and export formats are those of
+`soho_scale.engine.patches.deepspeed_runner_env`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from soho_scale.engine.patches.deepspeed_runner_env import (
+    ENV_FILE_VARIABLE,
+    auto_exported,
+    runner_env_files,
+)
+from soho_scale.secrets import has_credentials, is_secret_name, secret_values
+
+# Settings every rank needs whose values are not secret; propagated by value.
+PROPAGATED = (
+    "S3_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "DS_ACCELERATOR",
+)
+
+
+def propagated_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(non-secret settings to propagate by value, notes on what was held back and why)."""
+    secrets = secret_values(environ)
+    values, notes = {}, []
+    for name in PROPAGATED:
+        value = environ.get(name)
+        if not value:
+            continue
+        if has_credentials(value) or value in secrets:
+            notes.append(f"{name} not propagated: its value holds a credential")
+            continue
+        values[name] = value
+    return values, notes
+
+
+def deepspeed_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """What the env file holds: the user's own .deepspeed_env entries and our settings, minus
+    anything that looks like a secret (those must already be in each host's environment)."""
+    values, notes = {}, []
+    for path in runner_env_files(environ):
+        for line in Path(path).read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if not sep or not name.strip():
+                continue
+            if is_secret_name(name):
+                notes.append(f"{name.strip()} from {path} not propagated: looks like a secret")
+                continue
+            values[name.strip()] = value.strip()
+    ours, held_back = propagated_env(environ)
+    return {**values, **ours}, notes + held_back
+
+
+def write_env_file(path: str, values: dict[str, str]) -> None:
+    # The runner splits every line on "=": no comments, no blank lines.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(f"{k}={v}\n" for k, v in values.items())
+
+
+def launcher_environment(environ: dict[str, str], env_file: str) -> tuple[dict[str, str], list]:
+    """The runner's environment: ours, pointed at the env file, with secrets the runner would
+    copy onto every remote command line (MLFLOW_TRACKING_TOKEN...) removed."""
+    env = dict(environ)
+    removed = [k for k in env if auto_exported(k) and is_secret_name(k) and env[k]]
+    for name in removed:
+        del env[name]
+    env[ENV_FILE_VARIABLE] = os.path.abspath(env_file)
+    return env, removed
