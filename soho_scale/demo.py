@@ -24,13 +24,16 @@ RUN_ROOT = "runs/demo"
 
 
 def _stream_a_few_batches(cache: str) -> None:
-    from data_pipeline.streaming import SampleProcessor, StreamSource, build_dataset, build_loader
+    from data_pipeline.loader import build_loader
+    from data_pipeline.samples import SampleProcessor
+    from data_pipeline.streaming import StreamSource, build_dataset
     from data_pipeline.transforms import ImageTransform, TextTransform
+    from soho_scale.pretrained import BUNDLED_BERT, resolve_pretrained
 
     processor = SampleProcessor(
         task="pretrain",
         image=ImageTransform(min_size=64, max_size=96),
-        text=TextTransform(max_len=16),
+        text=TextTransform(resolve_pretrained(BUNDLED_BERT), max_len=16),
         captions_per_image=2,
     )
     dataset = build_dataset(
@@ -47,7 +50,7 @@ def _stream_a_few_batches(cache: str) -> None:
 
 
 def main() -> int:
-    from data_pipeline.storage import LocalS3Server
+    from data_pipeline.loopback import LocalS3Server
     from data_pipeline.synthetic import convert_world, write_world
     from soho_scale.pipeline import run_pipeline
 

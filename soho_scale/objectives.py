@@ -10,8 +10,9 @@ ITC (ALBEF's "align before fuse"): the same fusion encoder reads each caption al
 image alone; an in-batch InfoNCE pulls a caption's mean output towards its image's. ITM's only
 signal is one bit per pair and a small transformer from scratch learns it slowly; the contrastive
 signal (every caption against every image of the batch) aligns the two modalities in far fewer
-steps (measured on the synthetic world: ITM alone stays at chance for 1500 steps even with
-oracle colour features; with ITC the in-batch retrieval rises within 100 steps). Its features
+steps (on the synthetic world ITM alone stays at chance for 1500 steps even with oracle colour
+features, where with ITC the in-batch retrieval rises within 100: benchmarks/README.md, "Model
+choices"). Its features
 are also the cheap first stage of two-stage retrieval (`soho_scale.tasks.retrieval_eval`).
 """
 

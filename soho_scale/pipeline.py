@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soho_scale.engine.tracking import PARENT_ENV
-from soho_scale.job_yaml import read_job_file
+from soho_scale.spec.yaml_file import read_job_file
 
 DONE = "stage_done.json"
 
@@ -136,8 +136,8 @@ def run_stage(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
         ]
         if _run(cmd, log):
             raise RuntimeError(f"stage {stage.name} failed; see {log}")
-        from soho_scale.engine.checkpoint import committed_checkpoints
-        from soho_scale.engine.export import export
+        from soho_scale.engine.checkpoint_store import committed_checkpoints
+        from soho_scale.engine.weights import export
 
         last = committed_checkpoints(os.path.join(run_dir, "checkpoints"))[-1]
         export(last.location, export_path(pipe.run_root, stage.name))

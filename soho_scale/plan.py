@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from data_pipeline.urls import is_s3_url, split_s3_url
 from soho_scale.preflight import (
     Check,
     check_buckets,
@@ -57,7 +58,7 @@ def texts_per_image(job: Job) -> int:
 def shm_estimate(job: Job, ranks_per_node: int, num_samples: int | None) -> int:
     """Bytes of /dev/shm a node needs: batches in flight between DataLoader workers and ranks
     (float32 images, prefetched), plus streaming's shared sample ids and shard states."""
-    from data_pipeline.streaming import PREFETCH_FACTOR  # the loader's own setting
+    from data_pipeline.settings import PREFETCH_FACTOR  # the loader's own setting
 
     height, width = image_shape(job)
     batch = job.batch.micro_batch_per_rank * images_per_sample(job) * 3 * height * width * 4
@@ -153,7 +154,7 @@ def make_plan(
 
     train_urls = [s.remote for s in job.data.streams]
     eval_urls = [s.remote for s in job.eval.streams]
-    s3_urls = [u for u in [*train_urls, *eval_urls, job.checkpoint.dir] if u.startswith("s3://")]
+    s3_urls = [u for u in [*train_urls, *eval_urls, job.checkpoint.dir] if is_s3_url(u)]
     client = s3_client(timeout_s=timeout_s, max_attempts=1) if s3_urls else None
     good_buckets: set[str] = set()
     if s3_urls:
@@ -161,7 +162,7 @@ def make_plan(
         checks += bucket_checks
     counts: dict[str, int | None] = {}
     for url in dict.fromkeys([*train_urls, *eval_urls]):
-        if url.startswith("s3://") and url[5:].split("/")[0] not in good_buckets:
+        if is_s3_url(url) and split_s3_url(url)[0] not in good_buckets:
             counts[url] = None  # its bucket check already failed, with the fix
             continue
         check, counts[url] = check_stream(url, client)

@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from data_pipeline.urls import is_s3_url, split_s3_url
+
 STREAMING_SHM = re.compile(
     r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume"
     r"|epoch_shape|epoch_data)$"
@@ -59,8 +61,6 @@ def check_buckets(urls: list[str], client: Any) -> tuple[list[Check], set[str]]:
     """One HEAD per bucket; returns the checks and the buckets that answered."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from data_pipeline.storage import split_s3_url
-
     checks, good = [], set()
     for bucket in sorted({split_s3_url(u)[0] for u in urls}):
         try:
@@ -76,7 +76,8 @@ def check_buckets(urls: list[str], client: Any) -> tuple[list[Check], set[str]]:
 
 def check_stream(url: str, client: Any) -> tuple[Check, int | None]:
     """index.json readable and every shard it lists present with its size; (check, samples)."""
-    from data_pipeline.storage import DataError, object_sizes, read_index, shard_files
+    from data_pipeline.errors import DataError
+    from data_pipeline.storage import object_sizes, read_index, shard_files
 
     name = f"stream {url}"
     try:
@@ -106,10 +107,8 @@ def check_checkpoint_location(location: str, client: Any) -> Check:
     """Write and delete a probe file (local) or object (s3://) where checkpoints will go."""
     name = f"checkpoint location {location}"
     probe = f".soho-plan-probe-{uuid.uuid4().hex}"
-    if location.startswith("s3://"):
+    if is_s3_url(location):
         from botocore.exceptions import BotoCoreError, ClientError
-
-        from data_pipeline.storage import split_s3_url
 
         bucket, prefix = split_s3_url(location)
         key = f"{prefix}/{probe}" if prefix else probe

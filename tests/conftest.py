@@ -35,6 +35,6 @@ def _private_tmpdir(request: pytest.FixtureRequest):
 
 @pytest.fixture(scope="session")
 def bundled_bert() -> str:
-    from soho_scale.resources import BUNDLED_BERT, resolve_pretrained
+    from soho_scale.pretrained import BUNDLED_BERT, resolve_pretrained
 
     return resolve_pretrained(BUNDLED_BERT)

@@ -147,7 +147,8 @@ def test_unreachable_endpoint_fails_quickly_with_the_fix(tmp_path, clean_env, ca
 
 
 def test_s3_streams_and_checkpoint_probe_through_a_real_s3_server(tmp_path, clean_env, capsys):
-    from data_pipeline.storage import LocalS3Server, s3_client
+    from data_pipeline.loopback import LocalS3Server
+    from data_pipeline.storage import s3_client
 
     shards = write_shards(tmp_path / "shards", samples=48)
     with LocalS3Server(buckets=["soho-data"]):

@@ -1,203 +1,217 @@
-"""Checkpoints that are either complete or ignored.
+"""The checkpoint manager: everything needed to resume a run, saved together and loaded back.
 
-DeepSpeed writes its `latest` file before the final barrier and not atomically, and a missing
-`latest` silently starts from scratch (DESIGN.md). So we keep our own commit marker: after every
-rank has written its files, rank 0 lists them with their sizes in `manifest.json`, written to a
-temporary name, fsynced and renamed (PyTorch DCP's pattern). Resume only ever loads a checkpoint
-whose manifest exists and whose files all have the listed sizes; anything else is partial and
-skipped with a warning.
-
-Remote checkpoints (`s3://bucket/prefix`) are written to a local staging folder, uploaded, and
-the manifest is uploaded last. Checkpoints are loaded with pickle (DeepSpeed does): anyone who
-can write the checkpoint location can run code on every rank, so use trusted locations only.
+A checkpoint holds DeepSpeed's files (weights, optimizer, LR schedule, the visual dictionary's
+buffers), every rank's RNG states and the loader state, step and epoch (`client_state`). Saving
+runs on every rank (DeepSpeed hangs otherwise); rank 0 commits it with a manifest once every
+node has listed (and, for s3://, uploaded) its files (`checkpoint_store`). Resuming finds the
+newest committed checkpoint, stages it (a remote one is downloaded once per node; one written by
+another number of ranks is converted with DeepSpeed's `ds_to_universal`, since ZeRO refuses a
+different data-parallel size) and loads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
-import re
+import random
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline.urls import basename, is_s3_url, join_url
+from soho_scale.engine import checkpoint_store as store
+from soho_scale.spec import Job, dump_job
+
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+STAGING = "checkpoint_staging"  # inside the run folder: remote checkpoints pass through here
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def spec_hash(job: Job) -> str:
+    return hashlib.sha256(dump_job(job).encode()).hexdigest()[:16]
+
+
+def _local_leader() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
 @dataclass(frozen=True)
-class Committed:
-    step: int
+class Resume:
+    """A committed checkpoint made loadable here: DeepSpeed's (root, tag) and whether it is a
+    universal conversion (load it with `load_universal`)."""
+
+    found: store.Committed
+    local_root: str
     tag: str
-    location: str  # local folder or s3:// URL of this checkpoint
+    universal: bool
 
 
-def _is_s3(url: str) -> bool:
-    return url.startswith("s3://")
+class CheckpointManager:
+    """Save, commit, find, stage and load the checkpoints of one job's run."""
 
+    def __init__(self, job: Job, run_dir: str):
+        self.job = job
+        self.root = job.checkpoint.dir
+        self.remote = is_s3_url(self.root)
+        self.staging = os.path.join(run_dir, STAGING)
 
-def _client():
-    from data_pipeline.storage import s3_client
+    # ---- saving ------------------------------------------------------------------------------
 
-    return s3_client()
+    def save(self, engine: Any, step: int, epoch: int, loader: Any) -> None:
+        """Every rank writes its part; rank 0 commits (manifest), and prunes old checkpoints."""
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-
-def _split(url: str) -> tuple[str, str]:
-    from data_pipeline.storage import split_s3_url
-
-    return split_s3_url(url)
-
-
-def list_files(folder: str) -> dict[str, int]:
-    """Relative path -> size of every file under a local folder (the manifest excluded)."""
-    sizes = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            if rel != MANIFEST and not rel.endswith(".tmp"):
-                sizes[rel] = os.path.getsize(path)
-    return sizes
-
-
-def write_manifest(
-    folder: str, step: int, extra: dict[str, Any], files: dict[str, int] | None = None
-) -> dict[str, Any]:
-    """Commit a complete local checkpoint folder (rank 0, after all ranks finished writing)."""
-    manifest = {"step": step, "files": list_files(folder) if files is None else files, **extra}
-    tmp = os.path.join(folder, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, MANIFEST))
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return manifest
-
-
-def upload_files(folder: str, url: str, files: dict[str, int]) -> None:
-    """Upload checkpoint files (one process per node uploads what its node wrote)."""
-    client = _client()
-    bucket, prefix = _split(url)
-    for rel in files:
-        client.upload_file(os.path.join(folder, rel), bucket, f"{prefix}/{rel}")
-
-
-def put_manifest(url: str, manifest: dict[str, Any]) -> None:
-    """Commit a remote checkpoint: the manifest is uploaded after every file it lists."""
-    bucket, prefix = _split(url)
-    body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    _client().put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=body)
-
-
-def download(url: str, folder: str) -> None:
-    """Fetch a committed remote checkpoint into a local folder (manifest last)."""
-    client = _client()
-    bucket, prefix = _split(url)
-    manifest = json.loads(
-        client.get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read()
-    )
-    for rel in manifest["files"]:
-        path = os.path.join(folder, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        client.download_file(bucket, f"{prefix}/{rel}", path)
-    with open(os.path.join(folder, MANIFEST), "w") as f:
-        json.dump(manifest, f)
-
-
-def _read_manifest(location: str) -> dict[str, Any] | None:
-    try:
-        if _is_s3(location):
-            bucket, prefix = _split(location)
-            body = _client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read()
-            return json.loads(body)
-        with open(os.path.join(location, MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-    except Exception as e:  # botocore's NoSuchKey and friends
-        if type(e).__name__ in ("NoSuchKey", "ClientError"):
-            return None
-        raise
-
-
-def _actual_sizes(location: str) -> dict[str, int]:
-    if not _is_s3(location):
-        return list_files(location)
-    bucket, prefix = _split(location)
-    sizes = {}
-    paginator = _client().get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/"):
-        for item in page.get("Contents", []):
-            sizes[item["Key"][len(prefix) + 1 :]] = item["Size"]
-    return sizes
-
-
-def _tags(root: str) -> list[str]:
-    if _is_s3(root):
-        bucket, prefix = _split(root)
-        paginator = _client().get_paginator("list_objects_v2")
-        tags = []
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/", Delimiter="/"):
-            for common in page.get("CommonPrefixes", []):
-                tags.append(common["Prefix"].rstrip("/").rsplit("/", 1)[-1])
-        return tags
-    if not os.path.isdir(root):
-        return []
-    return os.listdir(root)
-
-
-def join(root: str, tag: str) -> str:
-    return f"{root.rstrip('/')}/{tag}" if _is_s3(root) else os.path.join(root, tag)
-
-
-def is_complete(location: str) -> bool:
-    manifest = _read_manifest(location)
-    if manifest is None:
-        return False
-    actual = _actual_sizes(location)
-    return all(actual.get(rel) == size for rel, size in manifest["files"].items())
-
-
-def committed_checkpoints(root: str, warn: bool = True) -> list[Committed]:
-    """Complete checkpoints under `root`, oldest first; partial ones are skipped (with a warning)."""
-    found = []
-    for tag in sorted(_tags(root)):
-        match = TAG_PATTERN.match(tag)
-        if not match:
-            continue
-        location = join(root, tag)
-        if is_complete(location):
-            found.append(Committed(int(match.group(1)), tag, location))
-        elif warn:
-            logger.warning(
-                "ignoring partial checkpoint %s (no manifest or missing files)", location
+        local_root = self.staging if self.remote else self.root
+        tag = store.tag_for(step)
+        client_state = {
+            "step": step,
+            "epoch": epoch,
+            "loader": loader.state_dict(),
+            "spec_hash": spec_hash(self.job),
+            "world_size": dist.get_world_size(),
+            UNIVERSAL_CHECKPOINT_INFO: {},  # lets ds_to_universal reshape it to another world
+        }
+        engine.save_checkpoint(local_root, tag=tag, client_state=client_state, save_latest=False)
+        rank = dist.get_rank()
+        folder = os.path.join(local_root, tag)
+        torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank:05d}.pt"))
+        dist.barrier()
+        # One process per node lists (and uploads) what its node wrote; rank 0 commits the union.
+        files: dict[str, int] = {}
+        if _local_leader():
+            files = store.list_files(folder)
+            if self.remote:
+                store.upload_files(folder, join_url(self.root, tag), files)
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, files)
+        if rank == 0:
+            self._commit(
+                folder, tag, step, {k: v for part in every for k, v in (part or {}).items()}
             )
-    return found
+        dist.barrier()
+        if self.remote and _local_leader():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _commit(self, folder: str, tag: str, step: int, files: dict[str, int]) -> None:
+        extra = {
+            "spec_hash": spec_hash(self.job),
+            "world_size": dist.get_world_size(),
+            "task": self.job.data.task,
+            "model_config": dataclasses.asdict(self.job.model.config()),
+        }
+        if self.remote:
+            store.put_manifest(join_url(self.root, tag), {"step": step, "files": files, **extra})
+        else:
+            store.write_manifest(folder, step, extra, files)
+        store.prune(self.root, self.job.checkpoint.keep_last)
+        logger.info("checkpoint %s committed", join_url(self.root, tag))
+
+    # ---- resuming ----------------------------------------------------------------------------
+
+    def find(self) -> store.Committed | None:
+        """The checkpoint `checkpoint.resume` names: the newest committed one (`auto`), none
+        (`never`), or the given path, which must be committed."""
+        resume = self.job.checkpoint.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            found = store.committed_checkpoints(self.root)
+            return found[-1] if found else None
+        location = resume.rstrip("/")
+        if not store.is_complete(location):
+            raise ValueError(
+                f"checkpoint.resume: {resume} is not a complete checkpoint (no manifest)"
+            )
+        match = store.TAG_PATTERN.match(basename(location))
+        return store.Committed(int(match.group(1)) if match else 0, basename(location), location)
+
+    def prepare_resume(self, world: int) -> Resume | None:
+        """Find the checkpoint to resume from and make it loadable here (every rank calls it,
+        before `deepspeed.initialize`: a universal checkpoint changes the engine's config)."""
+        found = self.find()
+        if found is None:
+            return None
+        local_root = os.path.dirname(found.location)
+        if is_s3_url(found.location):
+            local_root = self.staging
+            if _local_leader():
+                shutil.rmtree(os.path.join(local_root, found.tag), ignore_errors=True)
+                store.download(found.location, os.path.join(local_root, found.tag))
+            dist.barrier()
+        with open(os.path.join(local_root, found.tag, store.MANIFEST)) as f:
+            saved_world = json.load(f).get("world_size", world)
+        if saved_world == world:
+            return Resume(found, local_root, found.tag, universal=False)
+        universal = f"{found.tag}_universal_for{world}"
+        if dist.get_rank() == 0 and not os.path.isdir(os.path.join(local_root, universal)):
+            logger.info(
+                "checkpoint from %d ranks, resuming on %d: converting to universal",
+                saved_world,
+                world,
+            )
+            _to_universal(os.path.join(local_root, found.tag), os.path.join(local_root, universal))
+        dist.barrier()
+        return Resume(found, local_root, universal, universal=True)
+
+    def load(self, engine: Any, resume: Resume) -> dict[str, Any]:
+        """Load weights, optimizer and schedule into `engine`, this rank's RNG states into the
+        process; returns the client state (step, epoch, loader)."""
+        path, client_state = engine.load_checkpoint(
+            resume.local_root, tag=resume.tag, load_module_strict=True
+        )
+        if path is None:
+            raise ValueError(f"checkpoint {resume.found.location}: DeepSpeed could not load it")
+        rng_file = os.path.join(
+            resume.local_root, resume.found.tag, f"rng_rank{dist.get_rank():05d}.pt"
+        )
+        if os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return client_state
 
 
-def prune(root: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` committed checkpoints (local roots only)."""
-    if _is_s3(root):
-        client = _client()
-        for old in committed_checkpoints(root, warn=False)[:-keep_last]:
-            bucket, prefix = _split(old.location)
-            # Manifest first: a half-deleted checkpoint must not look complete.
-            client.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
-            for rel in _actual_sizes(old.location):
-                client.delete_object(Bucket=bucket, Key=f"{prefix}/{rel}")
-        return
-    for old in committed_checkpoints(root, warn=False)[:-keep_last]:
-        os.remove(os.path.join(old.location, MANIFEST))
-        shutil.rmtree(old.location, ignore_errors=True)
+def _to_universal(source: str, target: str) -> None:
+    """DeepSpeed's ds_to_universal into `target` (written under a temporary name, then renamed)."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            source,
+            "--output_folder",
+            target + ".tmp",
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    os.replace(target + ".tmp", target)

@@ -17,6 +17,31 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from soho_scale.model.config import SohoConfig
 
+# Dense (no sparsity) peak FLOP/s of one device by the job's precision, from the vendors' data
+# sheets; a name is matched as a substring of torch's device name, first match wins.
+KNOWN_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+}
+
+
+def peak_flops(precision: str, given: float | None = None) -> float | None:
+    """FLOP/s MFU is measured against: `given` (the spec's `resources.peak_flops`), else the
+    known peak of this rank's GPU at `precision`; None on CPU or an unknown GPU (no MFU)."""
+    if given:
+        return given
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peaks in KNOWN_PEAK_FLOPS.items():
+        if key in name:
+            return peaks.get(precision)
+    return None
+
 
 def cnn_flops_per_pixel(config: SohoConfig) -> float:
     from soho_scale.model.vision import VisionEncoder

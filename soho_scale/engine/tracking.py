@@ -19,28 +19,13 @@ import threading
 import time
 from typing import Any
 
+from soho_scale.secrets import redact
+
 logger = logging.getLogger(__name__)
 
-SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_USERNAME",
-)
 PENDING = "tracking_pending.jsonl"
 PARENT_ENV = "SOHO_MLFLOW_PARENT_RUN_ID"  # set by `soho-scale pipeline` for its stages
 RUN_INFO = "tracking.json"
-
-
-def redact(text: str) -> str:
-    """`text` with the value of every secret environment variable masked."""
-    for name in SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:

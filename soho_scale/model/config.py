@@ -77,12 +77,10 @@ _CHOICES = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: a 4-block ResNet, a 2-layer 128-wide pre-LN transformer from
-    # scratch. On the synthetic world BERT's post-LN layers stayed at VQA's question-type prior
-    # (42.3 after 1000 steps); pre-LN, 4 heads and no dropout learned to look (54.2), measured.
-    # Read through [CLS] alone, colour went unused although it is half of the visual tokens'
-    # variance and a linear probe reads it at 97%: NLVR2's colour sentences stayed at 50% after
-    # 300 steps, with the visual mean beside [CLS] 73% (44 dev pairs); the demo's VQA went from
-    # 48.9 to 59.9 and exact R@5 from TR 24 / IR 32 to 37 / 37.4 (measured).
+    # scratch (on the synthetic world BERT's post-LN layers stay at VQA's question-type prior,
+    # where pre-LN layers with 4 heads and no dropout learn to look), and heads that read the
+    # visual tokens' mean beside [CLS] (through [CLS] alone colour goes unused, although a linear
+    # probe reads it from the visual tokens). Figures: benchmarks/README.md, "Model choices".
     "tiny": dict(
         backbone="resnet10",
         frozen_stages=-1,

@@ -4,7 +4,8 @@ The dictionary is buffers, not parameters: it is updated by a moving average of 
 assigned to each entry, never by gradients. Statistics are summed over all data-parallel ranks
 before the update, so every rank holds the same dictionary (a rank that saw half the data and a
 single process that saw all of it end up identical). Buffers and their arithmetic stay fp32 even
-when the rest of the model is cast to bf16/fp16.
+when the rest of the model is cast to bf16/fp16 (`keeps_float32_state`, honoured by
+`soho_scale.model.precision.cast_to_precision`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def vd_decay(step: int | torch.Tensor, decay: float, start: float, warmup_steps:
 
 class VisualDictionary(nn.Module):
     """forward(features (N, D)) -> (quantized (N, D) with straight-through gradient, indices (N,))."""
+
+    keeps_float32_state = True  # bf16 would round the moving averages' small updates away
 
     def __init__(
         self,
@@ -45,16 +48,6 @@ class VisualDictionary(nn.Module):
         self.register_buffer("embed_sum", embed.clone())  # (K, D) EMA of assigned feature sums
         self.register_buffer("cluster_size", torch.zeros(size))  # (K,) EMA of assignment counts
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
-        # Keep the dictionary fp32 through .half()/.bfloat16() (DeepSpeed casts the whole module).
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, buffer in self._buffers.items():
-            old = before[name]
-            if old is not None and old.is_floating_point() and buffer.dtype != torch.float32:
-                self._buffers[name] = old.to(device=buffer.device, dtype=torch.float32)
-        return self
 
     @torch.no_grad()
     def assign(self, features: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, BertModel
 
 from soho_scale.model.config import SohoConfig
-from soho_scale.resources import resolve_pretrained
+from soho_scale.pretrained import resolve_pretrained
 
 
 def sine_position_encoding(
@@ -131,7 +131,7 @@ def load_pretrained_bert(config: SohoConfig) -> BertModel:
 class PreNormEncoder(nn.Module):
     """torch's pre-LN layers (`nn.TransformerEncoderLayer(norm_first=True)`) with BERT's
     initialisation, a final LayerNorm, and per-layer activation checkpointing. (With torch's
-    default initialisation the few-step fine-tunes of VQA and retrieval learned nothing: measured.)"""
+    default initialisation the few-step fine-tunes of VQA and retrieval learn nothing.)"""
 
     def __init__(self, config: SohoConfig):
         super().__init__()

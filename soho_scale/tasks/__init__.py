@@ -80,8 +80,9 @@ def build_task_step(job: Any, config: SohoConfig) -> nn.Module:
 def sample_processor(job: Any, processor_class: Any = None, **extra: Any) -> Any:
     """The job's data_pipeline SampleProcessor: its image/text transforms, captions, MLM, seed,
     and the task's own options (VQA: `num_answers`). One place for training, eval and tests."""
-    from data_pipeline.streaming import SampleProcessor
+    from data_pipeline.samples import SampleProcessor
     from data_pipeline.transforms import ImageTransform, TextTransform
+    from soho_scale.pretrained import resolve_pretrained
 
     data = job.data
     if data.task == "vqa":
@@ -93,7 +94,7 @@ def sample_processor(job: Any, processor_class: Any = None, **extra: Any) -> Any
             max_size=data.image.max_size,
             square_size=data.image.max_size if data.image.square else None,
         ),
-        text=TextTransform(data.text.tokenizer, data.text.max_len),
+        text=TextTransform(resolve_pretrained(data.text.tokenizer), data.text.max_len),
         captions_per_image=data.captions_per_image,
         mlm_probability=job.objectives.mlm_probability,
         seed=job.seed,

@@ -364,10 +364,8 @@ def evaluate_job(job: Any, model: nn.Module, loader: Any, rank: int, world: int)
     """`soho-scale eval` for retrieval: every rank reads the whole test split (bytes and captions)
     from the eval loader's dataset, then each of `eval.retrieval_modes` runs distributed. MSCOCO 5K
     also reports the 1K protocol (mean over 5 folds). Returns (metrics, predictions=[])."""
-    from streaming import StreamingDataset
-
     dataset = loader.dataset
-    samples = (StreamingDataset.get_item(dataset, i) for i in range(dataset.num_samples))
+    samples = (dataset.raw_sample(i) for i in range(dataset.num_samples))
     processor = dataset.processor  # the job's transforms (soho_scale.tasks.sample_processor)
     data = retrieval_set_from_samples(samples, processor.image, processor.text)
     folds = 5 if len(data.images) >= 5000 else 1

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from data_pipeline.storage import LocalS3Server, free_port
+from data_pipeline.loopback import LocalS3Server, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_SAMPLES = 48  # 3 optimizer steps per epoch at global batch 16
@@ -108,12 +108,14 @@ def make_job(tmp_path, pretrain_shards):
 
 
 def train_command(job: str, run_dir: str, nproc: int, *overrides: str) -> list[str]:
+    """`soho-scale train`, each rank recording its samples and losses (`record`)."""
     return [
         sys.executable,
         "-m",
         "soho_scale.cli",
         "train",
         job,
+        "tracking.record_samples=true",
         *overrides,
         "--nproc",
         str(nproc),
@@ -130,7 +132,7 @@ def run_train(
     env: dict | None = None,
     timeout: float = 600,
 ) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {}), "SOHO_RECORD_SAMPLES": "1", "PYTHONUNBUFFERED": "1"}
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         train_command(job, run_dir, nproc, *overrides),
         env=full_env,
@@ -144,7 +146,7 @@ def run_train(
 def start_train(
     job: str, run_dir: str, nproc: int = 2, *overrides: str, env: dict | None = None
 ) -> subprocess.Popen:
-    full_env = {**os.environ, **(env or {}), "SOHO_RECORD_SAMPLES": "1", "PYTHONUNBUFFERED": "1"}
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     log = open(os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".log"), "w")
     return subprocess.Popen(
         train_command(job, run_dir, nproc, *overrides),

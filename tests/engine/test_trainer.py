@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from soho_scale.engine.export import consolidated_state_dict
+from soho_scale.engine.weights import consolidated_state_dict
 from tests.engine.conftest import (
     REPO,
     SECRET,
@@ -82,6 +82,10 @@ def test_zero2_trains_logs_and_resumes_exactly_after_sigkill(make_job, tmp_path,
     ):
         assert key in params, key
     assert params["data.stream0.samples"] == "48"
+    # Which library patches ran (data_pipeline/patches, soho_scale/engine/patches).
+    assert params["patch.streaming_shard_state"] == "on"
+    assert params["patch.deepspeed_shm_comm"] == "on"
+    assert params["patch.deepspeed_zero3"] == "not used"  # a ZeRO-2 job
     for key in (
         "loss",
         "mlm_loss",
@@ -141,7 +145,7 @@ def test_zero2_trains_logs_and_resumes_exactly_after_sigkill(make_job, tmp_path,
 
 
 def test_zero3_with_mlflow_down_keeps_metrics_and_syncs_later(make_job, tmp_path, mlflow_server):
-    from data_pipeline.storage import free_port
+    from data_pipeline.loopback import free_port
 
     job = make_job("zero3", deepspeed__zero_stage=3, schedule__steps=4)
     run_dir = str(tmp_path / "run")
@@ -157,7 +161,7 @@ def test_zero3_with_mlflow_down_keeps_metrics_and_syncs_later(make_job, tmp_path
     _both_groups_changed(f"{ckpt}/step_00000002", f"{ckpt}/step_00000004")
 
     # Resumed from its step-2 checkpoint (the optimizer's fp32 partitions are the weights
-    # themselves under ZeRO-3, engine/zero3.py): steps 3-4 give the same losses.
+    # themselves under ZeRO-3, engine/patches/deepspeed_zero3.py): steps 3-4 give the same losses.
     resumed_ckpt = tmp_path / "zero3-resumed-ckpt"
     shutil.copytree(f"{ckpt}/step_00000002", resumed_ckpt / "step_00000002")
     resumed = make_job("zero3-resumed", deepspeed__zero_stage=3, schedule__steps=4,

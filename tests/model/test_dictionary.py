@@ -3,6 +3,7 @@
 import torch
 
 from soho_scale.model.dictionary import VisualDictionary, vd_decay
+from soho_scale.model.precision import cast_to_precision
 
 
 def test_decay_ramp_is_a_pure_function_of_the_step():
@@ -51,7 +52,7 @@ def test_no_update_in_eval_mode_and_straight_through_gradient():
 
 def test_buffers_stay_fp32_when_module_is_cast_and_under_autocast():
     vd = VisualDictionary(size=8, dim=4).train()
-    vd.bfloat16()
+    cast_to_precision(vd, torch.bfloat16)
     assert all(b.dtype in (torch.float32, torch.long) for b in vd.buffers())
     x = torch.randn(6, 4).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):

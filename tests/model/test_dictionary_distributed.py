@@ -1,20 +1,14 @@
 """Two gloo ranks with different data end with the same dictionary as one process with all data."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from data_pipeline.loopback import free_port
 from soho_scale.model.dictionary import VisualDictionary
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_dictionary() -> VisualDictionary:
@@ -42,7 +36,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.multiprocess
 def test_two_ranks_hold_identical_dictionaries_equal_to_one_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     mp.spawn(_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")

@@ -6,7 +6,7 @@ from transformers import BertModel
 
 from soho_scale.model.config import build_config
 from soho_scale.model.fusion import FusionEncoder, sine_position_encoding
-from soho_scale.resources import BUNDLED_BERT
+from soho_scale.pretrained import BUNDLED_BERT
 
 # The bundled small BERT (all-MiniLM-L6-v2): 384 wide, 12 heads, 6 layers, BERT vocab, post-LN.
 MINILM = dict(hidden_size=384, num_heads=12, intermediate_size=1536, num_layers=6, pre_norm=False)

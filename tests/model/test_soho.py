@@ -7,6 +7,7 @@ import torch
 
 from soho_scale.cli import main as cli_main
 from soho_scale.model.config import PRESETS, build_config
+from soho_scale.model.precision import cast_to_precision
 from soho_scale.model.soho import SohoPretrain, model_info
 from soho_scale.objectives import PretrainSettings, choose_mvm_mask, pair_for_itm, pretrain_loss
 from tests.model.helpers import make_batch
@@ -109,8 +110,9 @@ def test_bf16_autocast_keeps_the_dictionary_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = pretrain_loss(model, make_batch(), PretrainSettings())
     loss.backward()
-    model.bfloat16()  # what DeepSpeed's bf16 engine does to the module
+    cast_to_precision(model, torch.bfloat16)  # what the engine does before DeepSpeed
     assert {b.dtype for b in model.soho.dictionary.buffers()} <= {torch.float32, torch.long}
+    assert next(model.soho.vision.parameters()).dtype == torch.bfloat16
     assert model.soho.dictionary.num_updates.item() == 1
 
 

@@ -129,8 +129,9 @@ def finetune(job: Job, steps: int, lr: float | None, batch_size: int = 16):
     stream, the job's evaluation before and after."""
     import torch
 
-    from data_pipeline.streaming import build_dataset, build_loader
-    from soho_scale.evaluate import build_eval_loader, evaluate_task
+    from data_pipeline.loader import build_loader
+    from data_pipeline.streaming import build_dataset
+    from soho_scale.engine.evaluate import build_eval_loader, evaluate_task
     from soho_scale.tasks import build_task_evaluation, build_task_step, sample_processor
 
     torch.manual_seed(job.seed)

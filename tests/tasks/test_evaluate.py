@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_pipeline.storage import free_port
-from soho_scale.evaluate import build_eval_loader, evaluate_task
-from soho_scale.launch import eval_main
+from data_pipeline.loopback import free_port
+from soho_scale.engine.evaluate import build_eval_loader, evaluate_task
+from soho_scale.launch.local import eval_main
 from soho_scale.model.config import build_config
 from soho_scale.model.soho import Soho
 from soho_scale.spec import load_job

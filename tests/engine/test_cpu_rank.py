@@ -7,7 +7,8 @@ import platform
 
 import pytest
 
-from soho_scale.engine.cpu import keep_freed_memory, tune_for_cpu
+from soho_scale.engine.cpu_rank import keep_freed_memory
+from soho_scale.engine.deepspeed_config import tune_for_cpu
 
 
 @pytest.mark.parametrize("stage", [1, 2])

