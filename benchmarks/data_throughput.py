@@ -6,8 +6,10 @@
 (c) naive_files: a torch Dataset over JPEG files + one JSON file on local disk, through torch's
     DataLoader as it comes (batches handed over by file descriptor);
 (d) files_same_sharing: (c) with soho_scale's worker start, so that streamed_s3 against it is
-    the cost of storage and streaming alone (`ratio_storage_only`).
-All four use the same SampleProcessor (decode, resize, tokenize, MLM-mask), collate, batch size,
+    the cost of storage and streaming alone (`ratio_storage_only`);
+(e) with `--without PATCH` (repeatable, or `all`): streamed_without_PATCH, (a) with that speed
+    patch of data_pipeline/patches off, for what it buys (`ratio_with_patch`).
+All use the same SampleProcessor (decode, resize, tokenize, MLM-mask), collate, batch size,
 worker count, prefetch and persistent workers.
 
     .venv/bin/python benchmarks/data_throughput.py --samples 1024 --workers 2 --rounds 5
@@ -33,17 +35,18 @@ from streaming import MDSWriter
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.collate import collate_captions
-from data_pipeline.storage import LocalS3Server
-from data_pipeline.streaming import (
-    PREFETCH_FACTOR,
-    SampleProcessor,
-    WorkerInit,
-    build_dataset,
-    build_loader,
-)
-from data_pipeline.transforms import ImageTransform
+from data_pipeline.loader import WorkerInit, build_loader
+from data_pipeline.loopback import LocalS3Server
+from data_pipeline.patches import guard
+from data_pipeline.samples import SampleProcessor
+from data_pipeline.settings import PREFETCH_FACTOR
+from data_pipeline.streaming import build_dataset
+from data_pipeline.transforms import ImageTransform, TextTransform
+from soho_scale.pretrained import BUNDLED_BERT, resolve_pretrained
 
 TARGETS = {"ratio_vs_ceiling": 0.9, "ratio_vs_naive": 1.0}  # issue 3
+# The speed patches of the streamed path (data_pipeline/patches) that `--without` can turn off.
+SPEED_PATCHES = ("streaming_local_fastpath", "streaming_mapped_shards", "streaming_barrier")
 COLUMNS = {"source": "str", "split": "str", "image_id": "str", "image": "bytes", "captions": "json"}
 
 
@@ -120,14 +123,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5, help="epochs per variant, interleaved")
     parser.add_argument("--image-size", default="480x360", help="stored JPEG WxH")
+    parser.add_argument(
+        "--without", action="append", default=[], choices=[*SPEED_PATCHES, "all"],
+        help="also measure streamed_s3 with this speed patch off",
+    )  # fmt: skip
     args = parser.parse_args()
+    without = list(SPEED_PATCHES) if "all" in args.without else args.without
     width, height = map(int, args.image_size.split("x"))
     images = make_images(args.samples, width, height)
     captions = [
         [f"a picture number {i} of shapes", f"colourful blobs {i}"] for i in range(args.samples)
     ]
-    processor = SampleProcessor("pretrain", image=ImageTransform(128, 192), captions_per_image=2)
-    # The loader settings of data_pipeline.streaming.build_loader for all, but its worker start.
+    processor = SampleProcessor(
+        "pretrain",
+        image=ImageTransform(128, 192),
+        text=TextTransform(resolve_pretrained(BUNDLED_BERT)),
+        captions_per_image=2,
+    )
+    # The loader settings of data_pipeline.loader.build_loader for all, but its worker start.
     common = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_captions,
                   persistent_workers=True, prefetch_factor=PREFETCH_FACTOR, shuffle=True)  # fmt: skip
 
@@ -166,6 +179,15 @@ def main() -> None:
         # The first streamed epoch downloads the shards from the S3 server as it goes; later
         # epochs read streaming's local cache (a dataset larger than the cache re-downloads).
         first_epoch, _ = epoch_rate(loaders["streamed_s3"])
+        for patch in without:  # its dataset and persistent workers start with the patch off
+            guard.set_decision(patch, False)
+            off = build_dataset(["s3://bench/coco"], processor, os.path.join(tmp, f"c-{patch}"),
+                                args.batch_size, clean_stale_shm=False)  # fmt: skip
+            loaders[f"streamed_without_{patch}"] = build_loader(
+                off, args.batch_size, num_workers=args.workers, persistent_workers=True
+            )
+            epoch_rate(loaders[f"streamed_without_{patch}"])
+            guard.set_decision(patch, True)
         for name in ("ceiling_memory", "naive_files", "files_same_sharing"):
             epoch_rate(loaders[name])  # start the workers, load the tokenizer, fill page cache
         names = list(loaders)
@@ -183,6 +205,9 @@ def main() -> None:
         "ratio_vs_naive": round(rates["streamed_s3"] / rates["naive_files"], 3),
     }
     storage_only = round(rates["streamed_s3"] / rates["files_same_sharing"], 3)
+    with_patch = {
+        p: round(rates["streamed_s3"] / rates[f"streamed_without_{p}"], 3) for p in without
+    }
     print(json.dumps({
         "samples_per_s": {k: round(v, 1) for k, v in rates.items()},
         "streamed_s3_first_epoch": round(first_epoch, 1),
@@ -190,6 +215,7 @@ def main() -> None:
         "cpu_us_per_sample": {k: round(statistics.median(v)) for k, v in cpu_us.items()},
         **ratios,
         "ratio_storage_only": storage_only,
+        "ratio_with_patch": with_patch,
         "targets": TARGETS,
         "meets_targets": {k: ratios[k] >= v for k, v in TARGETS.items()},
         "config": {**vars(args), "transform": "soho 128/192", "torch_threads": torch.get_num_threads()},

@@ -181,8 +181,8 @@ class EngineVariant(Variant):
     def __init__(self, name: str, step_module: torch.nn.Module, job: Any, world: int) -> None:
         import deepspeed
 
+        from soho_scale.engine.deepspeed_config import prepare_for_engine
         from soho_scale.engine.optimizer import build_optimizer
-        from soho_scale.engine.trainer import prepare_for_engine
 
         self.name = name
         config, _ = prepare_for_engine(step_module, job, world)  # as the trainer does
@@ -230,7 +230,8 @@ class EngineVariant(Variant):
 
 
 def build_variant(name: str, world: int, args: argparse.Namespace) -> Variant:
-    from soho_scale.engine.trainer import build_step, seed_everything
+    from soho_scale.engine.step import build_step
+    from soho_scale.engine.trainer import seed_everything
     from soho_scale.spec import load_job
 
     stage = name[len("zero") :] if name.startswith("zero") else "2"
@@ -276,7 +277,7 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, port: int, result:
 
     import torch.distributed as dist
 
-    from soho_scale.engine.trainer import setup_distributed
+    from soho_scale.engine.distributed import setup_distributed
 
     setup_distributed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -385,7 +386,7 @@ def main() -> None:
 
     import torch.multiprocessing as mp
 
-    from data_pipeline.storage import free_port
+    from data_pipeline.loopback import free_port
 
     # DeepSpeed picks its accelerator at import: CPU + gloo here, whatever the machine has.
     os.environ["DS_ACCELERATOR"] = "cpu"

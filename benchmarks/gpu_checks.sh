@@ -146,7 +146,7 @@ write_job() {  # write_job PRECISION STEPS MICRO -> path of a job file (demo job
   "$PY" - "$WORK" "$@" <<'EOF'
 import sys
 import yaml
-from soho_scale.job_yaml import read_job_file  # rejects duplicate keys (DESIGN.md)
+from soho_scale.spec.yaml_file import read_job_file  # rejects duplicate keys (DESIGN.md)
 
 work, precision, steps, micro = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 job = read_job_file("jobs/demo/pretrain.yaml")

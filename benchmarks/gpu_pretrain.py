@@ -220,8 +220,11 @@ def mode_torch_streamed(args, device, model_factory, flop_model) -> dict:  # noq
     for module in ("streaming", "data_pipeline.streaming"):
         if importlib.util.find_spec(module.split(".")[0]) is None:
             return {"skipped": f"{module} is not importable"}
-    from data_pipeline.streaming import SampleProcessor, build_dataset, build_loader
+    from data_pipeline.loader import build_loader
+    from data_pipeline.samples import SampleProcessor
+    from data_pipeline.streaming import build_dataset
     from data_pipeline.transforms import ImageTransform, TextTransform
+    from soho_scale.pretrained import BUNDLED_BERT, resolve_pretrained
 
     os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
     total = (args.warmup + args.steps + args.breakdown_steps) * args.micro_batch
@@ -232,7 +235,7 @@ def mode_torch_streamed(args, device, model_factory, flop_model) -> dict:  # noq
         processor = SampleProcessor(
             task="pretrain",
             image=ImageTransform(min_size=short, max_size=long),
-            text=TextTransform(max_len=args.text_len),
+            text=TextTransform(resolve_pretrained(BUNDLED_BERT), max_len=args.text_len),
             captions_per_image=args.captions,
         )
         dataset = build_dataset(
@@ -253,8 +256,9 @@ def mode_deepspeed_in_memory(args, device, model_factory, flop_model) -> dict:  
     args = argparse.Namespace(**{**vars(args), "channels_last": False})
     import deepspeed
 
+    from soho_scale.engine.deepspeed_config import prepare_for_engine
+    from soho_scale.engine.distributed import setup_distributed
     from soho_scale.engine.optimizer import build_optimizer
-    from soho_scale.engine.trainer import prepare_for_engine, setup_distributed
     from soho_scale.spec import load_job
 
     job = load_job(
@@ -333,8 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     missing = [m for m in ("torchvision", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
         sys.exit(f"gpu_pretrain: {', '.join(missing)} not importable; the model needs them")
+    from soho_scale.engine.step import PretrainStep
     from soho_scale.engine.telemetry import FlopModel
-    from soho_scale.engine.trainer import PretrainStep
     from soho_scale.model.config import build_config
     from soho_scale.model.soho import SohoPretrain
     from soho_scale.objectives import PretrainSettings

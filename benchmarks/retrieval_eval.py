@@ -23,6 +23,7 @@ from data_pipeline.sources.karpathy import convert_karpathy
 from data_pipeline.synthetic import write_world
 from data_pipeline.transforms import ImageTransform, TextTransform
 from soho_scale.model.config import build_config
+from soho_scale.pretrained import BUNDLED_BERT, resolve_pretrained
 from soho_scale.tasks.retrieval import RetrievalModel, recall_at_k
 from soho_scale.tasks.retrieval_eval import (
     RetrievalSet,
@@ -43,7 +44,10 @@ def test_set(root: str, images: int) -> RetrievalSet:
         os.path.join(world, "karpathy", "dataset_coco.json"), os.path.join(world, "coco"), shards
     )
     full = load_retrieval_set(
-        shards, os.path.join(root, "cache"), ImageTransform(64, 96), TextTransform(max_len=16)
+        shards,
+        os.path.join(root, "cache"),
+        ImageTransform(64, 96),
+        TextTransform(resolve_pretrained(BUNDLED_BERT), max_len=16),
     )
     keep = full.text_to_image < images
     return RetrievalSet(
@@ -88,8 +92,8 @@ def main() -> None:
         data = test_set(root, args.images)
         torch.manual_seed(0)
         if args.weights:
+            from soho_scale.engine.weights import load_state, read_weights
             from soho_scale.model.config import SohoConfig
-            from soho_scale.tasks.transfer import load_state, read_weights
 
             state, info = read_weights(args.weights)  # one read: config and tensors
             model = RetrievalModel(SohoConfig(**info["config"]))

@@ -75,11 +75,13 @@ def test_data_throughput_reports_every_loader(tmp_path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmpdir:
         result = _run(
             [str(REPO / "benchmarks" / "data_throughput.py"), "--samples", "48", "--rounds", "2",
-             "--workers", "1", "--batch-size", "8", "--image-size", "96x64"],
+             "--workers", "1", "--batch-size", "8", "--image-size", "96x64",
+             "--without", "streaming_mapped_shards"],
             tmp_path, timeout=300, tmpdir=tmpdir,
         )  # fmt: skip
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    loaders = {"ceiling_memory", "naive_files", "files_same_sharing", "streamed_s3"}
+    loaders = {"ceiling_memory", "naive_files", "files_same_sharing", "streamed_s3",
+               "streamed_without_streaming_mapped_shards"}  # fmt: skip
     assert set(report["samples_per_s"]) == loaders
     assert all(len(report["per_round"][k]) == 2 for k in loaders)
     assert all(report["samples_per_s"][k] > 0 for k in loaders)
@@ -90,3 +92,4 @@ def test_data_throughput_reports_every_loader(tmp_path: Path) -> None:
     storage = rates["streamed_s3"] / rates["files_same_sharing"]
     assert report["ratio_storage_only"] == pytest.approx(storage, abs=0.002)
     assert set(report["meets_targets"]) == {"ratio_vs_ceiling", "ratio_vs_naive"}
+    assert list(report["ratio_with_patch"]) == ["streaming_mapped_shards"]
