@@ -209,6 +209,7 @@ def build_dataset(
     across restarts to resume exactly once on another number of ranks. The defaults are the job
     spec's (`data_pipeline.settings`).
     """
+    install_patches()  # a refusal is its own one-line error, not a failure to open the data
     if clean_stale_shm:
         clean_stale_shared_memory()
     streams = []

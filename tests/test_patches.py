@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import re
 import shutil
 import subprocess
@@ -147,3 +148,24 @@ def test_source_files_are_found_without_importing_the_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_a_changed_streaming_stops_soho_scale_train_before_any_rank_starts(tmp_path):
+    # An upgrade as a user would meet it: a copy of mosaicml-streaming, first on the path, whose
+    # on_exception (which streaming_shard_state overrides) differs from the tested one.
+    import streaming
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(streaming.__file__).parent, site / "streaming")
+    _edit(site, "streaming.base.dataset:StreamingDataset.on_exception")
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    env.pop(guard.FORCE_ENV, None)
+    command = [sys.executable, "-m", "soho_scale.cli", "train", "jobs/demo/pretrain.yaml"]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("soho-scale train: data_pipeline.patches.streaming_shard_state: ")
+    assert "StreamingDataset.on_exception changed" in lines[0]
+    assert "SOHO_FORCE_PATCHES=streaming_shard_state" in lines[0]
+    assert out.stdout == ""  # no launcher, no rank

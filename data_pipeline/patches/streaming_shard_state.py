@@ -19,6 +19,7 @@ marks failed shards itself.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -26,7 +27,6 @@ from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-from streaming.base.dataset import _ShardState
 
 from data_pipeline.errors import DataError
 from data_pipeline.patches.guard import Patch
@@ -58,6 +58,15 @@ def install() -> bool:
     return PATCH.install()
 
 
+@functools.cache
+def _states() -> Any:
+    """Streaming's shard states, imported when first needed: the guard checks this patch (in
+    `soho-scale train`'s parent, before anything starts) without importing streaming."""
+    from streaming.base.dataset import _ShardState
+
+    return _ShardState
+
+
 def supported() -> bool:
     return PATCH.supported()
 
@@ -68,7 +77,7 @@ class ShardStateChecks:
     def state_of(self, shard_id: int) -> str:
         """'remote', 'preparing', 'local' or 'failed'."""
         state = int(self._shard_states[shard_id])
-        return "failed" if state == FAILED else _ShardState(state).name.lower()
+        return "failed" if state == FAILED else _states()(state).name.lower()
 
     def raw_on_disk(self, shard_id: int) -> bool:
         """The shard is LOCAL and its uncompressed files exist (streaming also calls a shard
@@ -77,7 +86,7 @@ class ShardStateChecks:
         raw = self.process_local().setdefault("raw_shards", set())
         if shard_id in raw:
             return True
-        if self._shard_states[shard_id] != _ShardState.LOCAL:
+        if self._shard_states[shard_id] != _states().LOCAL:
             return False
         shard = self.shards[shard_id]
         folder = os.path.join(shard.dirname, shard.split or "")
@@ -91,7 +100,7 @@ class ShardStateChecks:
         """Shards a download is working on, or that failed: what a stalled loader waits for."""
         states = self._shard_states.numpy()
         return [
-            int(i) for i in np.flatnonzero((states == _ShardState.PREPARING) | (states == FAILED))
+            int(i) for i in np.flatnonzero((states == _states().PREPARING) | (states == FAILED))
         ]
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:

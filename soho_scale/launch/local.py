@@ -31,6 +31,14 @@ def _ensure_cpu_accelerator(env: dict[str, str]) -> None:
         env.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def refuse_unsupported_patches() -> None:
+    """A correctness patch the ranks would install that cannot vouch for the installed library
+    refuses here, with one line (PatchError), before any rank starts."""
+    from data_pipeline.patches import streaming_shard_state
+
+    streaming_shard_state.install()
+
+
 def train_main(argv: list[str]) -> int:
     """`soho-scale train JOB [KEY=VALUE...] [--nproc N] [--run-dir DIR] [--master-port P]`."""
     parser = argparse.ArgumentParser(
@@ -44,6 +52,7 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--master-port", type=int)
     args = parser.parse_intermixed_args(argv)
     job = load_job(args.job, args.overrides)  # a bad spec fails here, before any process starts
+    refuse_unsupported_patches()
     nproc = args.nproc or job.resources.procs_per_node
     env = dict(os.environ)
     _ensure_cpu_accelerator(env)

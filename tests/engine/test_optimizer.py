@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from soho_scale.engine.optimizer import SgdAdamW, build_optimizer, is_cnn_parameter, lr_factor
-from soho_scale.spec import OptimSpec
+from soho_scale.spec.schema import OptimSpec
 
 
 def _params(seed: int) -> list[nn.Parameter]:
