@@ -81,26 +81,16 @@ def test_behaviour_the_command_is_built_without_importing_deepspeed_or_torch():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.slow
-def test_still_needed_the_runner_imports_deepspeed_before_it_starts_the_launcher():
-    """In one fresh process: building our launcher command (guard included), then importing the
-    runner, which the `deepspeed` command does before it starts the same launcher."""
+def test_still_needed_the_runner_imports_torch_and_deepspeed_before_it_starts_the_launcher():
+    """The `deepspeed` command imports its runner module, which imports torch and DeepSpeed
+    (seconds, benchmarks/README.md "launcher start-up") before it starts the same launcher."""
     code = (
-        "import time\n"
-        "start = time.perf_counter()\n"
-        "from soho_scale.engine.patches import deepspeed_launcher\n"
-        "deepspeed_launcher.install()\n"
-        "deepspeed_launcher.local_launcher_command(2, 29500, ['--module', 'm'])\n"
-        "ours = time.perf_counter() - start\n"
-        "start = time.perf_counter()\n"
+        "import sys\n"
         "import deepspeed.launcher.runner\n"
-        "print(ours, time.perf_counter() - start)\n"
+        "print(sorted(name for name in ('deepspeed', 'torch') if name in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
-    ours, runner = map(float, out.stdout.split()[-2:])
-    assert runner > max(1.0, 10 * ours), (
-        f"upstream changed: delete/revise {PATCH.module} (importing deepspeed.launcher.runner "
-        f"takes {runner:.2f} s, building our launcher command {ours:.2f} s)"
-    )
+    if out.stdout.strip().splitlines()[-1] != "['deepspeed', 'torch']":
+        pytest.fail(f"upstream changed: the runner starts light; delete/revise {PATCH.module}")
