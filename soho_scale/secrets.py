@@ -29,7 +29,14 @@ def is_secret_name(name: str) -> bool:
 def secret_values(environ: Mapping[str, str] | None = None) -> set[str]:
     """Values of the secret-named variables of `environ` (default: this process's)."""
     environ = os.environ if environ is None else environ
-    return {v for k, v in environ.items() if is_secret_name(k) and len(v) >= _SHORTEST_MASKED}
+    values = set()
+    # Names first, then each value by get(): another thread (MLflow's) may set or delete
+    # variables meanwhile, and iterating os.environ's items would then raise KeyError.
+    for name in list(environ):
+        value = environ.get(name) if is_secret_name(name) else None
+        if value and len(value) >= _SHORTEST_MASKED:
+            values.add(value)
+    return values
 
 
 def has_credentials(value: str) -> bool:
