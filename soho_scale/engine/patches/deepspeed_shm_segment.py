@@ -22,8 +22,8 @@ PATCH = Patch(
     kind="speed",
     relies_on={"deepspeed/ops/csrc/cpu/comm/shm.cpp": "a45dd509dc60a193"},
     what="CPU ranks unlink their DeepSpeed all-reduce segment in /dev/shm after set-up",
-    buys="/dev/shm and RAM on CPU machines: ~69 MB per rank per run that stayed until reboot "
-    "(a day of CI runs left 18 GB); no effect on speed or on GPU jobs",
+    buys="/dev/shm and RAM on CPU machines: ~69 MB per rank per run that otherwise stays until "
+    "reboot; no effect on speed or on GPU jobs",
 )
 
 
