@@ -22,6 +22,7 @@ from soho_scale.preflight import (
     Check,
     check_buckets,
     check_checkpoint_location,
+    check_cnn_init,
     check_gpus,
     check_mlflow,
     check_shm,
@@ -154,7 +155,11 @@ def make_plan(
 
     train_urls = [s.remote for s in job.data.streams]
     eval_urls = [s.remote for s in job.eval.streams]
-    s3_urls = [u for u in [*train_urls, *eval_urls, job.checkpoint.dir] if is_s3_url(u)]
+    # init_from replaces every weight, the CNN's too
+    cnn_init = None if job.model.init_from else job.model.config().cnn_init
+    s3_urls = [
+        u for u in [*train_urls, *eval_urls, job.checkpoint.dir, cnn_init or ""] if is_s3_url(u)
+    ]
     client = s3_client(timeout_s=timeout_s, max_attempts=1) if s3_urls else None
     good_buckets: set[str] = set()
     if s3_urls:
@@ -177,6 +182,8 @@ def make_plan(
         numbers = derived(job, None, world)
     numbers["nodes"], numbers["ranks_per_node"] = nodes, per_node
 
+    if not job.model.init_from:
+        checks.append(check_cnn_init(cnn_init, client))
     checks.append(check_checkpoint_location(job.checkpoint.dir, client))
     checks.append(check_mlflow(timeout_s))
     checks.append(check_shm(shm_estimate(job, per_node, num_samples), shm_dir))

@@ -1,7 +1,7 @@
 """Pre-flight checks for a job, each ending in PASS or FAIL with the fix.
 
-Object storage reachable and every stream's shards present; checkpoint location writable (a probe
-file or object, deleted again); MLflow reachable; /dev/shm large enough; no stale streaming or
+Object storage reachable and every stream's shards present; the CNN's initial weights present;
+checkpoint location writable (a probe file or object, deleted again); MLflow reachable; /dev/shm large enough; no stale streaming or
 DeepSpeed shared memory; enough GPUs per node. `soho-scale plan` (soho_scale/plan.py) runs them.
 No credential's value is ever put into a check's text.
 """
@@ -101,6 +101,35 @@ def check_stream(url: str, client: Any) -> tuple[Check, int | None]:
         fix = "restore the shard files or re-run `soho-scale data convert` for this dataset"
         return Check(name, False, detail, fix), samples
     return Check(name, True, f"{samples} samples in {len(files)} shards"), samples
+
+
+def check_cnn_init(value: str | None, client: Any) -> Check:
+    """The ResNet weights `model.overrides.cnn_init` names exist (file, s3 object, hub cache)."""
+    from soho_scale.model.config import RANDOM_INIT
+    from soho_scale.pretrained import resolve_cnn_weights
+
+    name = "CNN weights (model.overrides.cnn_init)"
+    fix = "put the file where it is named, or point cnn_init at a file or s3:// URL"
+    if value in (None, RANDOM_INIT):
+        return Check(name, True, "random initialisation")
+    try:
+        source = resolve_cnn_weights(value)
+    except ValueError as e:
+        return Check(name, False, str(e), fix)
+    if is_s3_url(source):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3_url(source)
+        try:
+            size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        except (BotoCoreError, ClientError) as e:
+            what, _ = _storage_failure(e)
+            return Check(name, False, f"{source}: {what}", fix)
+    elif os.path.isfile(source):
+        size = os.path.getsize(source)
+    else:
+        return Check(name, False, f"{source}: no such file", fix)
+    return Check(name, True, f"{value}: {source} ({format_bytes(size)})")
 
 
 def check_checkpoint_location(location: str, client: Any) -> Check:

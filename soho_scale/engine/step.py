@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from soho_scale.engine.weights import load_initial_weights
+from soho_scale.engine.weights import load_cnn_weights, load_initial_weights
+from soho_scale.model.config import RANDOM_INIT
 from soho_scale.model.soho import SohoPretrain
 from soho_scale.objectives import PretrainSettings, pretrain_loss
 from soho_scale.spec import Job
@@ -32,16 +33,20 @@ def pretrain_settings(job: Job) -> PretrainSettings:
     return PretrainSettings(**job.objectives.model_dump(exclude={"mlm_probability"}))
 
 
-def build_step(job: Job) -> nn.Module:
-    """The step module of `job`: its task's model and objective, started from
-    `model.init_from` when given, with synchronised BatchNorm when the model asks for it."""
+def build_step(job: Job, initial_weights: bool = True) -> nn.Module:
+    """The step module of `job`: its task's model and objective, started from `model.init_from`
+    when given, else with the CNN from `model.overrides.cnn_init` (neither when
+    `initial_weights` is False: a resumed run loads its checkpoint instead), with synchronised
+    BatchNorm when the model asks for it."""
     config = job.model.config()
     if job.data.task == "pretrain":
         step = PretrainStep(SohoPretrain(config), pretrain_settings(job))
     else:
         step = build_task_step(job, config)
-    if job.model.init_from:
+    if initial_weights and job.model.init_from:
         load_initial_weights(step.model, job.model.init_from)
+    elif initial_weights and config.cnn_init not in (None, RANDOM_INIT):
+        load_cnn_weights(step.model, config.cnn_init)
     if config.bn_policy == "sync" and dist.is_initialized() and dist.get_world_size() > 1:
         step = nn.SyncBatchNorm.convert_sync_batchnorm(step)
     return step

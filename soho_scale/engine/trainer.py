@@ -81,10 +81,12 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
     os.makedirs(run_dir, exist_ok=True)
     import deepspeed
 
+    checkpoints = CheckpointManager(job, run_dir)
+    resume = checkpoints.prepare_resume(world)  # a resumed run skips the initial weights
     # Same seed for the model on every rank (DeepSpeed broadcasts parameters, not buffers such as
     # the visual dictionary), then a per-rank seed for dropout and the objective's sampling.
     seed_everything(job.seed)
-    step_module = build_step(job)
+    step_module = build_step(job, initial_weights=resume is None)
     if torch.cuda.is_available():  # NCCL broadcasts device tensors only
         step_module.to(torch.device("cuda", torch.cuda.current_device()))
     for buffer in step_module.buffers():
@@ -108,8 +110,6 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
         gamma=job.schedule.gamma,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    checkpoints = CheckpointManager(job, run_dir)
-    resume = checkpoints.prepare_resume(world)
     if resume is not None and resume.universal:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(

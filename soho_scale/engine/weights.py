@@ -16,6 +16,8 @@
   heads (`mlm_head`, `mvm_head`, `itm_head`) are dropped unless the model has the head itself
   (retrieval fine-tunes `itm_head`); every other key is reported as `missing` (model keys not in
   the source, e.g. a new task head) or `unexpected`. Nothing is ignored silently.
+- `load_cnn_weights(model, value)` (`model.overrides.cnn_init`): a torchvision ResNet state
+  dict (ImageNet weights) into every vision encoder of `model`; its `fc` head is dropped.
 """
 
 from __future__ import annotations
@@ -95,6 +97,50 @@ def export(location: str, out: str, config=None, task: str = "pretrain") -> dict
     return {"out": out, "tensors": len(state), "step": manifest["step"]}
 
 
+def _load_file(source: str) -> Any:
+    """torch.load of a local or s3:// file, tensors and plain values only (no pickled code)."""
+    if is_s3_url(source):
+        from data_pipeline.storage import read_bytes
+
+        data: Any = io.BytesIO(read_bytes(source))
+    else:
+        data = source
+    return torch.load(data, map_location="cpu", weights_only=True)
+
+
+def load_cnn_weights(model: nn.Module, value: str) -> dict[str, Any]:
+    """Load the ResNet weights `value` names (see `pretrained.resolve_cnn_weights`) into every
+    `VisionEncoder` of `model`; print and return {"cnn_init", "file", "tensors", "encoders"}."""
+    from soho_scale.model.vision import VisionEncoder
+    from soho_scale.pretrained import resolve_cnn_weights
+
+    try:
+        source = resolve_cnn_weights(value)
+    except ValueError as e:
+        raise WeightsError(f"model.overrides.{e}") from None
+    try:
+        blob = _load_file(source)
+    except Exception as e:
+        raise WeightsError(
+            f"model.overrides.cnn_init {value}: cannot read {source} ({type(e).__name__}: {e})"
+        ) from None
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(
+            f"model.overrides.cnn_init {value}: {source} is not a state dict of tensors"
+        )
+    encoders = [m for m in model.modules() if isinstance(m, VisionEncoder)]
+    for encoder in encoders:
+        try:
+            encoder.load_torchvision_weights(state)
+        except (ValueError, RuntimeError) as e:
+            raise WeightsError(f"model.overrides.cnn_init {value}: {e}") from None
+    report = {"cnn_init": value, "file": source, "tensors": len(state), "encoders": len(encoders)}
+    if os.environ.get("RANK", "0") == "0":
+        print(f"cnn_init {json.dumps(report)}", flush=True)
+    return report
+
+
 def _looks_like_weights_file(source: str) -> bool:
     if is_s3_url(source):
         return source.endswith((".pt", ".pth", ".bin"))
@@ -104,15 +150,8 @@ def _looks_like_weights_file(source: str) -> bool:
 def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, info {"step", "task", "config", "source"}) of an export or a checkpoint."""
     if _looks_like_weights_file(source):
-        if is_s3_url(source):
-            from data_pipeline.storage import read_bytes
-
-            data: Any = io.BytesIO(read_bytes(source))
-        else:
-            data = source
         try:
-            # exports hold only tensors and plain values: no pickle code execution needed
-            blob = torch.load(data, map_location="cpu", weights_only=True)
+            blob = _load_file(source)
         except Exception as e:
             raise WeightsError(
                 f"{source}: not a weights file from `soho-scale export` ({type(e).__name__}: {e})"

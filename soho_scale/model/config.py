@@ -17,8 +17,14 @@ BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resne
 class SohoConfig:
     # vision encoder
     backbone: str = "resnet101"
+    # Weights the ResNet trunk starts from: a torchvision weights name read from the torch hub
+    # cache (`ResNet101_Weights.IMAGENET1K_V1`), a weights file (path or s3://), or "random".
+    # The engine loads them (`engine.weights.load_cnn_weights`); building a model never does.
+    cnn_init: str | None = None
     frozen_stages: int = 1  # -1: none, 0: stem, 1: stem + layer1, ... (mmcv semantics)
-    bn_policy: Literal["frozen", "sync", "train"] = "frozen"
+    # "train" is the official code's regime (mmcls ResNet: BN trains with per-GPU batch
+    # statistics; only the frozen stages' BN is in eval mode).
+    bn_policy: Literal["frozen", "sync", "train"] = "train"
     pool: int = 2  # max-pool kernel/stride after C5; 1 means no pooling (tiny images)
     # visual dictionary
     vd_size: int = 2048
@@ -97,12 +103,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         pre_norm=True,
         readout="cls+visual_mean",
     ),
-    # The configuration the authors released (researchmm/soho): ResNet-18 + 3 layers.
-    "r18-l3": dict(backbone="resnet18", num_layers=3),
+    # The configuration the authors released (researchmm/soho): ResNet-18 + 3 layers, the CNN
+    # from torchvision's ImageNet weights (`backbone_pre="torchvision://resnet18"`, V1 weights).
+    "r18-l3": dict(backbone="resnet18", num_layers=3, cnn_init="ResNet18_Weights.IMAGENET1K_V1"),
     # The paper's main model: ResNet-101 + 12-layer BERT-base.
-    "r101-l12": dict(backbone="resnet101", num_layers=12),
-    "r152-l12": dict(backbone="resnet152", num_layers=12),
+    "r101-l12": dict(
+        backbone="resnet101", num_layers=12, cnn_init="ResNet101_Weights.IMAGENET1K_V1"
+    ),
+    "r152-l12": dict(
+        backbone="resnet152", num_layers=12, cnn_init="ResNet152_Weights.IMAGENET1K_V1"
+    ),
 }
+
+RANDOM_INIT = "random"
+
+
+def random_cnn_problem(config: SohoConfig) -> str | None:
+    """Why `config`'s CNN must not start from random weights, or None when it may: frozen
+    BatchNorm keeps its random statistics and frozen stages their random filters for good."""
+    if config.cnn_init not in (None, RANDOM_INIT):
+        return None
+    fix = "set cnn_init to ImageNet weights (e.g. ResNet101_Weights.IMAGENET1K_V1)"
+    if config.bn_policy == "frozen":
+        return f"bn_policy: frozen on random CNN weights never learns BatchNorm statistics; {fix}"
+    if config.frozen_stages >= 0:
+        return (
+            f"frozen_stages: {config.frozen_stages} freezes random CNN weights; {fix}, "
+            "or frozen_stages: -1 to train the CNN from scratch"
+        )
+    return None
 
 
 def build_config(preset: str, **overrides: Any) -> SohoConfig:

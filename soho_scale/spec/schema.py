@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from data_pipeline import settings as data_settings
-from soho_scale.model.config import PRESETS, SohoConfig, build_config
+from soho_scale.model.config import PRESETS, SohoConfig, build_config, random_cnn_problem
 from soho_scale.spec.derived import accumulation_steps
 from soho_scale.spec.errors import SpecError, describe, problem
 
@@ -50,7 +50,8 @@ class Section(BaseModel):
 
 class ModelSpec(Section):
     preset: str
-    # Any SohoConfig field, e.g. vd_size, num_layers, init_from (BERT weights: hub id/dir/package:)
+    # Any SohoConfig field, e.g. vd_size, num_layers, init_from (BERT weights: hub id/dir/package:),
+    # cnn_init (the ResNet's weights: a torchvision weights name, a file or s3:// URL, or random)
     overrides: dict[str, Any] = {}
     # Weights to start from: a pre-training checkpoint (dir or s3://) or exported weights file.
     init_from: str | None = None
@@ -84,6 +85,14 @@ class ModelSpec(Section):
                 field, sep, rest = str(e).removeprefix("model.").partition(": ")
                 raise (problem(field, rest) if sep else problem("", str(e))) from None
         return coerced
+
+    @model_validator(mode="after")
+    def _cnn_starts_trainable(self) -> ModelSpec:
+        # A job that starts from other weights (init_from) replaces the CNN's as well.
+        why = None if self.init_from else random_cnn_problem(self.config())
+        if why:
+            raise problem("overrides.cnn_init", why)
+        return self
 
     def config(self) -> SohoConfig:
         """The model configuration: the preset with the overrides applied."""

@@ -51,7 +51,7 @@ def test_image_mask_input_equals_image_sizes_input():
 
 
 def test_frozen_stages_and_bn_policy():
-    encoder = VisionEncoder(build_config("r18-l3", hidden_size=64, num_heads=4))
+    encoder = VisionEncoder(build_config("r18-l3", hidden_size=64, num_heads=4, bn_policy="frozen"))
     frozen = [n for n, p in encoder.named_parameters() if not p.requires_grad]
     assert frozen and all(n.startswith(("stem.", "stages.0.")) for n in frozen)
     assert all(p.requires_grad for n, p in encoder.named_parameters() if n.startswith("stages.1"))
