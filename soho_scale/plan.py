@@ -24,6 +24,7 @@ from soho_scale.preflight import (
     check_checkpoint_location,
     check_cnn_init,
     check_gpus,
+    check_init_from,
     check_mlflow,
     check_shm,
     check_stale_shm,
@@ -182,7 +183,9 @@ def make_plan(
         numbers = derived(job, None, world)
     numbers["nodes"], numbers["ranks_per_node"] = nodes, per_node
 
-    if not job.model.init_from:
+    if job.model.init_from:
+        checks.append(check_init_from(job.model.init_from))
+    else:
         checks.append(check_cnn_init(cnn_init, client))
     checks.append(check_checkpoint_location(job.checkpoint.dir, client))
     checks.append(check_mlflow(timeout_s))

@@ -132,6 +132,22 @@ def check_cnn_init(value: str | None, client: Any) -> Check:
     return Check(name, True, f"{value}: {source} ({format_bytes(size)})")
 
 
+def check_init_from(source: str) -> Check:
+    """`model.init_from` names weights that exist: a file, a checkpoint, or a job's checkpoint
+    folder holding a committed one (the newest is used)."""
+    from soho_scale.engine.weights import WeightsError, resolve_init_from
+
+    name = "initial weights (model.init_from)"
+    fix = "run the job that writes them, or point model.init_from at a weights file or checkpoint"
+    try:
+        resolved = resolve_init_from(source)
+    except WeightsError as e:
+        return Check(name, False, str(e), fix)
+    except Exception as e:  # storage unreachable, no credentials
+        return Check(name, False, f"{source}: cannot be checked ({type(e).__name__})", fix)
+    return Check(name, True, resolved if resolved == source else f"{source}: newest {resolved}")
+
+
 def check_checkpoint_location(location: str, client: Any) -> Check:
     """Write and delete a probe file (local) or object (s3://) where checkpoints will go."""
     name = f"checkpoint location {location}"

@@ -147,8 +147,51 @@ def _looks_like_weights_file(source: str) -> bool:
     return os.path.isfile(source)
 
 
+def resolve_init_from(source: str) -> str:
+    """What `model.init_from: source` loads: `source` itself when it is a weights file or a
+    committed checkpoint, else the newest committed checkpoint under it (a job's
+    `checkpoint.dir`, which is what a pre-training job writes)."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.storage import object_sizes
+
+    if _looks_like_weights_file(source):
+        if is_s3_url(source):
+            folder, _, name = source.rpartition("/")
+            try:
+                present = name in object_sizes(folder)
+            except DataError as e:
+                raise WeightsError(f"model.init_from: {e}") from None
+            if not present:
+                raise WeightsError(f"model.init_from: {source}: no such object")
+        return source
+    if not is_s3_url(source) and not os.path.isdir(source):
+        raise WeightsError(f"model.init_from: {source}: no such file or folder")
+    if store.is_complete(source):
+        return source
+    committed = store.committed_checkpoints(source, warn=False)
+    if not committed:
+        raise WeightsError(
+            f"model.init_from: {source}: neither a weights file nor a checkpoint, and no "
+            "committed checkpoint under it (has the job that writes there run?)"
+        )
+    return committed[-1].location
+
+
+def init_from_problem(source: str) -> str | None:
+    """Why `model.init_from: source` cannot be loaded (one line), or None when it can."""
+    try:
+        resolve_init_from(source)
+    except WeightsError as e:
+        return str(e)
+    except Exception as e:  # storage unreachable, no credentials: say so, do not crash
+        return f"model.init_from: {source}: cannot be checked ({type(e).__name__}: {e})"
+    return None
+
+
 def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, info {"step", "task", "config", "source"}) of an export or a checkpoint."""
+    """(state dict, info {"step", "task", "config", "source"}) of an export or a checkpoint
+    (`resolve_init_from` says which)."""
+    source = resolve_init_from(source)
     if _looks_like_weights_file(source):
         try:
             blob = _load_file(source)
@@ -163,10 +206,6 @@ def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             )
         info = {k: blob.get(k) for k in ("step", "task", "config")}
         return blob["state_dict"], {**info, "source": source, "exported_from": blob.get("source")}
-    if not is_s3_url(source) and not os.path.isdir(source):
-        raise WeightsError(
-            f"model.init_from: {source} is neither a weights file nor a checkpoint folder"
-        )
     try:
         state, manifest = consolidated_state_dict(source)
     except ValueError as e:

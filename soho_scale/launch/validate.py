@@ -1,5 +1,6 @@
 """`soho-scale validate JOB [KEY=VALUE ...]`: a job spec checked and printed resolved, with its
-derived numbers and the DeepSpeed config the trainer would build; nothing starts."""
+derived numbers and the DeepSpeed config the trainer would build; nothing starts. A local
+`model.init_from` must name weights that exist (a file, a checkpoint, or a folder of them)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import sys
 
 import yaml
 
+from data_pipeline.urls import is_s3_url
 from soho_scale.engine.deepspeed_config import build_deepspeed_config
+from soho_scale.engine.weights import init_from_problem
 from soho_scale.spec import SpecError, derived, dump_job, load_job
 
 
@@ -30,6 +33,12 @@ def validate_main(argv: list[str]) -> int:
     except SpecError as e:
         print(e, file=sys.stderr)
         return 2
+    source = job.model.init_from
+    if source and not is_s3_url(source):  # s3:// needs storage access: `soho-scale plan` checks
+        problem = init_from_problem(source)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
     print(dump_job(job), end="")
     print("---")
     summary = {"overrides": job.overrides, "derived": numbers, "deepspeed_config": ds_config}
