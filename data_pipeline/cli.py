@@ -106,9 +106,13 @@ def _add_convert(subparsers: Any) -> None:
             split=args.split, **_writer_options(args),
         )  # fmt: skip
 
-    p = source("vqa", "VQA v2 questions + annotations", vqa)
+    p = source("vqa", "VQA v2 questions (+ annotations, except for the test splits)", vqa)
     p.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_*_questions.json")
-    p.add_argument("--annotations", required=True, help="v2_mscoco_*_annotations.json")
+    p.add_argument(
+        "--annotations",
+        default=None,
+        help="v2_mscoco_*_annotations.json; leave out for test-dev2015/test2015 (needs --answer-vocab)",
+    )
     p.add_argument("--images", required=True, help="folder of the COCO images of the split")
     p.add_argument("--answer-vocab", default=None, help="answer_vocab.json of the train split")
     p.add_argument("--min-answer-count", type=int, default=9, help="vocab frequency threshold")

@@ -5,6 +5,10 @@ Answers are normalised as the VQA challenge server normalises predictions
 answer vocabulary is every normalised `multiple_choice_answer` seen at least `min_answer_count`
 times in the training split (3129 answers at 9 on real VQA v2), and each question gets soft
 targets min(#humans who gave the answer / 3, 1) over the in-vocabulary answers.
+
+The test splits (test-dev2015, test2015) publish questions only: converted without annotations,
+with the training split's vocabulary, every question is kept with no answers, so `soho-scale
+eval` can answer each of them in the challenge server's submission file.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ COLUMNS = {
     "answer_scores": "json",
 }
 VOCAB_NAME = "answer_vocab.json"
+# Every question id of the published file, kept or skipped: a submission answers each once.
+QUESTION_IDS_NAME = "question_ids.json"
 _SUBTYPE = re.compile(r"(train|val|test-dev|test)\d{4}")
 
 
@@ -53,12 +59,16 @@ def soft_targets(answers: list[str], vocab_index: dict[str, int]) -> tuple[list[
     return labels, [by_label[i] for i in labels]
 
 
-def _load(questions_file: str, annotations_file: str) -> tuple[dict, list[dict], dict[int, dict]]:
+def _load(
+    questions_file: str, annotations_file: str | None
+) -> tuple[dict, list[dict], dict[int, dict] | None]:
     questions_json = read_json(questions_file)
     questions = field(questions_json, "questions", questions_file)
     for i, q in enumerate(questions):
         for name in ("image_id", "question", "question_id"):
             field(q, name, questions_file, f"questions[{i}]")
+    if annotations_file is None:
+        return questions_json, questions, None
     annotations = field(read_json(annotations_file), "annotations", annotations_file)
     for i, a in enumerate(annotations):
         where = f"annotations[{i}]"
@@ -72,7 +82,7 @@ def _load(questions_file: str, annotations_file: str) -> tuple[dict, list[dict],
 
 def convert_vqa(
     questions_file: str,
-    annotations_file: str,
+    annotations_file: str | None,
     images_dir: str,
     out: str,
     answer_vocab: list[str] | None = None,
@@ -86,9 +96,15 @@ def convert_vqa(
     Without `answer_vocab` the vocabulary is built from these annotations (do that on the
     training split, then pass its answer_vocab.json when converting the others). Questions
     with no in-vocabulary answer are skipped unless `keep_unanswerable` (evaluation splits,
-    where the metric must count every question).
+    where the metric must count every question). Without `annotations_file` (the test splits)
+    `answer_vocab` is required and every question is kept, with no answers.
     """
     questions_json, questions, by_question = _load(questions_file, annotations_file)
+    if by_question is None and answer_vocab is None:
+        raise DataError(
+            f"{questions_file}: without annotations (a test split) the answer vocabulary must "
+            "come from the training split: pass --answer-vocab (its answer_vocab.json)"
+        )
     if answer_vocab is None:
         answer_vocab = build_answer_vocab(list(by_question.values()), min_answer_count)
     if not answer_vocab:
@@ -108,13 +124,16 @@ def convert_vqa(
     read_cached = lru_cache(maxsize=16)(read_image)  # questions come grouped by image
 
     def build(q: dict) -> dict[str, Any]:
-        annotation = by_question.get(q["question_id"])
-        if annotation is None:
-            raise SkipSample("no_annotation")
-        answers = [a["answer"] for a in annotation["answers"]]
-        labels, scores = soft_targets(answers, vocab_index)
-        if not labels and not keep_unanswerable:
-            raise SkipSample("no_answer_in_vocab")
+        if by_question is None:
+            answers, labels, scores = [], [], []
+        else:
+            annotation = by_question.get(q["question_id"])
+            if annotation is None:
+                raise SkipSample("no_annotation")
+            answers = [a["answer"] for a in annotation["answers"]]
+            labels, scores = soft_targets(answers, vocab_index)
+            if not labels and not keep_unanswerable:
+                raise SkipSample("no_answer_in_vocab")
         if not str(q["question"]).strip():
             raise SkipSample("empty_question")
         path = image_paths.get(int(q["image_id"]))
@@ -132,6 +151,7 @@ def convert_vqa(
 
     with ShardWriter(out, COLUMNS, "vqa", split, **writer_options) as writer:
         writer.add_json(VOCAB_NAME, answer_vocab)
+        writer.add_json(QUESTION_IDS_NAME, [int(q["question_id"]) for q in questions])
         writer.report_extra["num_answers"] = len(answer_vocab)
         writer.convert(questions, build)
     return writer.report()

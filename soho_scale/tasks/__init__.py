@@ -107,9 +107,10 @@ def build_task_evaluation(job: Any) -> Any:
     `score(records) -> metrics`, `write_outputs(records, out_dir, split) -> [paths]`."""
     task = _check_task(job)
     if task == "vqa":
-        from soho_scale.tasks.vqa import VQAEvaluation
+        from soho_scale.tasks.vqa import VQAEvaluation, read_question_ids
 
-        return VQAEvaluation(answer_vocab(job))
+        remotes = [s.remote for s in job.eval.streams]
+        return VQAEvaluation(answer_vocab(job), read_question_ids(remotes))
     if task == "nlvr2":
         from soho_scale.tasks.nlvr2 import NLVR2Evaluation
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ def vqa_accuracy(predictions: list[str], answers: list[list[str]]) -> float:
 
 # ---- the task: head, loss, step module, evaluation -------------------------------------------
 ANSWER_VOCAB = "answer_vocab.json"  # beside the VQA shards (data_pipeline.sources.vqa)
+QUESTION_IDS = "question_ids.json"  # likewise: every question of the split
 
 
 class VQAModel(nn.Module):
@@ -120,13 +122,58 @@ def read_answer_vocab(remote: str) -> list[str]:
     return vocab
 
 
+def read_question_ids(remotes: list[str]) -> list[int] | None:
+    """Every question id of the evaluated splits (`question_ids.json` beside each stream's
+    shards, skipped questions included), or None when a stream has no such file."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.storage import read_bytes
+    from data_pipeline.urls import join_url
+
+    ids: list[int] = []
+    for remote in remotes:
+        try:
+            ids += json.loads(read_bytes(join_url(remote, QUESTION_IDS)))
+        except (DataError, FileNotFoundError):
+            return None
+    return ids
+
+
+def submission_problems(rows: Any, question_ids: list[int] | None = None) -> list[str]:
+    """What makes `rows` unfit for the VQA challenge server's result format
+    (`[{"question_id": int, "answer": str}]`, each question of the split exactly once)."""
+    if not isinstance(rows, list):
+        return ["the results must be a JSON list"]
+    problems, seen = [], set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or set(row) != {"question_id", "answer"}:
+            problems.append(f"[{i}]: expected exactly the keys question_id and answer")
+            continue
+        qid, answer = row["question_id"], row["answer"]
+        if not isinstance(qid, int) or isinstance(qid, bool):
+            problems.append(f"[{i}]: question_id {qid!r} is not an integer")
+        elif qid in seen:
+            problems.append(f"[{i}]: question {qid} answered twice")
+        seen.add(qid)
+        if not isinstance(answer, str):
+            problems.append(f"[{i}]: answer {answer!r} is not a string")
+    if question_ids is not None:
+        missing = len(set(question_ids) - seen)
+        extra = len(seen - set(question_ids))
+        if missing:
+            problems.append(f"{missing} questions of the split are not answered")
+        if extra:
+            problems.append(f"{extra} answered questions are not in the split")
+    return problems
+
+
 class VQAEvaluation:
     """Per-sample predictions, the official accuracy, the results and submission files."""
 
     keep_columns = ("answers",)  # the 10 raw human answers: the official metric needs them
 
-    def __init__(self, answers: list[str]):
-        self.answers = answers
+    def __init__(self, answers: list[str], question_ids: list[int] | None = None):
+        self.answers = answers  # most frequent first: answers[0] is the fallback answer
+        self.question_ids = question_ids
 
     def predict(self, model: VQAModel, batch: dict) -> list[dict]:
         logits = model(batch, batch_independent=True)
@@ -155,7 +202,12 @@ class VQAEvaluation:
         }
 
     def write_outputs(self, records: list[dict], out_dir: str, split: str) -> list[str]:
-        """predictions.json (with per-question accuracy) and the test-dev/std submission file."""
+        """predictions.json (with per-question accuracy) and the submission file
+        `vqa_<split>_submission.json`, checked against the server's format rules first."""
+        rows = self.submission(records)
+        problems = submission_problems(rows, self.question_ids)
+        if problems:
+            raise ValueError(f"vqa submission for {split}: {problems[0]}")
         predictions = []
         for r in records:
             row = {"question_id": r["question_id"], "answer": r["answer"]}
@@ -169,7 +221,26 @@ class VQAEvaluation:
         with open(paths[0], "w") as f:
             json.dump(predictions, f)
         with open(paths[1], "w") as f:
-            json.dump(
-                [{"question_id": r["question_id"], "answer": r["answer"]} for r in records], f
-            )
+            json.dump(rows, f)
         return paths
+
+    def submission(self, records: list[dict]) -> list[dict]:
+        """One row per question of the split, in its published order; a question the converter
+        skipped (its image missing or corrupt) gets the most frequent training answer."""
+        answered = {r["question_id"]: r["answer"] for r in records}
+        if self.question_ids is None:
+            return [{"question_id": q, "answer": a} for q, a in answered.items()]
+        fallback = [q for q in self.question_ids if q not in answered]
+        if fallback:
+            print(
+                f"vqa submission: {len(fallback)} of {len(self.question_ids)} questions had no "
+                f"sample (skipped at conversion) and are answered {self.answers[0]!r}",
+                flush=True,
+            )
+        in_split = set(self.question_ids)
+        return [
+            {"question_id": q, "answer": answered.get(q, self.answers[0])}
+            for q in self.question_ids
+        ] + [  # answers to questions of another split: `submission_problems` names them
+            {"question_id": q, "answer": a} for q, a in answered.items() if q not in in_split
+        ]
