@@ -70,6 +70,7 @@ class Resume:
     local_root: str
     tag: str
     universal: bool
+    run_id: str | None = None  # the job's MLflow run, reopened so one job stays one run
 
 
 class CheckpointManager:
@@ -80,6 +81,7 @@ class CheckpointManager:
         self.root = job.checkpoint.dir
         self.remote = is_s3_url(self.root)
         self.staging = os.path.join(run_dir, STAGING)
+        self.run_id: str | None = None  # the MLflow run, committed with every checkpoint
 
     # ---- saving ------------------------------------------------------------------------------
 
@@ -124,6 +126,7 @@ class CheckpointManager:
             "world_size": dist.get_world_size(),
             "task": self.job.data.task,
             "model_config": dataclasses.asdict(self.job.model.config()),
+            "mlflow_run_id": self.run_id,
         }
         if self.remote:
             store.put_manifest(join_url(self.root, tag), {"step": step, "files": files, **extra})
@@ -165,9 +168,10 @@ class CheckpointManager:
                 store.download(found.location, os.path.join(local_root, found.tag))
             dist.barrier()
         with open(os.path.join(local_root, found.tag, store.MANIFEST)) as f:
-            saved_world = json.load(f).get("world_size", world)
+            manifest = json.load(f)
+        saved_world, run_id = manifest.get("world_size", world), manifest.get("mlflow_run_id")
         if saved_world == world:
-            return Resume(found, local_root, found.tag, universal=False)
+            return Resume(found, local_root, found.tag, universal=False, run_id=run_id)
         universal = f"{found.tag}_universal_for{world}"
         if dist.get_rank() == 0 and not os.path.isdir(os.path.join(local_root, universal)):
             logger.info(
@@ -177,7 +181,7 @@ class CheckpointManager:
             )
             _to_universal(os.path.join(local_root, found.tag), os.path.join(local_root, universal))
         dist.barrier()
-        return Resume(found, local_root, universal, universal=True)
+        return Resume(found, local_root, universal, universal=True, run_id=run_id)
 
     def load(self, engine: Any, resume: Resume) -> dict[str, Any]:
         """Load weights, optimizer and schedule into `engine`, this rank's RNG states into the

@@ -48,6 +48,7 @@ class NullTracker:
     """What ranks other than 0 get: every call does nothing."""
 
     run_id: str | None = None
+    reopened = False
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -92,6 +93,18 @@ def start_run(client, experiment: str, run_name: str | None, tags: dict[str, str
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
+def _reopen(client, run_id: str) -> bool:
+    """Mark an existing run RUNNING again (a resumed job); False when the store lacks it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True
+
+
 class Tracker:
     """One MLflow run, written from a background thread; see the module docstring."""
 
@@ -112,6 +125,7 @@ class Tracker:
         if parent and run_id is None and "mlflow.parentRunId" not in self.tags:
             self.tags["mlflow.parentRunId"] = parent  # a pipeline stage: child of the pipeline
         self.run_id = run_id
+        self.reopened = False  # True when `run_id` was found and continues
         self.offline = False
         self._queue: queue.Queue = queue.Queue()
         self._metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
@@ -141,6 +155,16 @@ class Tracker:
         client = None
         try:
             client = _client(self.uri)
+            if self.run_id is not None:
+                self.reopened = _reopen(client, self.run_id)
+                if not self.reopened:
+                    logger.warning(
+                        "MLflow run %s (from the checkpoint) is not in %s: a new run continues "
+                        "the job",
+                        self.run_id,
+                        redact(self.uri),
+                    )
+                    self.run_id = None
             if self.run_id is None:
                 self.run_id = start_run(client, self.experiment, self.run_name, self.tags)
             with open(os.path.join(self.run_dir, RUN_INFO), "w") as f:
@@ -229,5 +253,7 @@ def make_tracker(
     experiment: str,
     run_name: str | None,
     tags: dict[str, str] | None = None,
+    run_id: str | None = None,
 ) -> Tracker | NullTracker:
-    return Tracker(run_dir, experiment, run_name, tags) if rank == 0 else NullTracker()
+    """Rank 0's tracker (reopening `run_id` when given and present), a null one elsewhere."""
+    return Tracker(run_dir, experiment, run_name, tags, run_id) if rank == 0 else NullTracker()

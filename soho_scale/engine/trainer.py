@@ -123,8 +123,12 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
         logger.info("resumed from %s at step %d", resume.found.location, step)
 
     run_name = job.tracking.run_name or job.name
-    tracker = make_tracker(rank, run_dir, job.tracking.experiment, run_name, job.tracking.tags)
-    if resume is None:
+    tracker = make_tracker(
+        rank, run_dir, job.tracking.experiment, run_name, job.tracking.tags,
+        run_id=resume.run_id if resume else None,
+    )  # fmt: skip
+    checkpoints.run_id = tracker.run_id
+    if not tracker.reopened:  # a new run: resumed runs have their params already
         tracker.log_params(run_params(job, numbers, rank))
         spec_file = os.path.join(run_dir, "resolved_spec.yaml")
         if rank == 0:

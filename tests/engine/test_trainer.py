@@ -126,6 +126,16 @@ def test_zero2_trains_logs_and_resumes_exactly_after_sigkill(make_job, tmp_path,
     finally:
         kill_group(proc)
     _ok(run_train(job_b, run_b, 2))
+    # One job, one MLflow run: the relaunch reopens the run the checkpoint names.
+    with open(ckpt_b / "step_00000002" / "manifest.json") as f:
+        first_run = json.load(f)["mlflow_run_id"]
+    with open(os.path.join(run_b, "tracking.json")) as f:
+        assert json.load(f)["run_id"] == first_run
+    store_b = MlflowClient(f"sqlite:///{run_b}/mlflow.db")
+    (only,) = store_b.search_runs([e.experiment_id for e in store_b.search_experiments()])
+    assert only.info.run_id == first_run and only.info.status == "FINISHED"
+    assert "optim.cnn.lr" in only.data.params
+    assert {1, 2, 5, 6} <= {m.step for m in store_b.get_metric_history(first_run, "loss")}
     for rank in (0, 1):
         full, resumed = record(run_a, rank, 0), record(run_b, rank, 2)
         per_step = len(full["samples"]) // 6
@@ -142,6 +152,12 @@ def test_zero2_trains_logs_and_resumes_exactly_after_sigkill(make_job, tmp_path,
     before = [s for rank in (0, 1) for s in record(run_a, rank, 0)["samples"][: 2 * per_step]]
     after = record(run_c, 0, 2)["samples"]
     assert sorted(before + after) == list(range(48))
+    # The checkpoint's run lives in another store (run-a's server): a new run, with its params.
+    with open(os.path.join(run_c, "tracking.json")) as f:
+        run_c_id = json.load(f)["run_id"]
+    assert run_c_id != run.info.run_id
+    params_c = MlflowClient(f"sqlite:///{run_c}/mlflow.db").get_run(run_c_id).data.params
+    assert "optim.cnn.lr" in params_c
 
 
 def test_zero3_with_mlflow_down_keeps_metrics_and_syncs_later(make_job, tmp_path, mlflow_server):
