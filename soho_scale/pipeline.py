@@ -27,6 +27,10 @@ from soho_scale.spec.yaml_file import read_job_file
 DONE = "stage_done.json"
 
 
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message is one line with the reason and the log."""
+
+
 class Stage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -94,6 +98,40 @@ def _run(cmd: list[str], log_path: str) -> int:
         return proc.wait()
 
 
+def _failure(stage: Stage, code: int, log_path: str) -> StageFailed:
+    """The stage's failure in one line: its last error line, and where the whole log is."""
+    reason = ""
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            text = line.strip()
+            if "Error" in text or "error:" in text or text.startswith("soho-scale"):
+                reason = text
+    return StageFailed(
+        f"stage {stage.name} failed (exit {code}){': ' + reason[:300] if reason else ''}; "
+        f"see {log_path}"
+    )
+
+
+def _mark_failed(folder: str, reason: str) -> None:
+    """A stage's own MLflow run (its tracking.json in `folder`) left RUNNING becomes FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from soho_scale.engine.tracking import RUN_INFO, tracking_uri
+
+    path = os.path.join(folder, RUN_INFO)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        run_id = json.load(f)["run_id"]
+    client = MlflowClient(tracking_uri(folder))
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "failure", reason[:5000])
+            client.set_terminated(run_id, status="FAILED")
+    except Exception:  # noqa: BLE001 - the store may be unreachable; the failure is reported anyway
+        pass
+
+
 def _worth_showing(line: str) -> bool:
     # The stage's own progress and results; DeepSpeed's and streaming's chatter stays in the log.
     return any(
@@ -134,8 +172,11 @@ def run_stage(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
             "--run-dir",
             run_dir,
         ]
-        if _run(cmd, log):
-            raise RuntimeError(f"stage {stage.name} failed; see {log}")
+        code = _run(cmd, log)
+        if code:
+            failure = _failure(stage, code, log)
+            _mark_failed(run_dir, str(failure))
+            raise failure
         from soho_scale.engine.checkpoint_store import committed_checkpoints
         from soho_scale.engine.weights import export
 
@@ -158,8 +199,11 @@ def run_stage(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
             "--nproc",
             str(stage.nproc),
         ]
-        if _run(cmd, log):
-            raise RuntimeError(f"stage {stage.name} failed; see {log}")
+        code = _run(cmd, log)
+        if code:
+            failure = _failure(stage, code, log)
+            _mark_failed(out, str(failure))
+            raise failure
         with open(os.path.join(out, "metrics.json")) as f:
             result = json.load(f)
     result["seconds"] = round(time.time() - started, 1)
@@ -190,6 +234,7 @@ def run_pipeline(path: str) -> str | None:
     from soho_scale.report import chance_params, report
 
     pipe = load_pipeline(path)
+    check_stage_specs(pipe)  # a bad stage spec fails before the first stage starts
     os.makedirs(pipe.run_root, exist_ok=True)
     # One tracking store for every stage, unless the user points at a server.
     os.environ.setdefault(
@@ -202,25 +247,52 @@ def run_pipeline(path: str) -> str | None:
             parent.log_params(chance_params(json.load(f)))
     os.environ[PARENT_ENV] = parent.run_id or ""
     total = len(pipe.stages)
-    for i, stage in enumerate(pipe.stages, 1):
-        done = os.path.join(pipe.run_root, stage.name, DONE)
-        if os.path.exists(done):
-            print(f"[{i}/{total}] {stage.name}: done already, skipped", flush=True)
-            continue
-        print(f"[{i}/{total}] {stage.name}: {'train' if stage.train else 'eval'} ...", flush=True)
-        result = run_stage(pipe, stage)
-        summary = result.get("metrics", {"step": result.get("step")})
-        print(
-            f"[{i}/{total}] {stage.name}: finished in {result['seconds']} s {summary}", flush=True
-        )
+    try:
+        for i, stage in enumerate(pipe.stages, 1):
+            done = os.path.join(pipe.run_root, stage.name, DONE)
+            if os.path.exists(done):
+                print(f"[{i}/{total}] {stage.name}: done already, skipped", flush=True)
+                continue
+            kind = "train" if stage.train else "eval"
+            print(f"[{i}/{total}] {stage.name}: {kind} ...", flush=True)
+            result = run_stage(pipe, stage)
+            summary = result.get("metrics", {"step": result.get("step")})
+            print(
+                f"[{i}/{total}] {stage.name}: finished in {result['seconds']} s {summary}",
+                flush=True,
+            )
+    except StageFailed as e:
+        parent.set_tags({"failure": str(e)})
+        parent.finish("FAILED")
+        raise
     out = None
     if any(stage.eval for stage in pipe.stages):
         out = os.path.join(pipe.run_root, "report")
-        _, files = report(pipe.experiment, out)
+        rows, files = report(pipe.experiment, out)
+        # The final results on the parent run: pipelines compare side by side in MLflow's charts.
+        parent.log_metrics(
+            {
+                f"{r['task']}.{r['dataset']}.{r['protocol']}.{r['metric']}": r["value"]
+                for r in rows
+                if r["value"] == r["value"]  # not NaN (a submission row)
+            },
+            0,
+        )
         for file in files:
             parent.log_artifact(file)
     parent.finish()
     return out
+
+
+def check_stage_specs(pipe: Pipeline) -> None:
+    """Every stage's job spec (with the stage's overrides) loads, or one line names the stage."""
+    from soho_scale.spec import SpecError, load_job
+
+    for stage in pipe.stages:
+        try:
+            load_job(stage.train or stage.eval, list(stage.overrides))
+        except SpecError as e:
+            raise ValueError(f"stages.{stage.name}: {e}") from None
 
 
 def pipeline_main(argv: list[str]) -> int:
@@ -229,7 +301,11 @@ def pipeline_main(argv: list[str]) -> int:
     )
     parser.add_argument("pipeline", help="jobs/pipelines/NAME.yaml")
     args = parser.parse_args(argv)
-    out = run_pipeline(args.pipeline)
+    try:
+        out = run_pipeline(args.pipeline)
+    except StageFailed as e:
+        print(f"soho-scale pipeline: {e}", file=sys.stderr)
+        return 1
     if out is not None:
         with open(os.path.join(out, "results.md")) as f:
             print(f.read(), end="")

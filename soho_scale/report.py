@@ -1,11 +1,13 @@
 """`soho-scale report --experiment NAME [--out DIR]`: the results table of an experiment.
 
-Reads the evaluation runs of an MLflow experiment (runs tagged `task` and `split`, as
-`soho-scale eval` logs them), keeps the newest per task, and writes `results.md`,
-`results.csv` (columns task, metric, value, chance, paper; percent) and `results.png`, side by side
-with the published SOHO numbers (SOHO.md) and the dataset's chance level (params `chance.*` of the
-pipeline's parent run, when the pipeline was given a chance file); the Markdown table also shows
-what the text alone scores, where the chance file has it.
+Reads the evaluation runs of an MLflow experiment (runs tagged `task`, `dataset` and `split`, as
+`soho-scale eval` logs them), keeps the newest per (task, dataset, split), and writes one row per
+(task, dataset, split, protocol, metric) to `results.md`, `results.csv` (percent) and
+`results.png` (one panel per task), beside the published SOHO number of the same protocol
+(SOHO.md) and the dataset's chance level (params `chance.*` of the pipeline's parent run, when
+the pipeline was given a chance file); the Markdown table also shows what the text alone scores,
+where the chance file has it. The store is the pipeline's own (`<run_root>/mlflow.db`) unless
+--tracking-uri or MLFLOW_TRACKING_URI says otherwise.
 """
 
 from __future__ import annotations
@@ -16,21 +18,53 @@ import math
 import os
 from typing import Any
 
-# Published SOHO results (ResNet-101 + 12 layers; SOHO.md), in percent, by task and metric.
-PAPER = {
-    "vqa": {"vqa_accuracy": (73.25, "VQA v2 test-dev")},
-    "nlvr2": {"accuracy": (76.37, "NLVR2 dev")},
-    "snli_ve": {"accuracy": (85.00, "SNLI-VE val")},
-    "retrieval": {
-        "tr_r1": (85.1, "MSCOCO 1K TR R@1"),
-        "tr_r5": (97.4, "MSCOCO 1K TR R@5"),
-        "tr_r10": (99.4, "MSCOCO 1K TR R@10"),
-        "ir_r1": (73.5, "MSCOCO 1K IR R@1"),
-        "ir_r5": (94.5, "MSCOCO 1K IR R@5"),
-        "ir_r10": (97.5, "MSCOCO 1K IR R@10"),
-    },
+# Published SOHO results (ResNet-101 + 12 layers; SOHO.md), in percent, by (task, dataset,
+# protocol) and metric. A result is placed beside the number of the same protocol only.
+RETRIEVAL_METRICS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
+PAPER: dict[tuple[str, str, str], dict[str, float]] = {
+    ("vqa", "VQA v2", "test-dev"): {"vqa_accuracy": 73.25},
+    ("vqa", "VQA v2", "test-std"): {"vqa_accuracy": 73.47},
+    ("nlvr2", "NLVR2", "dev"): {"accuracy": 76.37},
+    ("nlvr2", "NLVR2", "test-P"): {"accuracy": 77.32},
+    ("snli_ve", "SNLI-VE", "val"): {"accuracy": 85.00},
+    ("snli_ve", "SNLI-VE", "test"): {"accuracy": 84.95},
+    ("retrieval", "MSCOCO", "5K"): dict(
+        zip(RETRIEVAL_METRICS, (66.4, 88.2, 93.8, 50.6, 78.0, 86.7))
+    ),
+    ("retrieval", "MSCOCO", "1K"): dict(
+        zip(RETRIEVAL_METRICS, (85.1, 97.4, 99.4, 73.5, 94.5, 97.5))
+    ),
+    ("retrieval", "Flickr30K", "1K"): dict(
+        zip(RETRIEVAL_METRICS, (86.5, 98.1, 99.3, 72.5, 92.7, 96.1))
+    ),
+}
+TASK_METRICS = {
+    "vqa": ("vqa_accuracy",),
+    "nlvr2": ("accuracy",),
+    "snli_ve": ("accuracy",),
+    "retrieval": RETRIEVAL_METRICS,
 }
 TASK_ORDER = ("vqa", "nlvr2", "retrieval", "snli_ve")
+
+
+def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[str, str]]:
+    """(published protocol, metric-name prefix) pairs an eval run of `split` reports: VQA's
+    test-dev2015 / test2015 are the server's test-dev / test-std (a submission file), and its
+    val accuracy stands in the test-dev row; NLVR2 test1 is test-P; SNLI-VE dev is its val;
+    retrieval over 5000 images is the 5K protocol and its five folds (`fold_`) the 1K one."""
+    if task == "vqa":
+        if "test-dev" in split:
+            return [("test-dev", "")]
+        return [("test-std", "")] if split.startswith("test") else [("test-dev", "")]
+    if task == "nlvr2":
+        return [("test-P" if split.startswith("test") else split, "")]
+    if task == "snli_ve":
+        return [("val" if split in ("dev", "val") else split, "")]
+    images = metrics.get(f"{split}_num_images", 0)
+    found = [("5K" if images >= 5000 else "1K", "")]
+    if f"{split}_fold_tr_r1" in metrics:
+        found.append(("1K", "fold_"))
+    return found
 
 
 def chance_params(chance: dict[str, Any]) -> dict[str, float]:
@@ -57,8 +91,22 @@ def chance_params(chance: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _newest_runs(runs: list[Any]) -> list[Any]:
+    """The newest eval run per (task, dataset, split): COCO and Flickr30K never collide."""
+    newest: dict[tuple[str, str, str], Any] = {}
+    for run in runs:  # newest first
+        tags = run.data.tags
+        task, split = tags.get("task"), tags.get("split")
+        key = (task, tags.get("dataset", "unknown"), split)
+        if task in TASK_METRICS and split and key not in newest:
+            if run.data.metrics or tags.get("submission"):
+                newest[key] = run
+    return sorted(newest.values(), key=lambda r: TASK_ORDER.index(r.data.tags["task"]))
+
+
 def collect(client, experiment: str) -> tuple[list[dict[str, Any]], dict[str, float]]:  # noqa: ANN001
-    """Rows of the newest eval run per task, and the chance levels of the experiment."""
+    """Rows keyed by (task, dataset, split, protocol, metric) of the newest eval runs, and the
+    chance levels of the experiment."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"--experiment {experiment!r}: no such MLflow experiment")
@@ -68,51 +116,59 @@ def collect(client, experiment: str) -> tuple[list[dict[str, Any]], dict[str, fl
         for key, value in run.data.params.items():
             if key.startswith("chance.") and key not in chance:
                 chance[key] = float(value)
-    newest: dict[str, Any] = {}
-    for run in runs:
-        task, split = run.data.tags.get("task"), run.data.tags.get("split")
-        if task and split and task not in newest and run.data.metrics:
-            newest[task] = run
     rows = []
-    for task in TASK_ORDER:
-        run = newest.get(task)
-        if run is None:
-            continue
-        split = run.data.tags["split"]
-        # Retrieval: the paper's exact protocol, then (when evaluated) the two-stage ranking
-        # and its first stage alone; the published number is the exact protocol's.
-        prefixes = ("", "two_stage_", "first_stage_") if task == "retrieval" else ("",)
-        for prefix in prefixes:
-            for metric, (paper, paper_split) in PAPER[task].items():
-                value = run.data.metrics.get(f"{split}_{prefix}{metric}")
-                if value is None:
-                    continue
-                rows.append(
-                    {
-                        "task": task,
-                        "metric": prefix + metric,
-                        "value": round(value, 2),
-                        "chance": round(chance.get(f"chance.{task}.{metric}", math.nan), 2),
-                        "text_prior": round(
-                            chance.get(f"chance.{task}.{metric}.text_prior", math.nan), 2
-                        ),
-                        "paper": paper,
-                        "split": split,
-                        "paper_split": paper_split,
-                        "run_id": run.info.run_id,
-                    }
-                )
+    vqa_dev_submitted = any(
+        r.data.tags.get("task") == "vqa" and "test-dev" in r.data.tags.get("split", "")
+        for r in runs
+    )
+    for run in _newest_runs(runs):
+        task, dataset, split = (run.data.tags[k] for k in ("task", "dataset", "split"))
+        submission = run.data.tags.get("submission", "") if split.startswith("test") else ""
+        if task == "vqa" and not split.startswith("test") and vqa_dev_submitted:
+            continue  # the test-dev row holds the submission; val is not that protocol
+        for protocol, prefix in protocols(task, split, run.data.metrics):
+            paper = PAPER.get((task, dataset, protocol), {})
+            # Retrieval's whole-set evaluation also ranks two-stage and by its first stage.
+            ranked = (
+                ("", "two_stage_", "first_stage_") if task == "retrieval" and not prefix else ("",)
+            )
+            for ranking in ranked:
+                for metric in TASK_METRICS[task]:
+                    value = run.data.metrics.get(f"{split}_{prefix}{ranking}{metric}")
+                    if value is None and not (submission and not ranking):
+                        continue
+                    rows.append(
+                        {
+                            "task": task,
+                            "dataset": dataset,
+                            "split": split,
+                            "protocol": protocol,
+                            "metric": ranking + metric,
+                            "value": math.nan if value is None else round(value, 2),
+                            "submission": submission,
+                            "chance": round(chance.get(f"chance.{task}.{metric}", math.nan), 2),
+                            "text_prior": round(
+                                chance.get(f"chance.{task}.{metric}.text_prior", math.nan), 2
+                            ),
+                            "paper": paper.get(metric, math.nan),
+                            "run_id": run.info.run_id,
+                        }
+                    )
     return rows, chance
+
+
+CSV_COLUMNS = ["task", "dataset", "split", "protocol", "metric", "value", "submission",
+               "chance", "paper"]  # fmt: skip
 
 
 def write_report(rows: list[dict[str, Any]], out: str) -> list[str]:
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "results.csv")
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["task", "metric", "value", "chance", "paper"])
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row[k] for k in writer.fieldnames})
+            writer.writerow({k: row[k] for k in CSV_COLUMNS})
     md_path = os.path.join(out, "results.md")
     with open(md_path, "w") as f:
         f.write(markdown_table(rows) + "\n")
@@ -121,53 +177,88 @@ def write_report(rows: list[dict[str, Any]], out: str) -> list[str]:
     return [md_path, csv_path, png_path]
 
 
+def _percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Chance is the majority label; "text only" what the text alone scores (a per-template
-    majority label, when the chance file has it): a result above it owes something to the image."""
+    """One row per (task, dataset, split, protocol, metric). Chance is the majority label;
+    "text only" what the text alone scores (a per-template majority label, when the chance file
+    has it): a result above it owes something to the image. A VQA test split has no answers:
+    its row names the file to submit to the challenge server."""
     lines = [
-        "| task | metric | ours (split) | chance | text only | SOHO paper (dataset) |",
-        "|---|---|---|---|---|---|",
+        "| task | dataset | protocol | metric | ours (split) | chance | text only | SOHO paper |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-
-    def percent(value: float) -> str:
-        return "-" if math.isnan(value) else f"{value:.2f}"
-
     for r in rows:
+        ours = (
+            f"submit {r['submission']}"
+            if r["submission"]
+            else f"{_percent(r['value'])} ({r['split']})"
+        )
         lines.append(
-            f"| {r['task']} | {r['metric']} | {r['value']:.2f} ({r['split']}) | "
-            f"{percent(r['chance'])} | {percent(r['text_prior'])} | "
-            f"{r['paper']:.2f} ({r['paper_split']}) |"
+            f"| {r['task']} | {r['dataset']} | {r['protocol']} | {r['metric']} | {ours} | "
+            f"{_percent(r['chance'])} | {_percent(r['text_prior'])} | {_percent(r['paper'])} |"
         )
     return "\n".join(lines)
 
 
 def _chart(rows: list[dict[str, Any]], path: str) -> None:
+    """One panel per task: ours, chance and the paper for each protocol and metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['task']}\n{r['metric']}" for r in rows]
-    x = range(len(rows))
-    width = 0.27
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4))
-    ax.bar([i - width for i in x], [r["value"] for r in rows], width, label="ours")
-    ax.bar(x, [0 if math.isnan(r["chance"]) else r["chance"] for r in rows], width, label="chance")
-    ax.bar([i + width for i in x], [r["paper"] for r in rows], width, label="SOHO paper")
-    ax.set_xticks(list(x), labels, fontsize=7)
-    ax.set_ylabel("percent")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
-    ax.set_title("soho_scale results vs chance and the published SOHO numbers")
+    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(max(4.5, 3.2 * len(tasks)), 4), squeeze=False, sharey=True
+    )
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task and not r["submission"]]
+        labels = [f"{r['dataset']} {r['protocol']}\n{r['metric']}" for r in mine]
+        x = range(len(mine))
+        width = 0.27
+        for offset, key, label in ((-width, "value", "ours"), (0, "chance", "chance"),
+                                   (width, "paper", "SOHO paper")):  # fmt: skip
+            values = [0 if math.isnan(r[key]) else r[key] for r in mine]
+            ax.bar([i + offset for i in x], values, width, label=label)
+        ax.set_xticks(list(x), labels, fontsize=6, rotation=90)
+        ax.set_title(task)
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("percent")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("soho_scale vs chance and the published SOHO numbers (same protocol)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def find_store(experiment: str, root: str = "runs") -> str:
+    """The tracking URI of the one `<root>/*/mlflow.db` holding `experiment` (each pipeline
+    keeps its own store in its run_root)."""
+    import glob
+
+    from mlflow.tracking import MlflowClient
+
+    holding = []
+    for path in sorted(glob.glob(os.path.join(root, "*", "mlflow.db"))):
+        uri = f"sqlite:///{os.path.abspath(path)}"
+        if MlflowClient(uri).get_experiment_by_name(experiment) is not None:
+            holding.append(uri)
+    if len(holding) != 1:
+        where = ", ".join(holding) if holding else f"no {root}/*/mlflow.db holds it"
+        raise ValueError(
+            f"--experiment {experiment!r}: pass --tracking-uri (MLFLOW_TRACKING_URI unset; {where})"
+        )
+    return holding[0]
+
+
 def report(experiment: str, out: str, tracking_uri: str | None = None) -> tuple[list, list[str]]:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or find_store(experiment)
+    client = MlflowClient(uri)
     rows, _ = collect(client, experiment)
     if not rows:
         raise ValueError(f"--experiment {experiment!r}: no evaluation runs (tagged task/split) yet")
@@ -178,7 +269,10 @@ def report_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="soho-scale report", description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--out", default="report")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
+    parser.add_argument(
+        "--tracking-uri",
+        help="default: MLFLOW_TRACKING_URI, else the one runs/*/mlflow.db holding the experiment",
+    )
     args = parser.parse_args(argv)
     rows, files = report(args.experiment, args.out, args.tracking_uri)
     print(markdown_table(rows))

@@ -1,11 +1,14 @@
-"""The results report: every evaluated task, side by side with chance and the paper."""
+"""The results report: one row per (task, dataset, split, protocol, metric), beside chance and the
+paper's number for the same protocol."""
 
 import csv
 import json
+import math
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from soho_scale.report import PAPER, chance_params, report
+from soho_scale.report import RETRIEVAL_METRICS, chance_params, report
 
 CHANCE = {
     "vqa": {"accuracy": 0.22, "question_type_prior_accuracy": 0.45},
@@ -18,41 +21,119 @@ CHANCE = {
 }
 
 
-def test_report_has_every_task_with_chance_and_paper(tmp_path):
+def _store(tmp_path, evals: list[tuple[str, str, str, dict, dict]]) -> str:
+    """An MLflow store with a pipeline parent (chance params) and the given eval runs:
+    (task, dataset, split, metrics, extra tags)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.create_experiment("exp")
     parent = client.create_run(experiment, run_name="pipeline").info.run_id
     for key, value in chance_params(CHANCE).items():
         client.log_param(parent, key, value)
-    evals = {
-        "vqa": ("val2014", {"vqa_accuracy": 51.0}),
-        "nlvr2": ("dev", {"accuracy": 70.0}),
-        "snli_ve": ("dev", {"accuracy": 60.0}),
-        "retrieval": ("test", {**{m: 30.0 for m in PAPER["retrieval"]}, "two_stage_ir_r5": 40.0}),
-    }
-    for task, (split, metrics) in evals.items():
-        run = client.create_run(experiment, tags={"task": task, "split": split}).info.run_id
+    for task, dataset, split, metrics, tags in evals:
+        tags = {"task": task, "dataset": dataset, "split": split, **tags}
+        run = client.create_run(experiment, tags=tags).info.run_id
         for metric, value in metrics.items():
             client.log_metric(run, f"{split}_{metric}", value)
-    rows, files = report("exp", str(tmp_path / "out"), tracking_uri=uri)
+    return uri
+
+
+def _rows(tmp_path) -> dict[tuple, dict]:
     with open(tmp_path / "out" / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["task", "metric", "value", "chance", "paper"]
-    assert {r["task"] for r in table} == {"vqa", "nlvr2", "retrieval", "snli_ve"}
-    by_key = {(r["task"], r["metric"]): r for r in table}
-    assert float(by_key["vqa", "vqa_accuracy"]["value"]) == 51.0
-    assert float(by_key["vqa", "vqa_accuracy"]["chance"]) == 22.0
-    assert float(by_key["nlvr2", "accuracy"]["paper"]) == 76.37
-    assert float(by_key["retrieval", "ir_r5"]["chance"]) == 5.0
+    assert list(table[0]) == ["task", "dataset", "split", "protocol", "metric", "value",
+                              "submission", "chance", "paper"]  # fmt: skip
+    return {(r["task"], r["dataset"], r["split"], r["protocol"], r["metric"]): r for r in table}
+
+
+def test_report_has_every_task_with_chance_and_paper(tmp_path):
+    retrieval = {**{m: 30.0 for m in RETRIEVAL_METRICS}, "two_stage_ir_r5": 40.0, "num_images": 100}
+    uri = _store(tmp_path, [
+        ("vqa", "VQA v2", "val2014", {"vqa_accuracy": 51.0}, {}),
+        ("nlvr2", "NLVR2", "dev", {"accuracy": 70.0}, {}),
+        ("snli_ve", "SNLI-VE", "dev", {"accuracy": 60.0}, {}),
+        ("retrieval", "MSCOCO", "test", retrieval, {}),
+    ])  # fmt: skip
+    rows, files = report("exp", str(tmp_path / "out"), tracking_uri=uri)
+    by_key = _rows(tmp_path)
+    # VQA's val accuracy stands in the test-dev row when nothing was submitted
+    vqa = by_key["vqa", "VQA v2", "val2014", "test-dev", "vqa_accuracy"]
+    assert (float(vqa["value"]), float(vqa["chance"]), float(vqa["paper"])) == (51.0, 22.0, 73.25)
+    assert float(by_key["nlvr2", "NLVR2", "dev", "dev", "accuracy"]["paper"]) == 76.37
+    assert float(by_key["snli_ve", "SNLI-VE", "dev", "val", "accuracy"]["paper"]) == 85.0
+    ir5 = by_key["retrieval", "MSCOCO", "test", "1K", "ir_r5"]
+    assert (float(ir5["chance"]), float(ir5["paper"])) == (5.0, 94.5)
     # A two-stage evaluation gets its own rows (chance and paper of the metric it ranks by).
-    two_stage = by_key["retrieval", "two_stage_ir_r5"]
+    two_stage = by_key["retrieval", "MSCOCO", "test", "1K", "two_stage_ir_r5"]
     assert (float(two_stage["value"]), float(two_stage["chance"])) == (40.0, 5.0)
-    assert ("retrieval", "two_stage_tr_r5") not in by_key  # not evaluated, no row
+    assert ("retrieval", "MSCOCO", "test", "1K", "two_stage_tr_r5") not in by_key
     assert (tmp_path / "out" / "results.png").stat().st_size > 1000
     markdown = (tmp_path / "out" / "results.md").read_text()
     # chance, then what the text alone scores (when known), then the paper
-    assert "| snli_ve | accuracy | 60.00 (dev) | 33.33 | 70.00 | 85.00 (SNLI-VE val) |" in markdown
-    assert "| vqa | vqa_accuracy | 51.00 (val2014) | 22.00 | 45.00 |" in markdown
-    assert "| nlvr2 | accuracy | 70.00 (dev) | 60.00 | - |" in markdown
+    assert (
+        "| snli_ve | SNLI-VE | val | accuracy | 60.00 (dev) | 33.33 | 70.00 | 85.00 |" in markdown
+    )
+    assert (
+        "| vqa | VQA v2 | test-dev | vqa_accuracy | 51.00 (val2014) | 22.00 | 45.00 | 73.25 |"
+        in markdown
+    )
+    assert "| nlvr2 | NLVR2 | dev | accuracy | 70.00 (dev) | 60.00 | - | 76.37 |" in markdown
     json.dumps(rows)  # plain data
+
+
+def test_every_published_protocol_is_its_own_row(tmp_path):
+    coco = {**{m: 40.0 for m in RETRIEVAL_METRICS}, **{f"fold_{m}": 60.0 for m in RETRIEVAL_METRICS},
+            "num_images": 5000}  # fmt: skip
+    f30k = {**{m: 70.0 for m in RETRIEVAL_METRICS}, "num_images": 1000}
+    uri = _store(tmp_path, [
+        ("vqa", "VQA v2", "val2014", {"vqa_accuracy": 66.0}, {}),
+        ("vqa", "VQA v2", "test-dev2015", {"num_samples": 9.0}, {"submission": "/r/vqa_test-dev2015_submission.json"}),
+        ("vqa", "VQA v2", "test2015", {"num_samples": 9.0}, {"submission": "/r/vqa_test2015_submission.json"}),
+        ("nlvr2", "NLVR2", "dev", {"accuracy": 70.0}, {}),
+        ("nlvr2", "NLVR2", "test1", {"accuracy": 71.0}, {}),
+        ("snli_ve", "SNLI-VE", "dev", {"accuracy": 80.0}, {}),
+        ("snli_ve", "SNLI-VE", "test", {"accuracy": 81.0}, {}),
+        ("retrieval", "MSCOCO", "test", coco, {}),
+        ("retrieval", "Flickr30K", "test", f30k, {}),
+    ])  # fmt: skip
+    report("exp", str(tmp_path / "out"), tracking_uri=uri)
+    by_key = _rows(tmp_path)
+    protocols = {(k[1], k[3]) for k in by_key}
+    assert protocols == {("VQA v2", "test-dev"), ("VQA v2", "test-std"), ("NLVR2", "dev"),
+                         ("NLVR2", "test-P"), ("SNLI-VE", "val"), ("SNLI-VE", "test"),
+                         ("MSCOCO", "5K"), ("MSCOCO", "1K"), ("Flickr30K", "1K")}  # fmt: skip
+    # COCO and Flickr30K retrieval do not collide; each sits beside its own published number
+    assert float(by_key["retrieval", "MSCOCO", "test", "5K", "tr_r1"]["paper"]) == 66.4
+    assert float(by_key["retrieval", "MSCOCO", "test", "1K", "tr_r1"]["value"]) == 60.0  # folds
+    assert float(by_key["retrieval", "MSCOCO", "test", "1K", "tr_r1"]["paper"]) == 85.1
+    assert float(by_key["retrieval", "Flickr30K", "test", "1K", "ir_r10"]["paper"]) == 96.1
+    assert float(by_key["retrieval", "Flickr30K", "test", "1K", "ir_r10"]["value"]) == 70.0
+    assert float(by_key["nlvr2", "NLVR2", "test1", "test-P", "accuracy"]["paper"]) == 77.32
+    assert float(by_key["snli_ve", "SNLI-VE", "test", "test", "accuracy"]["paper"]) == 84.95
+    # the VQA test splits are scored by the server: the rows name the file to submit, and the
+    # val accuracy no longer stands in for test-dev
+    dev = by_key["vqa", "VQA v2", "test-dev2015", "test-dev", "vqa_accuracy"]
+    assert dev["submission"] == "/r/vqa_test-dev2015_submission.json" and math.isnan(
+        float(dev["value"])
+    )
+    assert ("vqa", "VQA v2", "val2014", "test-dev", "vqa_accuracy") not in by_key
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert (
+        "| vqa | VQA v2 | test-std | vqa_accuracy | submit /r/vqa_test2015_submission.json |"
+        in markdown
+    )
+    assert len(markdown.splitlines()) == 2 + len(by_key)
+
+
+def test_report_reads_the_pipelines_own_store_by_default(tmp_path, monkeypatch):
+    run_root = tmp_path / "runs" / "pipe"
+    run_root.mkdir(parents=True)
+    _store(run_root, [("nlvr2", "NLVR2", "dev", {"accuracy": 70.0}, {})])
+    (tmp_path / "runs" / "other").mkdir()
+    MlflowClient(f"sqlite:///{tmp_path}/runs/other/mlflow.db").create_experiment("another")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows, _ = report("exp", str(tmp_path / "out"))
+    assert [r["value"] for r in rows] == [70.0]
+    with pytest.raises(ValueError, match="pass --tracking-uri"):
+        report("nowhere", str(tmp_path / "out2"))

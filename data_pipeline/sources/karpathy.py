@@ -55,6 +55,11 @@ def convert_karpathy(
         image_id = image.get("cocoid", os.path.splitext(image["filename"])[0])
         return {"image_id": str(image_id), "image": read_image(path), "captions": texts}
 
+    # The file says which dataset it splits ("coco", "flickr30k"); its name says so otherwise.
+    dataset = data.get("dataset") or (
+        "flickr30k" if "flickr30k" in os.path.basename(json_file).lower() else "coco"
+    )
     with ShardWriter(out, COLUMNS, "karpathy", "+".join(wanted), **writer_options) as writer:
+        writer.report_extra["dataset"] = str(dataset)
         writer.convert(chosen, build)
     return writer.report()

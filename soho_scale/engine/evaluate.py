@@ -150,6 +150,20 @@ def dataset_sha256(job: Job) -> str:
     return digest.hexdigest()
 
 
+def eval_dataset(job: Job) -> str:
+    """The published dataset the first eval stream was converted from ("MSCOCO", "NLVR2", ...),
+    from its conversion_report.json; "unknown" for shards written without one."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.shards import REPORT_NAME
+    from data_pipeline.sources import dataset_name
+
+    try:
+        report = json.loads(read_bytes(join_url(job.eval.streams[0].remote, REPORT_NAME)))
+    except (DataError, ValueError, IndexError):
+        return "unknown"
+    return dataset_name(report)
+
+
 def parent_run(checkpoint: str, source: str | None = None) -> dict[str, str]:
     """The training run's tracking.json ({"run_id", "tracking_uri"}) found above the checkpoint
     (or above the checkpoint an exported file came from); {} when there is none."""
@@ -219,7 +233,11 @@ def run_evaluation(
             "dataset_sha256": result["dataset_sha256"],
             "task": job.data.task,
             "split": job.eval.split,
+            "dataset": eval_dataset(job),
         }
+        for path in files:  # the report's VQA test-dev/std row: "submit FILE"
+            if path.endswith("_submission.json"):
+                tags["submission"] = os.path.abspath(path)
         if parent.get("run_id"):
             tags["mlflow.parentRunId"] = parent["run_id"]
         tracker = _child_tracker(out_dir, job, tags, parent.get("tracking_uri"))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import resource
 import time
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from soho_scale.model.config import SohoConfig
@@ -77,6 +79,40 @@ class FlopModel:
         sequence = length + grid
         transformer = texts * (self.per_token * sequence + self.attention * sequence**2)
         return cnn + transformer + self.mlm * mlm_positions
+
+
+class MetricMeans:
+    """The logged step metrics: means over every micro-batch since the last log (gradient
+    accumulation included) and over all ranks, not rank 0's last micro-batch. NaN values (an
+    accuracy with nothing to score) are left out of their mean. Adding stays on the device
+    (no sync per micro-batch); `mean_over_ranks` is one all-reduce, on every rank at once."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            value = torch.as_tensor(value).detach().float().to(self.device).reshape(())
+            present = ~torch.isnan(value)
+            self.sums[key] = self.sums.get(key, 0.0) + torch.where(present, value, 0.0)
+            self.counts[key] = self.counts.get(key, 0.0) + present.float()
+
+    def mean_over_ranks(self) -> dict[str, float]:
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        packed = torch.stack([self.sums[k] for k in keys] + [self.counts[k] for k in keys])
+        if dist.is_initialized():
+            dist.all_reduce(packed)
+        values = packed.tolist()
+        self.reset()
+        n = len(keys)
+        return {k: values[i] / values[n + i] for i, k in enumerate(keys) if values[n + i] > 0}
 
 
 class Throughput:

@@ -31,7 +31,7 @@ from soho_scale.engine.lineage import run_params
 from soho_scale.engine.optimizer import build_optimizer, lr_factor
 from soho_scale.engine.recorder import make_recorder
 from soho_scale.engine.step import build_step
-from soho_scale.engine.telemetry import FlopModel, Throughput, peak_flops
+from soho_scale.engine.telemetry import FlopModel, MetricMeans, Throughput, peak_flops
 from soho_scale.engine.tracking import make_tracker
 from soho_scale.spec import Job, derived, dump_job
 
@@ -140,6 +140,7 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
     flops = FlopModel(job.model.config())
     peak = peak_flops(job.precision, job.resources.peak_flops)
     meter = Throughput()
+    means = MetricMeans(engine.device)
     recorder = make_recorder(job.tracking.record_samples, run_dir, rank, step)
     progress = _progress(rank, total_steps, step)
     last_metrics: dict[str, float] = {}
@@ -152,6 +153,7 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
             tokens = int(batch["text_mask"].sum())  # counted on the host: no device sync
             batch = to_device(batch, engine.device, dtype)
             loss, metrics = engine(batch)
+            means.add(metrics)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
@@ -167,7 +169,7 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
                 recorder.step(loss)
                 if step % job.tracking.log_every == 0 or step == total_steps:
                     last_metrics = _step_metrics(
-                        engine, metrics, meter, world, peak, loader.skipped
+                        engine, means.mean_over_ranks(), meter, world, peak, loader.skipped
                     )
                     tracker.log_metrics(last_metrics, step)
                     meter.reset()

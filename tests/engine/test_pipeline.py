@@ -55,3 +55,46 @@ def test_pipeline_hands_on_weights_and_skips_finished_stages(make_job, tmp_path)
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["mlflow.runName"] for r in children) == ["t-again", "t-pre"]
+
+
+def _pipeline(tmp_path, stages: list[dict]) -> tuple[list[str], dict]:
+    spec = {"name": "f", "experiment": "pipe-fail", "run_root": str(tmp_path / "pipe"),
+            "stages": stages}  # fmt: skip
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return [sys.executable, "-m", "soho_scale.cli", "pipeline", str(path)], env
+
+
+def test_a_bad_stage_spec_fails_before_anything_starts(make_job, tmp_path):
+    job = make_job("spec", schedule__steps=1)
+    command, env = _pipeline(tmp_path, [
+        {"name": "a", "train": job, "nproc": 1},
+        {"name": "b", "train": job, "nproc": 1, "overrides": ["optim.cnn.lr=fast"]},
+    ])  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "soho-scale pipeline: stages.b: optim.cnn.lr: expected a number, got 'fast' "
+        "(from override optim.cnn.lr=fast)"
+    ]
+    assert not (tmp_path / "pipe").exists()
+
+
+def test_a_failed_stage_fails_the_pipeline_in_one_line_and_marks_its_run(make_job, tmp_path):
+    job = make_job("fails", schedule__steps=1)
+    missing = tmp_path / "nowhere" / "model.pt"
+    command, env = _pipeline(tmp_path, [
+        {"name": "a", "train": job, "nproc": 1, "overrides": [f"model.init_from={missing}"]},
+    ])  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    # one line of ours (MLflow itself logs the creation of its store)
+    (line,) = [x for x in result.stderr.splitlines() if "mlflow.store" not in x]
+    assert line.startswith("soho-scale pipeline: stage a failed (exit ")
+    assert f"model.init_from: {missing}: no such file or folder" in line
+    assert line.endswith(f"see {tmp_path}/pipe/a/stage.log")
+    client = MlflowClient(f"sqlite:///{tmp_path}/pipe/mlflow.db")
+    (parent,) = client.search_runs([client.get_experiment_by_name("pipe-fail").experiment_id])
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["failure"] == line.removeprefix("soho-scale pipeline: ")
