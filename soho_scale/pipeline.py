@@ -73,15 +73,59 @@ class Pipeline(BaseModel):
         return self
 
 
-def load_pipeline(path: str) -> Pipeline:
+class OverrideSet(BaseModel):
+    """A pipeline run in other conditions without copying its file (`--override-set FILE`):
+    another run_root and experiment, every stage on `nproc` ranks, and `overrides` applied to
+    every stage's job before the stage's own, and `stage_overrides` after them (e.g.
+    jobs/pipelines/override_sets/rehearsal_cpu.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    run_root: str | None = None
+    experiment: str | None = None
+    nproc: int | None = Field(None, ge=1)
+    overrides: list[str] = []
+    stage_overrides: dict[str, list[str]] = {}  # stage name -> overrides after the others
+
+
+def _validated(kind: type[BaseModel], path: str) -> Any:
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such pipeline file")
+        raise ValueError(f"{path}: no such file")
     try:
-        return Pipeline.model_validate(read_job_file(path))
+        return kind.model_validate(read_job_file(path))
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{where or 'pipeline'}: {first['msg']} (in {path})") from None
+        raise ValueError(f"{where or kind.__name__}: {first['msg']} (in {path})") from None
+
+
+def load_pipeline(path: str, override_set: str | None = None) -> Pipeline:
+    pipe = _validated(Pipeline, path)
+    if override_set is None:
+        return pipe
+    extra = _validated(OverrideSet, override_set)
+    unknown = sorted(set(extra.stage_overrides) - {stage.name for stage in pipe.stages})
+    if unknown:
+        raise ValueError(f"stage_overrides: no stage {unknown[0]!r} in {path} (in {override_set})")
+    stages = [
+        stage.model_copy(
+            update={
+                "nproc": extra.nproc or stage.nproc,
+                "overrides": [
+                    *extra.overrides,
+                    *stage.overrides,
+                    *extra.stage_overrides.get(stage.name, []),
+                ],
+            }
+        )
+        for stage in pipe.stages
+    ]
+    return pipe.model_copy(
+        update={
+            "run_root": extra.run_root or pipe.run_root,
+            "experiment": extra.experiment or pipe.experiment,
+            "stages": stages,
+        }
+    )
 
 
 def _run(cmd: list[str], log_path: str) -> int:
@@ -229,11 +273,15 @@ def _parent_tracker(pipe: Pipeline):
     )
 
 
-def run_pipeline(path: str) -> str | None:
+def run_pipeline(
+    path: str, override_set: str | None = None, run_root: str | None = None
+) -> str | None:
     """Run (or continue) a pipeline; returns the report folder (None without eval stages)."""
     from soho_scale.report import chance_params, report
 
-    pipe = load_pipeline(path)
+    pipe = load_pipeline(path, override_set)
+    if run_root:
+        pipe = pipe.model_copy(update={"run_root": run_root})
     check_stage_specs(pipe)  # a bad stage spec fails before the first stage starts
     os.makedirs(pipe.run_root, exist_ok=True)
     # One tracking store for every stage, unless the user points at a server.
@@ -300,9 +348,16 @@ def pipeline_main(argv: list[str]) -> int:
         prog="soho-scale pipeline", description=__doc__.splitlines()[0]
     )
     parser.add_argument("pipeline", help="jobs/pipelines/NAME.yaml")
+    parser.add_argument(
+        "--override-set",
+        metavar="FILE",
+        help="run_root, experiment, nproc and job overrides for every stage "
+        "(e.g. jobs/pipelines/override_sets/rehearsal_cpu.yaml)",
+    )
+    parser.add_argument("--run-root", help="where the stages run (default: the spec's run_root)")
     args = parser.parse_args(argv)
     try:
-        out = run_pipeline(args.pipeline)
+        out = run_pipeline(args.pipeline, args.override_set, args.run_root)
     except StageFailed as e:
         print(f"soho-scale pipeline: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import statistics
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -35,7 +37,29 @@ from soho_scale.preflight import (
 from soho_scale.spec import Job, SpecError, accumulation_steps, derived, load_job
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
-DEFAULT_MFU = 0.35
+# What the project measured (r101-l12, 600x1000, bf16, one H200: 8.6-11.3%, benchmarks/README.md)
+MEASURED_MFU = 0.10
+
+
+def planned_mfu(job: Job, given: float | None, runs_root: str = "runs") -> tuple[float, str]:
+    """(MFU, where it comes from): --mfu, else the median MFU this job's last run logged
+    (`<runs_root>/<name>/metrics.jsonl`), else the project's own measurement."""
+    if given is not None:
+        return given, "--mfu"
+    path = os.path.join(runs_root, job.name, "metrics.jsonl")
+    measured = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    value = json.loads(line).get("metrics", {}).get("mfu")
+                except ValueError:
+                    continue
+                if isinstance(value, int | float) and value > 0:
+                    measured.append(float(value))
+    if measured:
+        return statistics.median(measured), f"measured: median of {len(measured)} in {path}"
+    return MEASURED_MFU, "default: the project's measurement on one H200 (benchmarks/README.md)"
 
 
 def world_shape(job: Job, nodes: int | None, gpus_per_node: int | None) -> tuple[int, int]:
@@ -141,8 +165,8 @@ def make_plan(
     job: Job,
     nodes: int | None = None,
     gpus_per_node: int | None = None,
-    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
-    mfu: float = DEFAULT_MFU,
+    peak_tflops: float | None = None,
+    mfu: float | None = None,
     timeout_s: float = 5.0,
     shm_dir: str = "/dev/shm",
 ) -> dict[str, Any]:
@@ -194,7 +218,12 @@ def make_plan(
     checks.append(check_gpus(per_node))
 
     flops = step_flops(job)
+    if peak_tflops is None:  # the spec's peak, else an H100/H200's
+        spec_peak = job.resources.peak_flops
+        peak_tflops = spec_peak / 1e12 if spec_peak else DEFAULT_PEAK_TFLOPS
+    mfu, mfu_source = planned_mfu(job, mfu)
     timing: dict[str, Any] = {"peak_tflops_per_rank": peak_tflops, "mfu": mfu}
+    timing["mfu_source"] = mfu_source
     if peak_tflops > 0:
         seconds_per_step = flops["train_flops_per_step"] / (world * peak_tflops * 1e12 * mfu)
         timing.update(
@@ -257,8 +286,8 @@ def format_plan(plan: dict[str, Any]) -> str:
             total = f"{_hours(t['total_hours'])} ({_hours(t['rank_hours'])} rank-hours)"
         lines.append(
             f"time: {total}, {t['seconds_per_step']:.3g} s/step, "
-            f"{t['samples_per_s_per_rank']:.1f} samples/s per rank at {t['mfu']:.0%} MFU of "
-            f"{t['peak_tflops_per_rank']:g} TFLOP/s per rank"
+            f"{t['samples_per_s_per_rank']:.1f} samples/s per rank at {t['mfu']:.1%} MFU "
+            f"({t['mfu_source']}) of {t['peak_tflops_per_rank']:g} TFLOP/s per rank"
         )
     else:
         lines.append("time: not estimated (--peak-tflops 0)")
@@ -289,10 +318,16 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument(
         "--peak-tflops",
         type=float,
-        default=DEFAULT_PEAK_TFLOPS,
-        help="peak per rank (default 989: H100/H200 dense bf16; 0 skips the time estimate)",
+        default=None,
+        help="peak per rank (default: resources.peak_flops, else 989: H100/H200 dense bf16; "
+        "0 skips the time estimate)",
     )
-    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU)
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        default=None,
+        help=f"default: this job's last run's measured MFU, else {MEASURED_MFU} (measured)",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument(
@@ -310,7 +345,7 @@ def plan_main(argv: list[str]) -> int:
     if not args.job:
         print("soho-scale plan: give a job file (or --clean-shm)", file=sys.stderr)
         return 2
-    if not 0 < args.mfu <= 1 or args.peak_tflops < 0:
+    if (args.mfu is not None and not 0 < args.mfu <= 1) or (args.peak_tflops or 0) < 0:
         print("soho-scale plan: --mfu must be in (0, 1] and --peak-tflops >= 0", file=sys.stderr)
         return 2
     job = load_job(args.job, args.overrides)

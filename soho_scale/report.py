@@ -51,7 +51,8 @@ def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[st
     """(published protocol, metric-name prefix) pairs an eval run of `split` reports: VQA's
     test-dev2015 / test2015 are the server's test-dev / test-std (a submission file), and its
     val accuracy stands in the test-dev row; NLVR2 test1 is test-P; SNLI-VE dev is its val;
-    retrieval over 5000 images is the 5K protocol and its five folds (`fold_`) the 1K one."""
+    retrieval evaluated in five folds (`fold_`, `eval.retrieval_folds`) is MSCOCO's 5K protocol,
+    the folds' mean its 1K one; otherwise the whole set is a 1K protocol."""
     if task == "vqa":
         if "test-dev" in split:
             return [("test-dev", "")]
@@ -60,11 +61,9 @@ def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[st
         return [("test-P" if split.startswith("test") else split, "")]
     if task == "snli_ve":
         return [("val" if split in ("dev", "val") else split, "")]
-    images = metrics.get(f"{split}_num_images", 0)
-    found = [("5K" if images >= 5000 else "1K", "")]
-    if f"{split}_fold_tr_r1" in metrics:
-        found.append(("1K", "fold_"))
-    return found
+    if f"{split}_fold_tr_r1" in metrics:  # MSCOCO's 5K test set and its five 1K folds
+        return [("5K", ""), ("1K", "fold_")]
+    return [("1K", "")]
 
 
 def chance_params(chance: dict[str, Any]) -> dict[str, float]:
@@ -151,6 +150,7 @@ def collect(client, experiment: str) -> tuple[list[dict[str, Any]], dict[str, fl
                                 chance.get(f"chance.{task}.{metric}.text_prior", math.nan), 2
                             ),
                             "paper": paper.get(metric, math.nan),
+                            "images": int(run.data.metrics.get(f"{split}_num_images", 0)),
                             "run_id": run.info.run_id,
                         }
                     )
@@ -191,10 +191,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        where = r["split"] + (f", {r['images']} images" if r.get("images") else "")
         ours = (
-            f"submit {r['submission']}"
-            if r["submission"]
-            else f"{_percent(r['value'])} ({r['split']})"
+            f"submit {r['submission']}" if r["submission"] else f"{_percent(r['value'])} ({where})"
         )
         lines.append(
             f"| {r['task']} | {r['dataset']} | {r['protocol']} | {r['metric']} | {ours} | "

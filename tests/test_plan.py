@@ -85,6 +85,7 @@ def test_good_local_shards_pass_with_the_right_numbers(tmp_path, clean_env, caps
     job = write_job(tmp_path, str(shards), str(tmp_path / "ckpt"))
     shm = tmp_path / "shm"
     shm.mkdir()
+    clean_env.chdir(tmp_path)  # no runs/ of earlier trainings here: the default MFU applies
     code, plan = run_plan([str(job), "--shm-dir", str(shm)], capsys)
     assert failed(plan) == [] and code == 0 and plan["ok"]
     assert plan["stream_samples"] == {str(shards): 40}
@@ -95,8 +96,9 @@ def test_good_local_shards_pass_with_the_right_numbers(tmp_path, clean_env, caps
     batch = {"images": torch.empty(16, 3, 64, 96), "text_ids": torch.empty(32, 16)}
     forward = FlopModel(build_config("tiny")).forward_flops(batch, round(32 * 14 * 0.15))
     assert plan["flops"]["train_flops_per_step"] == pytest.approx(3 * forward)
-    seconds = 3 * forward / (2 * 989e12 * 0.35)
+    seconds = 3 * forward / (2 * 989e12 * 0.10)  # the project's measured MFU, said so
     assert plan["time"]["total_hours"] == pytest.approx(800 * seconds / 3600)
+    assert plan["time"]["mfu_source"].startswith("default: the project's measurement")
     ckpt = plan["checkpoint"]
     model = load_job(str(job)).model  # the demo job's preset and overrides
     assert ckpt["params"] == model_info(model.preset, **model.overrides)["params"]
@@ -110,6 +112,27 @@ def test_good_local_shards_pass_with_the_right_numbers(tmp_path, clean_env, caps
     assert "time: not estimated" in text and "FAIL" not in text and text.endswith("ready\n")
     if not torch.cuda.is_available():
         assert "PASS  GPUs per node: no GPU: 2 CPU ranks (gloo)" in text
+
+
+def test_mfu_comes_from_the_jobs_last_run_when_it_measured_one(tmp_path, clean_env, capsys):
+    from soho_scale.spec import load_job
+
+    shards = write_shards(tmp_path / "shards", samples=40)
+    job = write_job(tmp_path, str(shards), str(tmp_path / "ckpt"))
+    run = tmp_path / "runs" / load_job(str(job)).name
+    run.mkdir(parents=True)
+    lines = [{"op": "metrics", "step": s, "metrics": {"loss": 1.0, "mfu": m}}
+             for s, m in ((10, 0.08), (20, 0.12), (30, 0.11))]  # fmt: skip
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    clean_env.chdir(tmp_path)
+    _, plan = run_plan([str(job)], capsys)
+    assert plan["time"]["mfu"] == 0.11
+    assert (
+        plan["time"]["mfu_source"] == "measured: median of 3 in runs/" + run.name + "/metrics.jsonl"
+    )
+    _, plan = run_plan([str(job), "--mfu", "0.3", "resources.peak_flops=5e14"], capsys)
+    assert (plan["time"]["mfu"], plan["time"]["mfu_source"]) == (0.3, "--mfu")
+    assert plan["time"]["peak_tflops_per_rank"] == 500.0  # the spec's peak
 
 
 def test_missing_shard_fails_naming_it_with_the_fix(tmp_path, clean_env, capsys):

@@ -30,6 +30,7 @@ from data_pipeline.storage import INDEX_BASENAME, read_bytes
 from data_pipeline.urls import is_s3_url, join_url
 from soho_scale.engine.data import eval_loader
 from soho_scale.engine.distributed import device, setup_distributed, to_device
+from soho_scale.engine.lineage import dataset_inputs, stream_records
 from soho_scale.engine.tracking import Tracker
 from soho_scale.engine.weights import load_initial_weights
 from soho_scale.secrets import MASK
@@ -243,6 +244,9 @@ def run_evaluation(
         tracker = _child_tracker(out_dir, job, tags, parent.get("tracking_uri"))
         tracker.log_params(
             {"world_size": world, "eval.streams": [s.remote for s in job.eval.streams]}
+        )
+        tracker.log_inputs(
+            dataset_inputs(stream_records([s.remote for s in job.eval.streams]), "eval")
         )
         tracker.log_metrics(
             {f"{job.eval.split}_{k}": v for k, v in metrics.items()}, int(report.get("step") or 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import queue
 import threading
 import time
@@ -54,6 +55,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_artifact(self, path: str) -> None: ...
+    def log_inputs(self, inputs: list[dict[str, str]]) -> None: ...
     def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None: ...
 
 
@@ -81,15 +83,49 @@ def _apply(client, run_id: str, op: dict[str, Any]) -> None:
         client.log_batch(run_id, metrics=metrics)
     elif kind == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+    elif kind == "inputs":
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        client.log_inputs(
+            run_id,
+            datasets=[
+                DatasetInput(
+                    Dataset(
+                        d["name"],
+                        d["digest"],
+                        d["source_type"],
+                        d["source"],
+                        profile=d.get("profile"),
+                    ),  # fmt: skip
+                    tags=[InputTag("mlflow.data.context", d["context"])],
+                )
+                for d in op["inputs"]
+            ],
+        )
     elif kind == "artifact":
         client.log_artifact(run_id, op["path"])
     elif kind == "end":
         client.set_terminated(run_id, status=op["status"])
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside its database (`mlartifacts/`), not into `./mlruns`
+    of whatever folder the job was started from (MLflow's default); a server decides itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///") :]))
+    return pathlib.Path(folder, "mlartifacts").as_uri()
+
+
 def start_run(client, experiment: str, run_name: str | None, tags: dict[str, str]) -> str:
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else client.create_experiment(
+            experiment, artifact_location=artifact_location(client.tracking_uri)
+        )
+    )
     return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
@@ -115,6 +151,7 @@ class Tracker:
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
+        system_metrics: bool = False,
     ):
         self.run_dir = run_dir
         os.makedirs(run_dir, exist_ok=True)
@@ -126,6 +163,9 @@ class Tracker:
             self.tags["mlflow.parentRunId"] = parent  # a pipeline stage: child of the pipeline
         self.run_id = run_id
         self.reopened = False  # True when `run_id` was found and continues
+        # MLflow's own sampler of CPU, memory, disk, network (and GPUs with pynvml), every 10 s
+        self._system_metrics = system_metrics
+        self._monitor = None
         self.offline = False
         self._queue: queue.Queue = queue.Queue()
         self._metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
@@ -169,6 +209,13 @@ class Tracker:
                 self.run_id = start_run(client, self.experiment, self.run_name, self.tags)
             with open(os.path.join(self.run_dir, RUN_INFO), "w") as f:
                 json.dump({"run_id": self.run_id, "tracking_uri": redact(self.uri)}, f)
+            if self._system_metrics:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(
+                    self.run_id, resume_logging=self.reopened, tracking_uri=self.uri
+                )
+                self._monitor.start()
         except Exception as e:  # any failure to reach MLflow: keep training, keep the data
             self._go_offline(e)
             self._pending(
@@ -208,7 +255,17 @@ class Tracker:
     def log_artifact(self, path: str) -> None:
         self._queue.put({"op": "artifact", "path": os.path.abspath(path)})
 
+    def log_inputs(self, inputs: list[dict[str, str]]) -> None:
+        """MLflow dataset inputs: name, digest, source_type, source, context (train/eval)."""
+        if inputs:
+            self._queue.put({"op": "inputs", "inputs": inputs})
+
     def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as e:  # noqa: BLE001 - never fail a run for its system metrics
+                logger.warning("MLflow system metrics: %s", e)
         self._queue.put({"op": "end", "status": status})
         self._queue.put(None)
         self._thread.join(timeout=timeout_s)
@@ -255,5 +312,8 @@ def make_tracker(
     tags: dict[str, str] | None = None,
     run_id: str | None = None,
 ) -> Tracker | NullTracker:
-    """Rank 0's tracker (reopening `run_id` when given and present), a null one elsewhere."""
-    return Tracker(run_dir, experiment, run_name, tags, run_id) if rank == 0 else NullTracker()
+    """Rank 0's tracker of a training run (reopening `run_id` when given and present; with
+    MLflow's system metrics), a null one elsewhere."""
+    if rank != 0:
+        return NullTracker()
+    return Tracker(run_dir, experiment, run_name, tags, run_id, system_metrics=True)

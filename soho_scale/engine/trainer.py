@@ -27,7 +27,7 @@ from soho_scale.engine.checkpoint import CheckpointManager
 from soho_scale.engine.data import train_loader
 from soho_scale.engine.deepspeed_config import prepare_for_engine
 from soho_scale.engine.distributed import broadcast, setup_distributed, setup_logging, to_device
-from soho_scale.engine.lineage import run_params
+from soho_scale.engine.lineage import log_new_run
 from soho_scale.engine.optimizer import build_optimizer, lr_factor
 from soho_scale.engine.recorder import make_recorder
 from soho_scale.engine.step import build_step
@@ -129,7 +129,7 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
     )  # fmt: skip
     checkpoints.run_id = tracker.run_id
     if not tracker.reopened:  # a new run: resumed runs have their params already
-        tracker.log_params(run_params(job, numbers, rank))
+        log_new_run(tracker, job, numbers, rank)
         spec_file = os.path.join(run_dir, "resolved_spec.yaml")
         if rank == 0:
             with open(spec_file, "w") as f:

@@ -291,6 +291,9 @@ class EvalSpec(Section):
     # two_stage_*, and the first stage's own ranking as first_stage_*).
     retrieval_modes: list[Literal["exact", "two_stage"]] = Field(["exact"], min_length=1)
     retrieval_k: int = Field(16, ge=1)
+    # Equal image folds whose mean is also reported (`fold_*`); null: 5 when the test set has
+    # 5000 images (MSCOCO 5K -> the 1K protocol), else none.
+    retrieval_folds: int | None = Field(None, ge=1)
 
 
 class TrackingSpec(Section):

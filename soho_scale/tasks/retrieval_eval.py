@@ -368,7 +368,7 @@ def evaluate_job(job: Any, model: nn.Module, loader: Any, rank: int, world: int)
     samples = (dataset.raw_sample(i) for i in range(dataset.num_samples))
     processor = dataset.processor  # the job's transforms (soho_scale.tasks.sample_processor)
     data = retrieval_set_from_samples(samples, processor.image, processor.text)
-    folds = 5 if len(data.images) >= 5000 else 1
+    folds = job.eval.retrieval_folds or (5 if len(data.images) >= 5000 else 1)
     numbers: dict[str, float] = {}
     for mode in job.eval.retrieval_modes:
         metrics = evaluate_retrieval(

@@ -51,7 +51,8 @@ def _falls(values: list[float]) -> bool:
 def test_zero2_trains_logs_and_resumes_exactly_after_sigkill(make_job, tmp_path, mlflow_server):
     job = make_job("zero2")
     run_a = str(tmp_path / "run-a")
-    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    # MLflow's own knob: its system metrics every second (10 s by default, longer than this run)
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     result = run_train(job, run_a, 2, env=env)
     _ok(result)
     ckpt_a = str(tmp_path / "zero2-ckpt")
@@ -105,6 +106,11 @@ def test_zero2_trains_logs_and_resumes_exactly_after_sigkill(make_job, tmp_path,
         "skipped_samples",
     ):
         assert key in metrics, key
+    assert any(key.startswith("system/cpu_utilization") for key in metrics)  # MLflow's sampler
+    (train_input,) = run.inputs.dataset_inputs  # the stream as an MLflow dataset
+    assert train_input.dataset.digest == params["data.stream0.index_sha256"][:16]
+    assert json.loads(train_input.dataset.source)["uri"] == params["data.stream0.url"]
+    assert {t.key: t.value for t in train_input.tags}["mlflow.data.context"] == "train"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"resolved_spec.yaml", "summary.json"} <= artifacts
     assert run.info.status == "FINISHED"
@@ -135,6 +141,9 @@ def test_zero2_trains_logs_and_resumes_exactly_after_sigkill(make_job, tmp_path,
     (only,) = store_b.search_runs([e.experiment_id for e in store_b.search_experiments()])
     assert only.info.run_id == first_run and only.info.status == "FINISHED"
     assert "optim.cnn.lr" in only.data.params
+    # its artifacts stay in the run folder (MLflow's default is ./mlruns of the current folder)
+    assert only.info.artifact_uri.startswith(f"file://{run_b}/mlartifacts/")
+    assert "resolved_spec.yaml" in {a.path for a in store_b.list_artifacts(first_run)}
     assert {1, 2, 5, 6} <= {m.step for m in store_b.get_metric_history(first_run, "loss")}
     for rank in (0, 1):
         full, resumed = record(run_a, rank, 0), record(run_b, rank, 2)
