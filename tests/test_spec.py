@@ -15,7 +15,9 @@ from soho_scale.spec import Job, SpecError, derived, dump_job, load_job
 
 ROOT = Path(__file__).resolve().parent.parent
 # Job specs (pipeline specs under jobs/pipelines/ are another format, tested with the pipeline).
-JOB_FILES = sorted(p for p in (ROOT / "jobs").rglob("*.yaml") if p.parent.name != "pipelines")
+JOB_FILES = sorted(
+    p for p in (ROOT / "jobs").rglob("*.yaml") if "pipelines" not in p.relative_to(ROOT).parts
+)
 DEMO = ROOT / "jobs" / "demo" / "pretrain.yaml"
 PAPER = ROOT / "jobs" / "pretrain" / "soho_r101_l12_coco_vg.yaml"
 
