@@ -209,20 +209,23 @@ def _chart(rows: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
+    tasks = [t for t in TASK_ORDER if any(r["task"] == t and not r["submission"] for r in rows)]
+    groups = {t: [r for r in rows if r["task"] == t and not r["submission"]] for t in tasks}
+    widths = [max(2, len(groups[t])) for t in tasks]  # every metric the same width
     fig, axes = plt.subplots(
-        1, len(tasks), figsize=(max(4.5, 3.2 * len(tasks)), 4), squeeze=False, sharey=True
-    )
+        1, len(tasks), figsize=(max(5.0, 0.45 * sum(widths) + 1.5), 5.5), squeeze=False,
+        sharey=True, gridspec_kw={"width_ratios": widths},
+    )  # fmt: skip
     for ax, task in zip(axes[0], tasks):
-        mine = [r for r in rows if r["task"] == task and not r["submission"]]
-        labels = [f"{r['dataset']} {r['protocol']}\n{r['metric']}" for r in mine]
+        mine = groups[task]
+        labels = [f"{r['dataset']} {r['protocol']} {r['metric']}" for r in mine]
         x = range(len(mine))
         width = 0.27
         for offset, key, label in ((-width, "value", "ours"), (0, "chance", "chance"),
                                    (width, "paper", "SOHO paper")):  # fmt: skip
             values = [0 if math.isnan(r[key]) else r[key] for r in mine]
             ax.bar([i + offset for i in x], values, width, label=label)
-        ax.set_xticks(list(x), labels, fontsize=6, rotation=90)
+        ax.set_xticks(list(x), labels, fontsize=7, rotation=90)
         ax.set_title(task)
         ax.set_ylim(0, 100)
     axes[0][0].set_ylabel("percent")
