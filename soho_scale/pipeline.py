@@ -289,10 +289,11 @@ def run_pipeline(
         "MLFLOW_TRACKING_URI", f"sqlite:///{os.path.abspath(pipe.run_root)}/mlflow.db"
     )
     parent = _parent_tracker(pipe)
-    parent.log_params({"pipeline": path, "stages": ",".join(s.name for s in pipe.stages)})
-    if pipe.chance and os.path.exists(pipe.chance):
-        with open(pipe.chance) as f:
-            parent.log_params(chance_params(json.load(f)))
+    if not parent.reopened:  # a re-run continues the run; MLflow refuses a param's new value
+        parent.log_params({"pipeline": path, "stages": ",".join(s.name for s in pipe.stages)})
+        if pipe.chance and os.path.exists(pipe.chance):
+            with open(pipe.chance) as f:
+                parent.log_params(chance_params(json.load(f)))
     os.environ[PARENT_ENV] = parent.run_id or ""
     total = len(pipe.stages)
     try:

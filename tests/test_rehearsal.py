@@ -146,6 +146,18 @@ def test_the_paper_pipeline_runs_end_to_end_on_every_published_format(tmp_path):
         assert not math.isnan(float(row["paper"])), row
         assert row["submission"] or not math.isnan(float(row["value"])), row
 
+    # the pipeline's parent run carries the results, so pipelines compare in MLflow's charts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_root}/mlflow.db")
+    with open(run_root / "tracking.json") as f:
+        parent = client.get_run(json.load(f)["run_id"])
+    assert parent.info.status == "FINISHED"
+    for row in rows:
+        if not row["submission"]:
+            key = f"{row['task']}.{row['dataset']}.{row['protocol']}.{row['metric']}"
+            assert parent.data.metrics[key] == pytest.approx(float(row["value"])), key
+
     # the VQA test-dev row names a file the challenge server accepts: every question once
     (vqa,) = [r for r in rows if r["dataset"] == "VQA v2"]
     assert vqa["submission"].endswith("vqa_test-dev2015_submission.json")
