@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from soho_scale.engine.tracking import PARENT_ENV
+from soho_scale.engine.tracking import PARENT_ENV, mark_failed
 from soho_scale.spec.yaml_file import read_job_file
 
 DONE = "stage_done.json"
@@ -156,26 +156,6 @@ def _failure(stage: Stage, code: int, log_path: str) -> StageFailed:
     )
 
 
-def _mark_failed(folder: str, reason: str) -> None:
-    """A stage's own MLflow run (its tracking.json in `folder`) left RUNNING becomes FAILED."""
-    from mlflow.tracking import MlflowClient
-
-    from soho_scale.engine.tracking import RUN_INFO, tracking_uri
-
-    path = os.path.join(folder, RUN_INFO)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        run_id = json.load(f)["run_id"]
-    client = MlflowClient(tracking_uri(folder))
-    try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "failure", reason[:5000])
-            client.set_terminated(run_id, status="FAILED")
-    except Exception:  # noqa: BLE001 - the store may be unreachable; the failure is reported anyway
-        pass
-
-
 def _worth_showing(line: str) -> bool:
     # The stage's own progress and results; DeepSpeed's and streaming's chatter stays in the log.
     return any(
@@ -219,7 +199,7 @@ def run_stage(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
         code = _run(cmd, log)
         if code:
             failure = _failure(stage, code, log)
-            _mark_failed(run_dir, str(failure))
+            mark_failed(run_dir, str(failure))
             raise failure
         from soho_scale.engine.checkpoint_store import committed_checkpoints
         from soho_scale.engine.weights import export
@@ -246,7 +226,7 @@ def run_stage(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
         code = _run(cmd, log)
         if code:
             failure = _failure(stage, code, log)
-            _mark_failed(out, str(failure))
+            mark_failed(out, str(failure))
             raise failure
         with open(os.path.join(out, "metrics.json")) as f:
             result = json.load(f)

@@ -1,8 +1,9 @@
 """Pre-flight checks for a job, each ending in PASS or FAIL with the fix.
 
-Object storage reachable and every stream's shards present; the CNN's initial weights present;
-checkpoint location writable (a probe file or object, deleted again); MLflow reachable; /dev/shm large enough; no stale streaming or
-DeepSpeed shared memory; enough GPUs per node. `soho-scale plan` (soho_scale/plan.py) runs them.
+Object storage reachable and every stream's shards present; the initial weights present
+(`cnn_init`, `init_from`); checkpoint location writable (a probe file or object, deleted again);
+MLflow reachable; /dev/shm large enough; no stale streaming or DeepSpeed shared memory; enough
+GPUs per node. `soho-scale plan` (soho_scale/plan.py) runs them; `validate` runs the init_from one.
 No credential's value is ever put into a check's text.
 """
 

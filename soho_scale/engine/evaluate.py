@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.samples import SampleProcessor
-from data_pipeline.storage import INDEX_BASENAME, read_bytes
+from data_pipeline.storage import read_bytes
 from data_pipeline.urls import is_s3_url, join_url
 from soho_scale.engine.data import eval_loader
 from soho_scale.engine.distributed import device, setup_distributed, to_device
@@ -143,12 +143,10 @@ def evaluate_task(
 # ---- the command: one process per rank ------------------------------------------------------
 
 
-def dataset_sha256(job: Job) -> str:
-    """sha256 over the index.json files of the eval streams (which data was scored)."""
-    digest = hashlib.sha256()
-    for stream in job.eval.streams:
-        digest.update(read_bytes(join_url(stream.remote, INDEX_BASENAME)))
-    return digest.hexdigest()
+def dataset_sha256(records: list[dict[str, Any]]) -> str:
+    """sha256 over the eval streams' index digests (`lineage.stream_records`): which data was
+    scored."""
+    return hashlib.sha256("".join(r["index_sha256"] for r in records).encode()).hexdigest()
 
 
 def eval_dataset(job: Job) -> str:
@@ -221,7 +219,8 @@ def run_evaluation(
         "metrics": metrics,
     }
     if rank == 0:
-        result["dataset_sha256"] = dataset_sha256(job)
+        streams = stream_records([s.remote for s in job.eval.streams])  # each index read once
+        result["dataset_sha256"] = dataset_sha256(streams)
         files = [os.path.join(out_dir, "metrics.json")]
         with open(files[0], "w") as f:
             json.dump(result, f, indent=2)
@@ -245,9 +244,7 @@ def run_evaluation(
         tracker.log_params(
             {"world_size": world, "eval.streams": [s.remote for s in job.eval.streams]}
         )
-        tracker.log_inputs(
-            dataset_inputs(stream_records([s.remote for s in job.eval.streams]), "eval")
-        )
+        tracker.log_inputs(dataset_inputs(streams, "eval"))
         tracker.log_metrics(
             {f"{job.eval.split}_{k}": v for k, v in metrics.items()}, int(report.get("step") or 0)
         )

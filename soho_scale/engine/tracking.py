@@ -304,6 +304,23 @@ def sync_tracking(run_dir: str) -> int:
     return sent
 
 
+def mark_failed(run_dir: str, reason: str) -> None:
+    """The run of `run_dir` (its tracking.json), if still RUNNING, becomes FAILED with the
+    reason as a tag: a process that died could not say so itself."""
+    path = os.path.join(run_dir, RUN_INFO)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        run_id = json.load(f)["run_id"]
+    try:
+        client = _client(tracking_uri(run_dir))
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "failure", reason[:5000])
+            client.set_terminated(run_id, status="FAILED")
+    except Exception as e:  # noqa: BLE001 - the store may be down; the failure is reported anyway
+        logger.warning("could not mark MLflow run %s FAILED: %s", run_id, redact(str(e))[:200])
+
+
 def make_tracker(
     rank: int,
     run_dir: str,

@@ -177,17 +177,6 @@ def resolve_init_from(source: str) -> str:
     return committed[-1].location
 
 
-def init_from_problem(source: str) -> str | None:
-    """Why `model.init_from: source` cannot be loaded (one line), or None when it can."""
-    try:
-        resolve_init_from(source)
-    except WeightsError as e:
-        return str(e)
-    except Exception as e:  # storage unreachable, no credentials: say so, do not crash
-        return f"model.init_from: {source}: cannot be checked ({type(e).__name__}: {e})"
-    return None
-
-
 def read_weights(source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, info {"step", "task", "config", "source"}) of an export or a checkpoint
     (`resolve_init_from` says which)."""

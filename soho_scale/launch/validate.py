@@ -11,7 +11,7 @@ import yaml
 
 from data_pipeline.urls import is_s3_url
 from soho_scale.engine.deepspeed_config import build_deepspeed_config
-from soho_scale.engine.weights import init_from_problem
+from soho_scale.preflight import check_init_from
 from soho_scale.spec import SpecError, derived, dump_job, load_job
 
 
@@ -35,9 +35,9 @@ def validate_main(argv: list[str]) -> int:
         return 2
     source = job.model.init_from
     if source and not is_s3_url(source):  # s3:// needs storage access: `soho-scale plan` checks
-        problem = init_from_problem(source)
-        if problem:
-            print(problem, file=sys.stderr)
+        check = check_init_from(source)  # the same check `soho-scale plan` runs
+        if not check.ok:
+            print(check.detail, file=sys.stderr)
             return 2
     print(dump_job(job), end="")
     print("---")
