@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -17,6 +19,8 @@ from soho_scale.launch.submit import ClusterError, launch_main
 
 REPO = Path(__file__).resolve().parent.parent
 JOB = "jobs/demo/pretrain.yaml"  # global batch 32, micro batch 16
+# The oldest and newest Kubernetes the manifests are checked against (podFailurePolicy: 1.26+).
+K8S_VERSIONS = ("1.27.0", "1.37.0")
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "planted-aws-secret-0123",
     "AWS_ACCESS_KEY_ID": "planted-aws-key-id-4567",
@@ -131,54 +135,54 @@ def write_sbatch(tmp_path: Path, *extra: str) -> Path:
 
 
 def test_sbatch_script_is_valid_bash_with_the_launch_lines(env, tmp_path):
+    env.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    env.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    env.setenv("NCCL_API_TOKEN", "planted-nccl-token-31")  # a secret by its name: held back
     script = write_sbatch(tmp_path, "--partition", "gpu", "--time", "24:00:00")
     text = script.read_text()
     subprocess.run(["bash", "-n", str(script)], check=True)
+    lines = text.splitlines()
     for line in (
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=4",
+        "#SBATCH --cpus-per-task=8",  # 4 ranks x (1 loader worker + 1)
+        "#SBATCH --mem=0",
+        "#SBATCH --exclusive",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=TERM@180",
+        "#SBATCH --open-mode=append",
         "#SBATCH --partition=gpu",
         "#SBATCH --time=24:00:00",
         f"cd {REPO}",
         "export S3_ENDPOINT_URL=http://storage.internal:9000",
-        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
+        "export NCCL_SOCKET_IFNAME=ib0",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        '  scontrol requeue "$SLURM_JOB_ID" || true',
     ):
-        assert line in text.splitlines()
+        assert line in lines
     assert "srun --nodes=2 --ntasks-per-node=1" in text
-    assert '--no_ssh --node_rank "$SLURM_NODEID" --num_nodes 2 --num_gpus 4' in text
-    assert "--module soho_scale.launch.rank train jobs/demo/pretrain.yaml" in text
+    node = shlex.split(text.split("bash -c ", 1)[1].split(" &\n")[0])[0]
+    assert node.startswith("exec python -m soho_scale.launch.node --nodes 2 --procs 4 ")
+    assert '--node-rank "$SLURM_NODEID" --master-addr "$MASTER_ADDR"' in node
+    assert shlex.split(node.split(" -- ", 1)[1]) == [
+        "train", JOB, "tracking.run_name=it's mine", "batch.global_batch=128"
+    ]  # fmt: skip
     assert_no_secret(text)
+    assert "planted-nccl-token-31" not in text
 
 
-def test_sbatch_script_runs_one_launcher_per_node(env, tmp_path):
-    """Run the script with stand-ins for scontrol, srun and deepspeed: each node's launcher
-    gets its rank, node 0 as master, and a hostfile listing both nodes."""
-    script = write_sbatch(tmp_path, "--setup", "true")
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    tools = {
-        "scontrol": 'printf "gpu-a\\ngpu-b\\n"',
-        # srun: drop its options, run the command once per node with that node's id
-        "srun": 'while [ "${1#--}" != "$1" ]; do shift; done\n'
-        'for n in 0 1; do SLURM_NODEID=$n "$@" || exit 1; done',
-        "deepspeed": 'log="$LOG/node$SLURM_NODEID"; printf "%q " "$@" > "$log.args"\n'
-        'while [ $# -gt 0 ]; do [ "$1" = --hostfile ] && cp "$2" "$log.hosts"; shift; done',
-    }
-    for name, body in tools.items():
-        (shims / name).write_text(f"#!/bin/bash\n{body}\n")
-        (shims / name).chmod(0o755)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    run_env = dict(os.environ, PATH=f"{shims}:{os.environ['PATH']}", LOG=str(logs))
-    run_env.update(SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_ID="7", TMPDIR=str(tmp_path))
-    subprocess.run(["bash", str(script)], check=True, env=run_env, timeout=60)
-    for node in (0, 1):
-        args = shlex.split((logs / f"node{node}.args").read_text())
-        assert args[args.index("--node_rank") + 1] == str(node)
-        assert args[args.index("--master_addr") + 1] == "gpu-a"
-        assert args[-3:] == [JOB, "tracking.run_name=it's mine", "batch.global_batch=128"]
-        assert (logs / f"node{node}.hosts").read_text() == "gpu-a slots=4\ngpu-b slots=4\n"
+def test_sbatch_cpu_mode_and_resources_from_the_spec(env, tmp_path):
+    out = tmp_path / "cpu.sbatch"
+    argv = [JOB, "resources.cpus_per_node=6", "resources.mem_gib_per_node=32"]
+    argv += ["resources.exclusive=false", "checkpoint.save_grace_s=600", "--scheduler", "slurm"]
+    argv += ["--cpu", "--procs-per-node", "2", "--out", str(out)]
+    assert launch_main(argv) == 0
+    lines = out.read_text().splitlines()
+    for line in ("#SBATCH --cpus-per-task=6", "#SBATCH --mem=32G", "#SBATCH --signal=TERM@600"):
+        assert line in lines
+    assert "export DS_ACCELERATOR=cpu" in lines
+    assert not [line for line in lines if line.startswith(("#SBATCH --gpus", "#SBATCH --excl"))]
 
 
 def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tmp_path):
@@ -201,10 +205,28 @@ def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tm
     (container,) = pod["spec"]["containers"]
     assert container["image"] == "registry.example/soho:1"
     assert container["workingDir"] == "/workspace"
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": 4}
-    (volume,) = pod["spec"]["volumes"]
-    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
-    assert {"name": volume["name"], "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert container["resources"] == {
+        "requests": {"cpu": 8, "nvidia.com/gpu": 4},
+        "limits": {"nvidia.com/gpu": 4},
+    }
+    shm, runs = pod["spec"]["volumes"]
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    assert runs == {"name": "runs", "emptyDir": {}}
+    assert {"name": shm["name"], "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert {"name": "runs", "mountPath": "/workspace/runs"} in container["volumeMounts"]
+    # Preemption: the ranks get the spec's grace to commit; exit 75 and evictions restart the pod.
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 180
+    assert pod["spec"]["restartPolicy"] == "Never"
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [75]},
+        "onPodConditions": [],
+    }
+    assert rules[1] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
     variables = {v["name"]: v for v in container["env"]}
     assert variables["S3_ENDPOINT_URL"]["value"] == "http://storage.internal:9000"
     for key, secret in (
@@ -217,12 +239,13 @@ def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tm
         assert (reference["name"], reference["key"]) == (secret, key)
     script = container["command"][-1]
     subprocess.run(["bash", "-n", "-c", script], check=True)
-    assert '--node_rank "$JOB_COMPLETION_INDEX"' in script
-    assert f"--master_addr {name}-0.{name}" in script
-    assert (
-        "--module soho_scale.launch.rank train jobs/demo/pretrain.yaml batch.global_batch=128"
-        in script
-    )
+    launch = script.splitlines()[-1]  # exec: the node launcher is the container's PID 1
+    assert launch.startswith("exec python -m soho_scale.launch.node --nodes 2 --procs 4 ")
+    assert f'--node-rank "$JOB_COMPLETION_INDEX" --master-addr {name}-0.{name}' in launch
+    assert launch.endswith("-- train jobs/demo/pretrain.yaml batch.global_batch=128")
+    for version in K8S_VERSIONS:
+        for document in (service, job):
+            kubernetes_validate.validate(document, version, strict=True)
 
 
 def test_k8s_job_file_outside_the_repo_is_a_user_error(env, tmp_path):
@@ -230,3 +253,105 @@ def test_k8s_job_file_outside_the_repo_is_a_user_error(env, tmp_path):
     outside.write_text((REPO / JOB).read_text())
     with pytest.raises(ClusterError, match="inside the repo"):
         launch_main([str(outside), "--scheduler", "k8s", "--out", str(tmp_path / "m.yaml")])
+
+
+def test_k8s_cpu_manifest_with_a_volume_and_memory_validates(env, tmp_path):
+    out = tmp_path / "cpu.k8s.yaml"
+    argv = [JOB, "resources.volume_claim=soho-runs", "resources.mem_gib_per_node=16"]
+    argv += ["batch.global_batch=64"]
+    argv += ["checkpoint.save_grace_s=900", "--scheduler", "k8s", "--cpu", "--nodes", "2"]
+    argv += ["--procs-per-node", "2", "--out", str(out)]
+    assert launch_main(argv) == 0
+    service, job = yaml.safe_load_all(out.read_text())
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"] == {
+        "requests": {"cpu": 4, "memory": "16Gi"},
+        "limits": {"memory": "16Gi"},
+    }
+    assert {"name": "DS_ACCELERATOR", "value": "cpu"} in container["env"]
+    assert pod["terminationGracePeriodSeconds"] == 900
+    assert {"name": "runs", "persistentVolumeClaim": {"claimName": "soho-runs"}} in pod["volumes"]
+    assert {
+        "name": "runs",
+        "mountPath": "/workspace/runs",
+        "subPathExpr": "node-$(SOHO_NODE_INDEX)",
+    } in container["volumeMounts"]
+    for version in K8S_VERSIONS:
+        for document in (service, job):
+            kubernetes_validate.validate(document, version, strict=True)
+
+
+INJECTIONS = ["x\nrm -rf ~", "$(touch /tmp/pwned)", "a'b\"c", "run`id`"]
+
+
+@pytest.mark.parametrize("payload", INJECTIONS)
+def test_injection_into_the_sbatch_script_is_rejected_or_inert(env, tmp_path, payload):
+    """A hostile value in an `#SBATCH` option is rejected with one line; in the job path or an
+    override it is rejected (control characters) or quoted: the script, run with stand-ins for
+    srun and scontrol, passes it to the node launcher as one argument and runs nothing else."""
+    out = tmp_path / "job.sbatch"
+    for flag in ("--partition", "--account", "--time"):
+        with pytest.raises(ClusterError, match=f"^{flag} "):
+            launch_main([JOB, "--scheduler", "slurm", "--out", str(out), flag, payload])
+    jobs = REPO / "jobs" / "test_injection"
+    jobs.mkdir(exist_ok=True)
+    hostile = jobs / f"job {payload.replace('/', '_')}.yaml"
+    try:
+        if "\n" in payload:
+            hostile = jobs / "job.yaml"
+            hostile.write_text((REPO / JOB).read_text())
+            for argv in (
+                [str(hostile), f"tracking.run_name={payload}"],
+                [str(hostile), "--run-dir", payload],
+            ):
+                with pytest.raises(ClusterError, match="control characters"):
+                    launch_main([*argv, "--scheduler", "slurm", "--out", str(out)])
+            return
+        hostile.write_text((REPO / JOB).read_text())
+        override = f"tracking.run_name={payload}"
+        argv = [str(hostile), override, "--scheduler", "slurm", "--out", str(out), "--cpu"]
+        assert launch_main(argv + ["--setup", "true"]) == 0
+        received = _run_with_stand_ins(out, tmp_path)
+        assert received[-2:] == [str(hostile.relative_to(REPO)), override]
+        assert not Path("/tmp/pwned").exists()
+    finally:
+        shutil.rmtree(jobs)
+
+
+def _run_with_stand_ins(script: Path, tmp_path: Path) -> list[str]:
+    """Run the sbatch script with srun/scontrol/python stand-ins; the node launcher's argv."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    tools = {
+        "scontrol": 'echo "NodeName=n0 NodeAddr=10.0.0.1 State=IDLE"',
+        "srun": 'while [ "${1#--}" != "$1" ]; do shift; done\nSLURM_NODEID=0 "$@"',
+        "python": f'printf "%s\\0" "$@" > {tmp_path}/argv',
+    }
+    for name, body in tools.items():
+        (shims / name).write_text(f"#!/bin/bash\n{body}\n")
+        (shims / name).chmod(0o755)
+    run_env = dict(os.environ, PATH=f"{shims}:{os.environ['PATH']}", SLURM_JOB_ID="7")
+    run_env["SLURM_JOB_NODELIST"] = "n0"
+    subprocess.run(["bash", str(script)], check=True, env=run_env, timeout=60, cwd=tmp_path)
+    return (tmp_path / "argv").read_text().split("\0")[:-1]
+
+
+@pytest.mark.parametrize("payload", INJECTIONS)
+def test_injection_into_the_k8s_manifest_is_rejected_or_inert(env, tmp_path, payload):
+    out = tmp_path / "m.yaml"
+    base = [JOB, "--scheduler", "k8s", "--out", str(out)]
+    for flag in ("--image", "--s3-secret", "--mlflow-secret", "--shm-size", "--name"):
+        with pytest.raises(ClusterError, match=f"^{flag} "):
+            launch_main([*base, flag, payload])
+    override = f"tracking.run_name={payload}"
+    if "\n" in payload:
+        with pytest.raises(ClusterError, match="control characters"):
+            launch_main([*base, override])
+        return
+    assert launch_main([*base, override]) == 0
+    documents = list(yaml.safe_load_all(out.read_text()))
+    assert [d["kind"] for d in documents] == ["Service", "Job"]
+    (container,) = documents[1]["spec"]["template"]["spec"]["containers"]
+    launch = container["command"][-1].splitlines()[-1]
+    assert shlex.split(launch)[-2:] == [JOB, override]

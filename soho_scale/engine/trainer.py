@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from soho_scale import PREEMPTED_EXIT_CODE
 from soho_scale.engine.checkpoint import CheckpointManager
 from soho_scale.engine.data import train_loader
 from soho_scale.engine.deepspeed_config import prepare_for_engine
@@ -36,8 +37,6 @@ from soho_scale.engine.tracking import make_tracker
 from soho_scale.spec import Job, derived, dump_job
 
 logger = logging.getLogger("soho_scale.train")
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM/SIGINT; relaunch resumes
 
 
 def seed_everything(seed: int) -> None:

@@ -1,7 +1,7 @@
 """What travels from the machine running `soho-scale launch` to the ranks on other nodes.
 
-Non-secret settings every rank needs (`PROPAGATED`: storage endpoint, region, tracking URI, ...)
-travel by value: in the sbatch script, in the Kubernetes manifest, or in DeepSpeed's env file
+Non-secret settings every rank needs (`PROPAGATED`: storage endpoint, region, tracking URI, ...,
+and every NCCL_*, TORCH_* and MLFLOW_* setting) travel by value: in the sbatch script, in the Kubernetes manifest, or in DeepSpeed's env file
 for the hostfile runner. A secret (`soho_scale.secrets`) never goes into a file we write:
 credentials come from each host's own environment or AWS chain (hostfile, Slurm) or from
 Kubernetes Secrets by reference. The runner's env-file and export formats are those of
@@ -36,13 +36,26 @@ PROPAGATED = (
 )
 
 
+# Families of settings that tune the ranks (NCCL's transport, torch's distributed debugging,
+# MLflow's client): every one set here travels, unless its name or value is a secret.
+PROPAGATED_PREFIXES = ("NCCL_", "TORCH_", "MLFLOW_")
+
+
 def propagated_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """(non-secret settings to propagate by value, notes on what was held back and why)."""
     secrets = secret_values(environ)
     values, notes = {}, []
-    for name in PROPAGATED:
+    families = sorted(
+        name for name in environ if name.startswith(PROPAGATED_PREFIXES) and name not in PROPAGATED
+    )
+    for name in (*PROPAGATED, *families):
         value = environ.get(name)
         if not value:
+            continue
+        if is_secret_name(name):
+            notes.append(
+                f"{name} not propagated: a secret (each node needs it in its own environment)"
+            )
             continue
         if has_credentials(value) or value in secrets:
             notes.append(f"{name} not propagated: its value holds a credential")

@@ -2,8 +2,13 @@
 pods resolve each other by.
 
 One pod per node; node rank = JOB_COMPLETION_INDEX, master = pod 0's DNS name under the Service.
-Each pod writes a hostfile of the pods and runs DeepSpeed's runner with `--no_ssh`. Non-secret
-settings are set by value; S3 and MLflow credentials come from Kubernetes Secrets, by reference.
+Each pod's PID 1 is the node launcher (`soho_scale.launch.node`), which forwards the kubelet's
+SIGTERM to the ranks; they commit a checkpoint within `checkpoint.save_grace_s` (the pod's
+termination grace) and exit 75, which the Job's podFailurePolicy does not count as a failure: it
+starts the pod again and training resumes (so does an eviction). Resources come from the spec's
+`resources` (CPU and memory requests, GPUs), the run folder and shard cache from a volume
+(`resources.volume_claim`). Non-secret settings are set by value; S3 and MLflow credentials come
+from Kubernetes Secrets, by reference.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ from typing import Any
 
 import yaml
 
+from soho_scale import PREEMPTED_EXIT_CODE
 from soho_scale.launch.errors import ClusterError
-from soho_scale.launch.rank import rank_module_args
+from soho_scale.launch.node import NodeShape, node_command
+from soho_scale.launch.rank import rank_args
 from soho_scale.spec import Job
 
 K8S_WORKDIR = "/workspace"
+CONTAINER = "trainer"
 
 
 def k8s_name(job: Job, name: str | None) -> str:
@@ -36,8 +44,7 @@ def k8s_manifest(
     job: Job,
     job_path: str,
     overrides: list[str],
-    nodes: int,
-    gpus: int,
+    shape: NodeShape,
     master_port: int,
     image: str,
     env: dict[str, str],
@@ -49,17 +56,20 @@ def k8s_manifest(
 ) -> str:
     """An indexed Job (one pod per node) and the headless Service its pods resolve each other by."""
     master = f"{name}-0.{name}"  # pod 0's hostname under the Service's subdomain
-    node_args = shlex.join(rank_module_args(job_path, overrides, run_dir))
+    launch = node_command(
+        rank_args(job_path, overrides, run_dir),
+        shape.nodes,
+        shape.procs,
+        '"$JOB_COMPLETION_INDEX"',
+        master,
+        master_port,
+    )
     script = "\n".join(
         [
             "set -euo pipefail",
-            f'for i in $(seq 0 {nodes - 1}); do echo "{name}-$i.{name} slots={gpus}"; done '
-            "> /tmp/hostfile",
             # Pod 0's DNS record appears once it is scheduled; wait for it (bounded).
             f"for try in $(seq 1 150); do getent hosts {master} >/dev/null && break; sleep 2; done",
-            f'exec deepspeed --hostfile /tmp/hostfile --no_ssh --node_rank "$JOB_COMPLETION_INDEX" '
-            f"--num_nodes {nodes} --num_gpus {gpus} --master_addr {master} "
-            f"--master_port {master_port} {node_args}",
+            launch,  # exec: the node launcher is PID 1 and gets the kubelet's SIGTERM itself
         ]
     )
     variables: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
@@ -82,6 +92,17 @@ def k8s_manifest(
             },
         }
     )
+    # The pod's index, for its sub-folder of the runs volume (kept across the pod's restarts).
+    variables.append(
+        {
+            "name": "SOHO_NODE_INDEX",
+            "valueFrom": {
+                "fieldRef": {
+                    "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+                }
+            },
+        }
+    )
     labels = {"app.kubernetes.io/name": "soho-scale", "soho-scale/job": name}
     service = {
         "apiVersion": "v1",
@@ -95,25 +116,44 @@ def k8s_manifest(
             "ports": [{"name": "rendezvous", "port": master_port}],
         },
     }
-    gpu = {"nvidia.com/gpu": gpus}
+    requests: dict[str, Any] = {"cpu": shape.cpus}
+    limits: dict[str, Any] = {}
+    if shape.mem_gib:
+        requests["memory"] = limits["memory"] = f"{shape.mem_gib}Gi"
+    if shape.gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = shape.procs
+    runs_mount: dict[str, Any] = {"name": "runs", "mountPath": f"{K8S_WORKDIR}/runs"}
+    if job.resources.volume_claim:
+        runs_volume: dict[str, Any] = {
+            "name": "runs",
+            "persistentVolumeClaim": {"claimName": job.resources.volume_claim},
+        }
+        runs_mount["subPathExpr"] = "node-$(SOHO_NODE_INDEX)"
+    else:
+        runs_volume = {"name": "runs", "emptyDir": {}}
     pod = {
         "metadata": {"labels": labels},
         "spec": {
             "subdomain": name,  # with the Service of the same name: <name>-<i>.<name> resolves
-            "restartPolicy": "Never",
+            "restartPolicy": "Never",  # the Job replaces a stopped pod (podFailurePolicy)
+            # SIGTERM to SIGKILL: the time the ranks need to commit a checkpoint.
+            "terminationGracePeriodSeconds": shape.grace_s,
             "containers": [
                 {
-                    "name": "trainer",
+                    "name": CONTAINER,
                     "image": image,
                     "workingDir": K8S_WORKDIR,
                     "command": ["bash", "-c", script],
                     "env": variables,
                     "ports": [{"containerPort": master_port, "name": "rendezvous"}],
-                    "resources": {"limits": dict(gpu), "requests": dict(gpu)},
-                    "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+                    "resources": {"requests": requests, **({"limits": limits} if limits else {})},
+                    "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}, runs_mount],
                 }
             ],
-            "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}],
+            "volumes": [
+                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
+                runs_volume,
+            ],
         },
     }
     job_object = {
@@ -122,17 +162,39 @@ def k8s_manifest(
         "metadata": {"name": name, "labels": labels},
         "spec": {
             "completionMode": "Indexed",
-            "completions": nodes,
-            "parallelism": nodes,
-            # One lost pod stalls the others' collectives: fail the whole Job, then resubmit
-            # (training resumes from the last committed checkpoint).
+            "completions": shape.nodes,
+            "parallelism": shape.nodes,
+            # A crash of one pod stalls the others' collectives: fail the whole Job (resubmit to
+            # resume). A preemption does not count: the ranks commit a checkpoint and exit 75,
+            # or the pod is evicted; either way the Job starts a new pod for that index.
             "backoffLimit": 0,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "Ignore",
+                        "onExitCodes": {
+                            "containerName": CONTAINER,
+                            "operator": "In",
+                            "values": [PREEMPTED_EXIT_CODE],
+                        },
+                        # Empty, not absent: the 1.26-1.27 API schema requires the field.
+                        "onPodConditions": [],
+                    },
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                ]
+            },
             "template": pod,
         },
     }
     header = (
-        f"# soho-scale launch {job_path} --scheduler k8s: {nodes} pod(s) x {gpus} GPUs.\n"
-        f"# Image {image}: the repo at {K8S_WORKDIR}, its dependencies installed.\n"
+        f"# soho-scale launch {shlex.quote(job_path)} --scheduler k8s: {shape.describe()}.\n"
+        f"# Image {image}: the repo at {K8S_WORKDIR}, its dependencies installed (Dockerfile).\n"
+        f"# On SIGTERM (eviction, preemption, kubectl delete pod) the ranks commit a checkpoint\n"
+        f"# within {shape.grace_s} s and exit {PREEMPTED_EXIT_CODE}; the Job starts the pod again\n"
+        f"# and training resumes.\n"
         f"# Secrets, by reference only. Create them once, e.g.:\n"
         f"#   kubectl create secret generic {s3_secret} "
         '--from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" '

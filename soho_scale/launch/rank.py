@@ -5,9 +5,9 @@
 - `python -m soho_scale.launch.rank eval JOB [KEY=VALUE ...] --checkpoint CKPT [--out DIR]
   [--batch-size N]`: one evaluation rank (`soho_scale.engine.evaluate.run_evaluation`).
 
-`rank_module_args` is the one place the training rank's command line is built, in the form
-DeepSpeed's launchers take it; the local launcher, the hostfile runner, the sbatch script and the
-Kubernetes manifest all use it. The trainer and the evaluation (torch, DeepSpeed, the model) are
+`rank_args` is the one place the training rank's command line is built (`rank_module_args`: in
+the form DeepSpeed's launchers take it); the local launcher, the hostfile runner and the cluster
+nodes' launcher (`soho_scale.launch.node`, in sbatch scripts and Kubernetes pods) all use it. The trainer and the evaluation (torch, DeepSpeed, the model) are
 imported inside the commands: launchers import this module without them.
 """
 
@@ -22,11 +22,16 @@ from soho_scale.spec import load_job
 RANK_MODULE = "soho_scale.launch.rank"
 
 
+def rank_args(job_path: str, overrides: list[str], run_dir: str | None = None) -> list[str]:
+    """The arguments of `python -m soho_scale.launch.rank` for one training rank."""
+    args = ["train", job_path, *overrides]
+    return args + ["--run-dir", run_dir] if run_dir else args
+
+
 def rank_module_args(job_path: str, overrides: list[str], run_dir: str | None = None) -> list[str]:
     """What each training rank runs, in the form both DeepSpeed launchers (the `deepspeed`
     runner and the per-node `deepspeed.launcher.launch`) take it: `--module` is their flag."""
-    args = ["--module", RANK_MODULE, "train", job_path, *overrides]
-    return args + ["--run-dir", run_dir] if run_dir else args
+    return ["--module", RANK_MODULE, *rank_args(job_path, overrides, run_dir)]
 
 
 def eval_parser(prog: str) -> argparse.ArgumentParser:

@@ -1,9 +1,18 @@
-"""`soho-scale launch --scheduler slurm`: an sbatch script, one task per node.
+"""`soho-scale launch --scheduler slurm`: an sbatch script, one task per node, that survives
+preemption.
 
-Each task writes a hostfile of the allocation's nodes and runs DeepSpeed's runner with
-`--no_ssh --node_rank $SLURM_NODEID` against node 0 as master; the ranks checkpoint on the
-SIGTERM Slurm sends before the time limit. Non-secret settings are exported by value; credentials
-come from the nodes' own environment or AWS chain.
+Each task runs the node launcher (`soho_scale.launch.node`) for its node's ranks, node 0 as
+master. What happens on a stop:
+- Slurm sends SIGTERM to every task `save_grace_s` before the time limit (`--signal`), and on
+  `scancel --signal=TERM`, `scontrol requeue` or preemption (PreemptMode=REQUEUE). The batch
+  shell traps SIGTERM/SIGUSR1/SIGINT and passes them to srun (which forwards them to the tasks),
+  then keeps waiting: the node launchers forward them to the ranks, which agree on a step,
+  commit a checkpoint and exit 75, and wait out the save however long the scheduler allows.
+- The step ending 75, the script requeues its own job (`scontrol requeue`; the job is
+  `--requeue`-able) and the next start resumes from the committed checkpoint. Any other
+  status is the job's.
+Non-secret settings are exported by value; credentials come from the nodes' own environment or
+AWS chain. Every user-supplied value is quoted or checked (`soho_scale.launch.errors`).
 """
 
 from __future__ import annotations
@@ -12,7 +21,10 @@ import os
 import shlex
 import sys
 
-from soho_scale.launch.rank import rank_module_args
+from soho_scale import PREEMPTED_EXIT_CODE
+from soho_scale.launch.errors import checked
+from soho_scale.launch.node import NodeShape, node_command
+from soho_scale.launch.rank import rank_args
 from soho_scale.spec import Job
 
 
@@ -26,53 +38,103 @@ def default_setup(workdir: str) -> list[str]:
     return []
 
 
+def sbatch_options(
+    job: Job, shape: NodeShape, partition: str | None, time: str | None, account: str | None
+) -> list[str]:
+    """The `#SBATCH` lines: user values are checked, since quoting does not exist there."""
+    lines = [
+        f"--job-name={job.name}",  # the spec allows [A-Za-z0-9_.-] only
+        f"--nodes={shape.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={shape.cpus}",
+        f"--mem={shape.mem_gib}G" if shape.mem_gib else "--mem=0",
+    ]
+    if shape.gpus:
+        lines.append(f"--gpus-per-node={shape.procs}")
+    if shape.exclusive:
+        lines.append("--exclusive")
+    lines += [
+        "--output=%x-%j.out",
+        "--open-mode=append",  # a requeued run appends to the same log
+        "--requeue",
+        f"--signal=TERM@{shape.grace_s}",  # to every task, this long before the time limit
+    ]
+    for flag, value, kind in (
+        ("partition", partition, "name"),
+        ("time", time, "time"),
+        ("account", account, "name"),
+    ):
+        if checked(f"--{flag}", value, kind):
+            lines.append(f"--{flag}={value}")
+    return [f"#SBATCH {line}" for line in lines]
+
+
+# The batch shell: pass stop signals on to srun and keep waiting for the ranks' checkpoint;
+# requeue on 75. `wait` returns early when a trapped signal arrives, hence the loop.
+_RUN_STEP = """\
+srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {per_node} &
+step=$!
+trap 'echo "soho-scale: stop signal, ranks commit a checkpoint"; kill -TERM "$step" 2>/dev/null' \
+TERM USR1 INT
+while :; do
+  wait "$step"
+  status=$?
+  kill -0 "$step" 2>/dev/null || break
+done
+if [ "$status" -eq {preempted} ]; then
+  echo "soho-scale: checkpoint committed; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" || true
+  exit 0
+fi
+exit "$status"
+"""
+
+
 def sbatch_script(
     job: Job,
     job_path: str,
     overrides: list[str],
-    nodes: int,
-    gpus: int,
+    shape: NodeShape,
     master_port: int,
     workdir: str,
     env: dict[str, str],
     run_dir: str | None = None,
     setup: list[str] | None = None,
-    sbatch_options: dict[str, str] | None = None,
+    options: dict[str, str | None] | None = None,
 ) -> str:
-    """An sbatch script: one task per node, each running the DeepSpeed launcher without ssh."""
-    node_args = shlex.join(rank_module_args(job_path, overrides, run_dir))
-    # Each task writes its own hostfile (node-local TMPDIR): the runner needs one with --no_ssh.
-    per_node = "\n".join(
-        [
-            'hostfile="${TMPDIR:-/tmp}/soho-hostfile-${SLURM_JOB_ID}-${SLURM_NODEID}"',
-            f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\\$/ slots={gpus}/" '
-            '> "$hostfile"',
-            f'exec deepspeed --hostfile "$hostfile" --no_ssh --node_rank "$SLURM_NODEID" '
-            f'--num_nodes {nodes} --num_gpus {gpus} --master_addr "$MASTER_ADDR" '
-            f"--master_port {master_port} {node_args}",
-        ]
+    """An sbatch script: one task per node running the node launcher; requeues on 75."""
+    options = options or {}
+    per_node = node_command(
+        rank_args(job_path, overrides, run_dir),
+        shape.nodes,
+        shape.procs,
+        '"$SLURM_NODEID"',
+        '"$MASTER_ADDR"',
+        master_port,
     )
     lines = [
         "#!/bin/bash",
-        f"# soho-scale launch {job_path}: {nodes} node(s) x {gpus} GPUs, one task per node.",
-        f"#SBATCH --job-name={job.name}",
-        f"#SBATCH --nodes={nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={gpus}",
-        "#SBATCH --output=%x-%j.out",
-        # Ranks checkpoint on SIGTERM and exit 75: two minutes before the time limit is enough.
-        "#SBATCH --signal=TERM@120",
+        f"# soho-scale launch {shlex.quote(job_path)}: {shape.describe()}, one task per node.",
+        "# On SIGTERM (time limit, scancel --signal, preemption) the ranks commit a checkpoint",
+        f"# and exit {PREEMPTED_EXIT_CODE}; the job then requeues itself and resumes.",
+        *sbatch_options(
+            job, shape, options.get("partition"), options.get("time"), options.get("account")
+        ),
+        "set -euo pipefail",
+        f"cd {shlex.quote(workdir)}",
+        *(setup or []),
+        "# Non-secret settings; credentials come from the nodes' environment / AWS chain.",
+        *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+        # Node 0 is the master, at the address Slurm itself reaches it by (NodeAddr; a node's
+        # name need not resolve). `sed -n 1p`, not `head -n 1`: head's early exit SIGPIPEs
+        # scontrol, and pipefail aborts.
+        'MASTER_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
+        'MASTER_ADDR="$(scontrol show node "$MASTER_NODE" | sed -n \'s/.*NodeAddr=\\([^ ]*\\).*/\\1/p\')"',
+        'export MASTER_ADDR="${MASTER_ADDR:-$MASTER_NODE}"',
+        'echo "soho-scale: job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:-0} on $MASTER_ADDR"',
+        "set +e",
+        _RUN_STEP.format(
+            nodes=shape.nodes, per_node=shlex.quote(per_node), preempted=PREEMPTED_EXIT_CODE
+        ),
     ]
-    lines += [f"#SBATCH --{k}={v}" for k, v in (sbatch_options or {}).items() if v]
-    lines += ["set -euo pipefail", f"cd {shlex.quote(workdir)}"]
-    lines += list(setup or [])
-    lines.append("# Non-secret settings; credentials come from the nodes' environment / AWS chain.")
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    # `sed -n 1p`, not `head -n 1`: head's early exit SIGPIPEs scontrol, and pipefail aborts.
-    lines += [
-        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
-        "export MASTER_ADDR",
-        f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
-        f"bash -c {shlex.quote(per_node)}",
-    ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)

@@ -23,9 +23,10 @@ import sys
 
 from data_pipeline.urls import is_s3_url
 from soho_scale.launch.environment import propagated_env
-from soho_scale.launch.errors import ClusterError
+from soho_scale.launch.errors import ClusterError, checked, no_control_characters
 from soho_scale.launch.hostfile import hostfile_launch
 from soho_scale.launch.kubernetes import K8S_WORKDIR, k8s_manifest, k8s_name
+from soho_scale.launch.node import NodeShape
 from soho_scale.launch.slurm import default_setup, sbatch_script
 from soho_scale.spec import Job, accumulation_steps, load_job
 
@@ -49,9 +50,15 @@ def _write(path: str, text: str, mode: int = 0o644) -> None:
 
 
 def _submit(tool: list[str], path: str) -> int:
+    """Run `tool path`, echo what it says; a refusal is a ClusterError with its message."""
     if shutil.which(tool[0]) is None:
         raise ClusterError(f"{tool[0]} not found; submit {path} from a machine that has it")
-    return subprocess.call([*tool, path])
+    done = subprocess.run([*tool, path], capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+        raise ClusterError(f"{tool[0]} refused {path}: {reason}")
+    print(done.stdout.strip())
+    return 0
 
 
 def scheduler_launch(args: argparse.Namespace, job: Job) -> int:
@@ -60,23 +67,30 @@ def scheduler_launch(args: argparse.Namespace, job: Job) -> int:
     if not args.out:
         raise ClusterError(f"--scheduler {args.scheduler}: give --out FILE for the script")
     nodes = args.nodes or job.resources.nodes
-    gpus = args.gpus_per_node or job.resources.procs_per_node
-    accumulation_steps(job, nodes * gpus)
+    procs = args.gpus_per_node or job.resources.procs_per_node
+    accumulation_steps(job, nodes * procs)
+    shape = NodeShape.of(job, nodes, procs, gpus=not args.cpu)
     workdir = os.path.abspath(args.workdir)
-    job_path = relative_job_path(args.job, workdir)
+    job_path = no_control_characters("job file", relative_job_path(args.job, workdir))
+    for value in args.overrides:
+        no_control_characters("override", value)
+    if args.run_dir:
+        no_control_characters("--run-dir", args.run_dir)
     env, notes = propagated_env(dict(os.environ))
-    env.pop("DS_ACCELERATOR", None)  # the cluster has GPUs; a laptop's "cpu" must not travel
+    env.pop("DS_ACCELERATOR", None)  # a laptop's "cpu" must not reach a GPU cluster
+    if args.cpu:
+        env["DS_ACCELERATOR"] = "cpu"  # ranks on CPU over gloo
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if args.scheduler == "slurm":
         setup = args.setup if args.setup is not None else default_setup(workdir)
         options = {"partition": args.partition, "time": args.time, "account": args.account}
         text = sbatch_script(
-            job, job_path, args.overrides, nodes, gpus, args.master_port, workdir, env,
+            job, job_path, args.overrides, shape, args.master_port, workdir, env,
             args.run_dir, setup, options,
         )  # fmt: skip
         _write(args.out, text, 0o755)
-        print(f"wrote {args.out}: sbatch script, {nodes} node(s) x {gpus} GPUs")
+        print(f"wrote {args.out}: sbatch script, {shape.describe()}")
         return _submit(["sbatch"], args.out) if args.submit else 0
     if not is_s3_url(job.checkpoint.dir):
         print(
@@ -85,11 +99,14 @@ def scheduler_launch(args: argparse.Namespace, job: Job) -> int:
             file=sys.stderr,
         )
     text = k8s_manifest(
-        job, job_path, args.overrides, nodes, gpus, args.master_port, args.image, env,
-        k8s_name(job, args.name), args.run_dir, args.s3_secret, args.mlflow_secret, args.shm_size,
+        job, job_path, args.overrides, shape, args.master_port,
+        checked("--image", args.image, "image"), env, k8s_name(job, args.name), args.run_dir,
+        checked("--s3-secret", args.s3_secret, "k8s"),
+        checked("--mlflow-secret", args.mlflow_secret, "k8s"),
+        checked("--shm-size", args.shm_size, "quantity"),
     )  # fmt: skip
     _write(args.out, text)
-    print(f"wrote {args.out}: Kubernetes Job + headless Service, {nodes} pod(s) x {gpus} GPUs")
+    print(f"wrote {args.out}: Kubernetes Job + headless Service, {shape.describe()}")
     return _submit(["kubectl", "apply", "-f"], args.out) if args.submit else 0
 
 
@@ -105,7 +122,12 @@ def launch_main(argv: list[str]) -> int:
     where.add_argument("--hostfile", help="MPI-style hostfile: `host slots=N` per line")
     where.add_argument("--scheduler", choices=["slurm", "k8s"])
     parser.add_argument("--nodes", type=int, help="default: resources.nodes")
-    parser.add_argument("--gpus-per-node", type=int, help="default: resources.procs_per_node")
+    parser.add_argument(
+        "--gpus-per-node", "--procs-per-node", type=int, help="default: resources.procs_per_node"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="ranks on CPU over gloo, no GPUs asked for (slurm/k8s)"
+    )
     parser.add_argument("--master-port", type=int, default=29500)
     parser.add_argument("--run-dir", help="run folder (default: runs/<job name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, start nothing")

@@ -279,6 +279,10 @@ class CheckpointSpec(Section):
     interval_steps: int = Field(1000, gt=0)
     keep_last: int = Field(3, ge=1)
     resume: str = Field("auto", min_length=1)  # auto | never | a checkpoint path
+    # Seconds a rank needs after a stop signal to finish its step and commit a checkpoint: the
+    # Slurm script asks for SIGTERM this long before the time limit, and a pod gets this long
+    # (terminationGracePeriodSeconds) between SIGTERM and SIGKILL.
+    save_grace_s: int = Field(180, ge=10)
 
 
 class EvalSpec(Section):
@@ -312,6 +316,16 @@ class ResourcesSpec(Section):
     # Dense FLOP/s of one rank's device at the job's precision, for MFU; null: the known peak
     # of the GPU found at run time (soho_scale.engine.telemetry.KNOWN_PEAK_FLOPS), none on CPU.
     peak_flops: float | None = Field(None, gt=0)
+    # What a cluster node gives the job's ranks (Slurm --cpus-per-task/--mem/--exclusive,
+    # Kubernetes requests). cpus_per_node null: procs_per_node x (data.workers + 1), a core per
+    # rank and per loader worker; mem_gib_per_node null: all of the node's memory under Slurm
+    # (--mem=0), no memory request on Kubernetes.
+    cpus_per_node: int | None = Field(None, ge=1)
+    mem_gib_per_node: int | None = Field(None, ge=1)
+    exclusive: bool = True
+    # Kubernetes: a PersistentVolumeClaim for runs/ (the run folder and shard cache; each pod
+    # gets its node's sub-folder, kept across restarts); null: an emptyDir, lost with the pod.
+    volume_claim: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 class Job(Section):
