@@ -98,8 +98,13 @@ def _validated(kind: type[BaseModel], path: str) -> Any:
         raise ValueError(f"{where or kind.__name__}: {first['msg']} (in {path})") from None
 
 
-def load_pipeline(path: str, override_set: str | None = None) -> Pipeline:
+def load_pipeline(
+    path: str, override_set: str | None = None, run_root: str | None = None
+) -> Pipeline:
+    """The pipeline of `path`, with an override set's changes and another run root applied."""
     pipe = _validated(Pipeline, path)
+    if run_root:
+        pipe = pipe.model_copy(update={"run_root": run_root})
     if override_set is None:
         return pipe
     extra = _validated(OverrideSet, override_set)
@@ -121,7 +126,7 @@ def load_pipeline(path: str, override_set: str | None = None) -> Pipeline:
     ]
     return pipe.model_copy(
         update={
-            "run_root": extra.run_root or pipe.run_root,
+            "run_root": run_root or extra.run_root or pipe.run_root,
             "experiment": extra.experiment or pipe.experiment,
             "stages": stages,
         }
@@ -145,7 +150,8 @@ def _run(cmd: list[str], log_path: str) -> int:
 def _failure(stage: Stage, code: int, log_path: str) -> StageFailed:
     """The stage's failure in one line: its last error line, and where the whole log is."""
     reason = ""
-    with open(log_path, errors="replace") as f:
+    with open(log_path, "a+", errors="replace") as f:
+        f.seek(0)
         for line in f:
             text = line.strip()
             if "Error" in text or "error:" in text or text.startswith("soho-scale"):
@@ -172,41 +178,35 @@ def export_path(run_root: str, stage: str) -> str:
     return os.path.join(run_root, stage, "export", "model.pt")
 
 
-def run_stage(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
+def train_overrides(pipe: Pipeline, stage: Stage) -> list[str]:
+    """A training stage's overrides: its run's checkpoints, tracking names, the weights it starts
+    from, then the stage's own."""
+    run_dir = os.path.join(pipe.run_root, stage.name)
+    overrides = [
+        f"checkpoint.dir={os.path.join(run_dir, 'checkpoints')}",
+        f"tracking.experiment={pipe.experiment}",
+        f"tracking.run_name={pipe.name}-{stage.name}",
+        *stage.overrides,
+    ]
+    if stage.init_from:
+        overrides.append(f"model.init_from={export_path(pipe.run_root, stage.init_from)}")
+    return overrides
+
+
+def run_stage(pipe: Pipeline, stage: Stage, hostfile: str | None = None) -> dict[str, Any]:
+    """Run one stage here (a training stage across the hosts of `hostfile`, when given)."""
     run_dir = os.path.join(pipe.run_root, stage.name)
     os.makedirs(run_dir, exist_ok=True)
     log = os.path.join(run_dir, "stage.log")
     started = time.time()
     if stage.train is not None:
-        overrides = [
-            f"checkpoint.dir={os.path.join(run_dir, 'checkpoints')}",
-            f"tracking.experiment={pipe.experiment}",
-            f"tracking.run_name={pipe.name}-{stage.name}",
-            *stage.overrides,
-        ]
-        if stage.init_from:
-            overrides.append(f"model.init_from={export_path(pipe.run_root, stage.init_from)}")
-        cmd = [
-            *_cli(),
-            "train",
-            stage.train,
-            *overrides,
-            "--nproc",
-            str(stage.nproc),
-            "--run-dir",
-            run_dir,
-        ]
-        code = _run(cmd, log)
-        if code:
-            failure = _failure(stage, code, log)
-            mark_failed(run_dir, str(failure))
-            raise failure
-        from soho_scale.engine.checkpoint_store import committed_checkpoints
-        from soho_scale.engine.weights import export
-
-        last = committed_checkpoints(os.path.join(run_dir, "checkpoints"))[-1]
-        export(last.location, export_path(pipe.run_root, stage.name))
-        result = {"checkpoint": last.location, "step": last.step}
+        if hostfile:  # DeepSpeed's runner across the hosts, stage.nproc ranks on each
+            where = ["launch", "--hostfile", hostfile, "--gpus-per-node", str(stage.nproc)]
+        else:
+            where = ["train", "--nproc", str(stage.nproc)]
+        cmd = [*_cli(), where[0], stage.train, *train_overrides(pipe, stage), *where[1:]]
+        cmd += ["--run-dir", run_dir]
+        result = finish_stage(pipe, stage, _run(cmd, log), started)
     else:
         weights = export_path(pipe.run_root, stage.checkpoint)
         out = os.path.join(run_dir, "eval")
@@ -230,10 +230,32 @@ def run_stage(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
             raise failure
         with open(os.path.join(out, "metrics.json")) as f:
             result = json.load(f)
+        _write_done(run_dir, result, started)
+    return result
+
+
+def finish_stage(pipe: Pipeline, stage: Stage, code: int, started: float) -> dict[str, Any]:
+    """After a training stage's ranks exit with `code`: export its last committed checkpoint
+    for the stages after it and mark it done, or mark its run FAILED and raise StageFailed."""
+    run_dir = os.path.join(pipe.run_root, stage.name)
+    if code:
+        failure = _failure(stage, code, os.path.join(run_dir, "stage.log"))
+        mark_failed(run_dir, str(failure))
+        raise failure
+    from soho_scale.engine.checkpoint_store import committed_checkpoints
+    from soho_scale.engine.weights import export
+
+    last = committed_checkpoints(os.path.join(run_dir, "checkpoints"))[-1]
+    export(last.location, export_path(pipe.run_root, stage.name))
+    result = {"checkpoint": last.location, "step": last.step}
+    _write_done(run_dir, result, started)
+    return result
+
+
+def _write_done(run_dir: str, result: dict[str, Any], started: float) -> None:
     result["seconds"] = round(time.time() - started, 1)
     with open(os.path.join(run_dir, DONE), "w") as f:
         json.dump(result, f, indent=2)
-    return result
 
 
 def _parent_tracker(pipe: Pipeline):
@@ -253,18 +275,14 @@ def _parent_tracker(pipe: Pipeline):
     )
 
 
-def run_pipeline(
-    path: str, override_set: str | None = None, run_root: str | None = None
-) -> str | None:
-    """Run (or continue) a pipeline; returns the report folder (None without eval stages)."""
-    from soho_scale.report import chance_params, report
+def open_parent(pipe: Pipeline, path: str):
+    """The pipeline's MLflow parent run (continued when the pipeline ran before), its id in the
+    environment its stages inherit. Every stage tracks into one store (a sqlite file in the
+    run root) unless the user points at a server."""
+    from soho_scale.report import chance_params
 
-    pipe = load_pipeline(path, override_set)
-    if run_root:
-        pipe = pipe.model_copy(update={"run_root": run_root})
     check_stage_specs(pipe)  # a bad stage spec fails before the first stage starts
     os.makedirs(pipe.run_root, exist_ok=True)
-    # One tracking store for every stage, unless the user points at a server.
     os.environ.setdefault(
         "MLFLOW_TRACKING_URI", f"sqlite:///{os.path.abspath(pipe.run_root)}/mlflow.db"
     )
@@ -275,6 +293,20 @@ def run_pipeline(
             with open(pipe.chance) as f:
                 parent.log_params(chance_params(json.load(f)))
     os.environ[PARENT_ENV] = parent.run_id or ""
+    return parent
+
+
+def run_pipeline(
+    path: str,
+    override_set: str | None = None,
+    run_root: str | None = None,
+    hostfile: str | None = None,
+) -> str | None:
+    """Run (or continue) a pipeline here (training stages across the hosts of `hostfile`, when
+    given); returns the report folder (None without eval stages)."""
+
+    pipe = load_pipeline(path, override_set, run_root)
+    parent = open_parent(pipe, path)
     total = len(pipe.stages)
     try:
         for i, stage in enumerate(pipe.stages, 1):
@@ -284,7 +316,7 @@ def run_pipeline(
                 continue
             kind = "train" if stage.train else "eval"
             print(f"[{i}/{total}] {stage.name}: {kind} ...", flush=True)
-            result = run_stage(pipe, stage)
+            result = run_stage(pipe, stage, hostfile)
             summary = result.get("metrics", {"step": result.get("step")})
             print(
                 f"[{i}/{total}] {stage.name}: finished in {result['seconds']} s {summary}",
@@ -294,6 +326,14 @@ def run_pipeline(
         parent.set_tags({"failure": str(e)})
         parent.finish("FAILED")
         raise
+    return finish_pipeline(pipe, parent)
+
+
+def finish_pipeline(pipe: Pipeline, parent) -> str | None:  # noqa: ANN001
+    """Every stage done: the report (when there are eval stages), its rows and files on the
+    parent run, which ends FINISHED; returns the report folder."""
+    from soho_scale.report import report
+
     out = None
     if any(stage.eval for stage in pipe.stages):
         out = os.path.join(pipe.run_root, "report")
@@ -336,14 +376,65 @@ def pipeline_main(argv: list[str]) -> int:
         "(e.g. jobs/pipelines/override_sets/rehearsal_cpu.yaml)",
     )
     parser.add_argument("--run-root", help="where the stages run (default: the spec's run_root)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--hostfile", help="training stages across these hosts (DeepSpeed runner)")
+    where.add_argument(
+        "--scheduler", choices=["slurm"], help="every stage a Slurm job, each after its inputs"
+    )
+    slurm = parser.add_argument_group("--scheduler slurm (as for `soho-scale launch`)")
+    slurm.add_argument("--cpu", action="store_true", help="ranks on CPU over gloo")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", help="each stage's time limit")
+    slurm.add_argument("--account")
+    slurm.add_argument("--workdir", default=".", help="repo root on the nodes")
+    slurm.add_argument("--setup", action="append", help="shell line before each stage")
+    # What the stages' Slurm jobs run on their allocation.
+    inside = parser.add_mutually_exclusive_group()
+    inside.add_argument("--stage", metavar="NAME", help="run this one stage here")
+    inside.add_argument("--finish-stage", metavar="NAME", help="after a training stage's ranks")
+    inside.add_argument("--report", action="store_true", help="every stage done: the report")
+    parser.add_argument("--status", type=int, default=0, help="with --finish-stage: their exit")
     args = parser.parse_args(argv)
     try:
-        out = run_pipeline(args.pipeline, args.override_set, args.run_root)
+        if args.scheduler:
+            from soho_scale.launch.pipeline_slurm import submit_pipeline
+
+            submit_pipeline(args)
+            return 0
+        if args.stage or args.finish_stage or args.report:
+            return _inside_job(args)
+        out = run_pipeline(args.pipeline, args.override_set, args.run_root, args.hostfile)
     except StageFailed as e:
         print(f"soho-scale pipeline: {e}", file=sys.stderr)
         return 1
+    _print_report(out)
+    return 0
+
+
+def _inside_job(args: argparse.Namespace) -> int:
+    """One piece of a pipeline submitted to a scheduler, run on its allocation."""
+    pipe = load_pipeline(args.pipeline, args.override_set, args.run_root)
+    stages = {stage.name: stage for stage in pipe.stages}
+    name = args.stage or args.finish_stage
+    if name is not None and name not in stages:
+        raise ValueError(f"no stage {name!r} in {args.pipeline}")
+    if name is not None:
+        try:
+            if args.stage:
+                run_stage(pipe, stages[name])
+            else:
+                finish_stage(pipe, stages[name], args.status, time.time())
+        except StageFailed as e:
+            mark_failed(pipe.run_root, str(e))  # the pipeline's parent run fails with it
+            print(f"soho-scale pipeline: {e}", file=sys.stderr)
+            return args.status or 1
+    else:
+        _print_report(finish_pipeline(pipe, _parent_tracker(pipe)))
+    return 0
+
+
+def _print_report(out: str | None) -> None:
     if out is not None:
         with open(os.path.join(out, "results.md")) as f:
             print(f.read(), end="")
         print(f"report: {os.path.abspath(out)}")
-    return 0

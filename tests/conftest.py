@@ -38,3 +38,16 @@ def bundled_bert() -> str:
     from soho_scale.pretrained import BUNDLED_BERT, resolve_pretrained
 
     return resolve_pretrained(BUNDLED_BERT)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    """A real one-node Slurm (munged, slurmctld, slurmd) on loopback; skips, saying why, where
+    one cannot run (tests/slurm_cluster.py)."""
+    from tests.slurm_cluster import SlurmCluster, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

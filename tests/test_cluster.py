@@ -65,7 +65,6 @@ def test_hostfile_dry_run_command_and_env_file(env, tmp_path, capsys):
     flags = dict(zip(command[1:-7:2], command[2:-7:2]))
     assert flags == {
         "--num_gpus": "1",
-        "--master_port": "29500",
         "--hostfile": str(hostfile),
         "--launcher": "openmpi",
         "--num_nodes": "2",

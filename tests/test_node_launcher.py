@@ -5,7 +5,6 @@ crashed rank taking the node down with its status."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

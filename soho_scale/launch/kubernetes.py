@@ -62,7 +62,7 @@ def k8s_manifest(
         shape.procs,
         '"$JOB_COMPLETION_INDEX"',
         master,
-        master_port,
+        str(master_port),
     )
     script = "\n".join(
         [

@@ -69,16 +69,16 @@ class NodeShape:
 
 
 def node_command(
-    rank_args: list[str], nodes: int, procs: int, node_rank: str, master: str, port: int
+    rank_args: list[str], nodes: int, procs: int, node_rank: str, master: str, port: str
 ) -> str:
     """The shell line a node runs: `exec python -m soho_scale.launch.node ...`, the launcher
     replacing the shell so that it receives the scheduler's signals itself (PID 1 in a pod).
-    `node_rank` and `master` are shell words of the caller's (e.g. "$SLURM_NODEID"); every
-    other argument is quoted."""
-    fixed = ["--nodes", str(nodes), "--procs", str(procs), "--master-port", str(port)]
+    `node_rank`, `master` and `port` are shell words of the caller's (e.g. "$SLURM_NODEID");
+    every other argument is quoted."""
+    fixed = ["--nodes", str(nodes), "--procs", str(procs)]
     return (
         f"exec python -m {__name__} {shlex.join(fixed)} --node-rank {node_rank} "
-        f"--master-addr {master} -- {shlex.join(rank_args)}"
+        f"--master-addr {master} --master-port {port} -- {shlex.join(rank_args)}"
     )
 
 

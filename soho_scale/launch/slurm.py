@@ -39,11 +39,11 @@ def default_setup(workdir: str) -> list[str]:
 
 
 def sbatch_options(
-    job: Job, shape: NodeShape, partition: str | None, time: str | None, account: str | None
+    name: str, shape: NodeShape, partition: str | None, time: str | None, account: str | None
 ) -> list[str]:
     """The `#SBATCH` lines: user values are checked, since quoting does not exist there."""
     lines = [
-        f"--job-name={job.name}",  # the spec allows [A-Za-z0-9_.-] only
+        f"--job-name={name}",  # job and stage names: the specs allow [A-Za-z0-9_.-] only
         f"--nodes={shape.nodes}",
         "--ntasks-per-node=1",
         f"--cpus-per-task={shape.cpus}",
@@ -86,8 +86,31 @@ if [ "$status" -eq {preempted} ]; then
   scontrol requeue "$SLURM_JOB_ID" || true
   exit 0
 fi
-exit "$status"
+{finish}
 """
+
+# Without --master-port: one port per job, so that jobs sharing a node do not collide.
+JOB_PORT = '"$((20000 + SLURM_JOB_ID % 20000))"'
+
+
+def script_head(
+    comments: list[str],
+    options: list[str],
+    workdir: str,
+    env: dict[str, str],
+    setup: list[str] | None = None,
+) -> list[str]:
+    """The lines every sbatch script starts with: options, the repo, set-up and settings."""
+    return [
+        "#!/bin/bash",
+        *(f"# {line}" for line in comments),
+        *options,
+        "set -euo pipefail",
+        f"cd {shlex.quote(workdir)}",
+        *(setup or []),
+        "# Non-secret settings; credentials come from the nodes' environment / AWS chain.",
+        *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+    ]
 
 
 def sbatch_script(
@@ -95,14 +118,16 @@ def sbatch_script(
     job_path: str,
     overrides: list[str],
     shape: NodeShape,
-    master_port: int,
+    master_port: int | None,
     workdir: str,
     env: dict[str, str],
     run_dir: str | None = None,
     setup: list[str] | None = None,
     options: dict[str, str | None] | None = None,
+    finish: str = 'exit "$status"',
 ) -> str:
-    """An sbatch script: one task per node running the node launcher; requeues on 75."""
+    """An sbatch script: one task per node running the node launcher; requeues on 75. `finish`:
+    the shell line run when the step ends otherwise (its status in $status)."""
     options = options or {}
     per_node = node_command(
         rank_args(job_path, overrides, run_dir),
@@ -110,31 +135,37 @@ def sbatch_script(
         shape.procs,
         '"$SLURM_NODEID"',
         '"$MASTER_ADDR"',
-        master_port,
+        str(master_port) if master_port else "$MASTER_PORT",
+    )
+    head = script_head(
+        [
+            f"soho-scale launch {shlex.quote(job_path)}: {shape.describe()}, one task per node.",
+            "On SIGTERM (time limit, scancel --signal, preemption) the ranks commit a checkpoint",
+            f"and exit {PREEMPTED_EXIT_CODE}; the job then requeues itself and resumes.",
+        ],
+        sbatch_options(
+            job.name, shape, options.get("partition"), options.get("time"), options.get("account")
+        ),
+        workdir,
+        env,
+        setup,
     )
     lines = [
-        "#!/bin/bash",
-        f"# soho-scale launch {shlex.quote(job_path)}: {shape.describe()}, one task per node.",
-        "# On SIGTERM (time limit, scancel --signal, preemption) the ranks commit a checkpoint",
-        f"# and exit {PREEMPTED_EXIT_CODE}; the job then requeues itself and resumes.",
-        *sbatch_options(
-            job, shape, options.get("partition"), options.get("time"), options.get("account")
-        ),
-        "set -euo pipefail",
-        f"cd {shlex.quote(workdir)}",
-        *(setup or []),
-        "# Non-secret settings; credentials come from the nodes' environment / AWS chain.",
-        *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+        *head,
         # Node 0 is the master, at the address Slurm itself reaches it by (NodeAddr; a node's
         # name need not resolve). `sed -n 1p`, not `head -n 1`: head's early exit SIGPIPEs
         # scontrol, and pipefail aborts.
         'MASTER_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
         'MASTER_ADDR="$(scontrol show node "$MASTER_NODE" | sed -n \'s/.*NodeAddr=\\([^ ]*\\).*/\\1/p\')"',
         'export MASTER_ADDR="${MASTER_ADDR:-$MASTER_NODE}"',
+        *([] if master_port else [f"export MASTER_PORT={JOB_PORT}"]),
         'echo "soho-scale: job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:-0} on $MASTER_ADDR"',
         "set +e",
         _RUN_STEP.format(
-            nodes=shape.nodes, per_node=shlex.quote(per_node), preempted=PREEMPTED_EXIT_CODE
+            nodes=shape.nodes,
+            per_node=shlex.quote(per_node),
+            preempted=PREEMPTED_EXIT_CODE,
+            finish=finish,
         ),
     ]
     return "\n".join(lines)

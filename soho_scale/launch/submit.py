@@ -99,7 +99,7 @@ def scheduler_launch(args: argparse.Namespace, job: Job) -> int:
             file=sys.stderr,
         )
     text = k8s_manifest(
-        job, job_path, args.overrides, shape, args.master_port,
+        job, job_path, args.overrides, shape, args.master_port or 29500,
         checked("--image", args.image, "image"), env, k8s_name(job, args.name), args.run_dir,
         checked("--s3-secret", args.s3_secret, "k8s"),
         checked("--mlflow-secret", args.mlflow_secret, "k8s"),
@@ -128,7 +128,11 @@ def launch_main(argv: list[str]) -> int:
     parser.add_argument(
         "--cpu", action="store_true", help="ranks on CPU over gloo, no GPUs asked for (slurm/k8s)"
     )
-    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument(
+        "--master-port",
+        type=int,
+        help="rendezvous port (default: the runner's; slurm: one per job id; k8s: 29500)",
+    )
     parser.add_argument("--run-dir", help="run folder (default: runs/<job name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
     hostfile = parser.add_argument_group("--hostfile")

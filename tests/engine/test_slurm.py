@@ -15,19 +15,8 @@ import torch
 
 from soho_scale.launch.submit import launch_main
 from tests.engine.conftest import metrics_lines, record, wait_for
-from tests.slurm_cluster import SlurmCluster, skip_reason
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.multiprocess,
-    pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason())),
-]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
-        yield cluster
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def submit(slurm, job: str, run_dir: str, *overrides: str, monkeypatch, capsys) -> str:
