@@ -6,7 +6,8 @@ runs on every rank (DeepSpeed hangs otherwise); rank 0 commits it with a manifes
 node has listed (and, for s3://, uploaded) its files (`checkpoint_store`). Resuming finds the
 newest committed checkpoint, stages it (a remote one is downloaded once per node; one written by
 another number of ranks is converted with DeepSpeed's `ds_to_universal`, since ZeRO refuses a
-different data-parallel size) and loads it.
+different data-parallel size: on every node for a remote one, so nodes need share no folder) and
+loads it. A local checkpoint.dir across nodes must be on a filesystem they all share.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def _local_leader() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
+def node_index() -> int:
+    """This rank's node (the launchers' CROSS_RANK; torchrun's GROUP_RANK)."""
+    return int(os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK", 0)))
+
+
 @dataclass(frozen=True)
 class Resume:
     """A committed checkpoint made loadable here: DeepSpeed's (root, tag) and whether it is a
@@ -80,7 +86,9 @@ class CheckpointManager:
         self.job = job
         self.root = job.checkpoint.dir
         self.remote = is_s3_url(self.root)
-        self.staging = os.path.join(run_dir, STAGING)
+        # One staging folder per node: nodes that share the run folder must not write, upload
+        # and remove each other's files; nodes that share nothing each stage their own copy.
+        self.staging = os.path.join(run_dir, STAGING, f"node{node_index()}")
         self.run_id: str | None = None  # the MLflow run, committed with every checkpoint
 
     # ---- saving ------------------------------------------------------------------------------
@@ -173,7 +181,10 @@ class CheckpointManager:
         if saved_world == world:
             return Resume(found, local_root, found.tag, universal=False, run_id=run_id)
         universal = f"{found.tag}_universal_for{world}"
-        if dist.get_rank() == 0 and not os.path.isdir(os.path.join(local_root, universal)):
+        # A remote checkpoint is staged on every node, and every node converts its own copy (no
+        # filesystem need be shared); a local one is one folder all nodes see: rank 0 converts.
+        converts = _local_leader() if local_root == self.staging else dist.get_rank() == 0
+        if converts and not os.path.isdir(os.path.join(local_root, universal)):
             logger.info(
                 "checkpoint from %d ranks, resuming on %d: converting to universal",
                 saved_world,
