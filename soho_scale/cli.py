@@ -69,7 +69,7 @@ def _launch(argv: list[str]) -> int:
 
 
 def _pipeline(argv: list[str]) -> int:
-    from soho_scale.pipeline import pipeline_main
+    from soho_scale.pipeline_cli import pipeline_main
 
     return pipeline_main(argv)
 

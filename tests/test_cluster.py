@@ -354,3 +354,20 @@ def test_injection_into_the_k8s_manifest_is_rejected_or_inert(env, tmp_path, pay
     (container,) = documents[1]["spec"]["template"]["spec"]["containers"]
     launch = container["command"][-1].splitlines()[-1]
     assert shlex.split(launch)[-2:] == [JOB, override]
+
+
+def test_dockerfile_builds_the_image_the_manifests_expect():
+    """The Dockerfile puts the repo where the manifests' workingDir is, installs it editable
+    (the code finds ds_configs/ and jobs/ beside itself) at the constraints' pins, and copies
+    every folder the ranks read."""
+    from soho_scale.launch.kubernetes import K8S_WORKDIR
+
+    lines = [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
+    steps = [line for line in lines if line and not line.startswith("#")]
+    assert steps[0].startswith("FROM python:3.11")  # the Python this repo is tested on
+    assert f"WORKDIR {K8S_WORKDIR}" in steps
+    assert any("pip install" in s and "-c constraints.txt -e ." in s for s in steps)
+    copied = {s.split()[1] for s in steps if s.startswith("COPY")}
+    assert {"soho_scale", "data_pipeline", "ds_configs", "jobs"} <= copied
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert not {"soho_scale", "data_pipeline", "ds_configs", "jobs"} & set(ignored)

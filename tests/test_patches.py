@@ -138,11 +138,12 @@ def test_an_upstream_edit_fails_exactly_the_canaries_that_rely_on_it(tmp_path, t
 
 
 def test_source_files_are_found_without_importing_the_library():
-    # `soho-scale train`'s parent checks the launcher patches without importing DeepSpeed.
+    # `soho-scale launch --hostfile` checks the runner's env-file patch without importing
+    # DeepSpeed.
     code = (
         "import sys\n"
-        "from soho_scale.engine.patches import deepspeed_launcher\n"
-        "deepspeed_launcher.supported()\n"
+        "from soho_scale.engine.patches import deepspeed_runner_env\n"
+        "deepspeed_runner_env.supported()\n"
         "print('deepspeed' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

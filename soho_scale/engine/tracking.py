@@ -305,8 +305,9 @@ def sync_tracking(run_dir: str) -> int:
 
 
 def mark_failed(run_dir: str, reason: str) -> None:
-    """The run of `run_dir` (its tracking.json), if still RUNNING, becomes FAILED with the
-    reason as a tag: a process that died could not say so itself."""
+    """The run of `run_dir` (its tracking.json), if still RUNNING (or SCHEDULED: a pipeline
+    whose stages wait in a scheduler's queue), becomes FAILED with the reason as a tag: a
+    process that died could not say so itself."""
     path = os.path.join(run_dir, RUN_INFO)
     if not os.path.exists(path):
         return
@@ -314,7 +315,7 @@ def mark_failed(run_dir: str, reason: str) -> None:
         run_id = json.load(f)["run_id"]
     try:
         client = _client(tracking_uri(run_dir))
-        if client.get_run(run_id).info.status == "RUNNING":
+        if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
             client.set_tag(run_id, "failure", reason[:5000])
             client.set_terminated(run_id, status="FAILED")
     except Exception as e:  # noqa: BLE001 - the store may be down; the failure is reported anyway

@@ -4,8 +4,7 @@ The runner reaches the hosts through pdsh (or `--launcher openmpi|mvapich|slurm|
 starts DeepSpeed's per-node launcher on each; the repo and its venv must be at the same path on
 every host. Non-secret settings travel in the runner's env file (`soho_scale.launch.environment`);
 credentials come from each host's own environment. `runner_command` is the public `deepspeed`
-runner command; `soho-scale train` also starts it when the direct launcher is off
-(`soho_scale.engine.patches.deepspeed_launcher`).
+runner command.
 """
 
 from __future__ import annotations

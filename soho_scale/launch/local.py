@@ -1,9 +1,9 @@
 """From a job spec to ranks on this machine: `soho-scale train` and `soho-scale eval`.
 
-`soho-scale train`: DeepSpeed's per-node launcher for N local ranks, each running
-`python -m soho_scale.launch.rank train JOB [overrides] [--run-dir DIR]`, started directly
-(`soho_scale.engine.patches.deepspeed_launcher`) or, when that patch is off, through the
-`deepspeed` runner; SIGTERM/SIGINT go to the ranks, which checkpoint and exit.
+`soho-scale train`: the node launcher (`soho_scale.launch.node`, the one every cluster node runs)
+for N local ranks, each running `python -m soho_scale.launch.rank train JOB [overrides]
+[--run-dir DIR]`; SIGTERM/SIGINT go to the ranks, which checkpoint and exit 75, and the command
+exits with that status.
 `soho-scale eval`: torchrun for N local ranks, each running
 `python -m soho_scale.launch.rank eval ...`, or the evaluation in this process for one rank.
 The spec is validated before anything starts. The parent imports neither DeepSpeed nor the
@@ -18,9 +18,8 @@ import os
 import subprocess
 import sys
 
-from soho_scale.engine.patches import deepspeed_launcher
-from soho_scale.launch.hostfile import runner_command
-from soho_scale.launch.rank import RANK_MODULE, eval_parser, eval_rank, rank_module_args
+from soho_scale.launch.node import run_node
+from soho_scale.launch.rank import RANK_MODULE, eval_parser, eval_rank, rank_args
 from soho_scale.spec import SpecError, load_job
 
 
@@ -43,7 +42,7 @@ def train_main(argv: list[str]) -> int:
     """`soho-scale train JOB [KEY=VALUE...] [--nproc N] [--run-dir DIR] [--master-port P]`."""
     parser = argparse.ArgumentParser(
         prog="soho-scale train",
-        description="Train a job on N local ranks (DeepSpeed launcher; CPU/gloo or GPU/NCCL).",
+        description="Train a job on N local ranks (CPU/gloo or GPU/NCCL).",
     )
     parser.add_argument("job")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -60,61 +59,8 @@ def train_main(argv: list[str]) -> int:
         from data_pipeline.loopback import free_port
 
         args.master_port = free_port()
-    cmd = train_command(args.job, args.overrides, nproc, args.master_port, args.run_dir)
-    return run_forwarding_signals(cmd, env)
-
-
-def train_command(
-    job_path: str, overrides: list[str], nproc: int, master_port: int, run_dir: str | None = None
-) -> list[str]:
-    """DeepSpeed's per-node launcher for `nproc` local training ranks, started directly
-    (`deepspeed_launcher` patch on) or through the `deepspeed` runner (patch off)."""
-    if deepspeed_launcher.install():
-        rank_args = rank_module_args(job_path, overrides, run_dir)
-        return deepspeed_launcher.local_launcher_command(nproc, master_port, rank_args)
-    return runner_command(job_path, overrides, nproc, run_dir, master_port)
-
-
-def rank_processes(pid: int) -> list:
-    """The rank processes (`python -m soho_scale.launch.rank ...`) under process `pid`."""
-    import psutil
-
-    found = []
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            argv = child.cmdline()
-        except psutil.Error:
-            continue
-        if any(a == "-m" and b == RANK_MODULE for a, b in zip(argv, argv[1:])):
-            found.append(child)
-    return found
-
-
-def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher; SIGTERM/SIGINT go to the ranks themselves, which checkpoint and exit
-    with PREEMPTED_EXIT_CODE (the DeepSpeed launcher, signalled directly, would kill them after
-    30 s). The launcher runs in its own session so a terminal's Ctrl-C reaches only us."""
-    import signal
-
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def forward(signum, frame) -> None:  # noqa: ANN001
-        for rank in rank_processes(proc.pid):
-            try:
-                rank.send_signal(signal.SIGTERM)  # its DataLoader workers ignore it
-            except Exception:  # noqa: BLE001 - a rank that just exited
-                pass
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:
-                forward(signal.SIGINT, None)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    ranks = rank_args(args.job, args.overrides, args.run_dir)
+    return run_node(ranks, 1, 0, nproc, "127.0.0.1", args.master_port, environ=env)
 
 
 # ---- soho-scale eval: its parent process imports no torch (it only validates and launches)

@@ -1,7 +1,7 @@
-"""The per-node launcher on cluster nodes: `python -m soho_scale.launch.node`.
+"""The per-node launcher: `python -m soho_scale.launch.node`, and `soho-scale train`'s.
 
-One runs on every node of a Slurm allocation (one srun task per node) and as PID 1 of every
-Kubernetes pod. It starts the node's training ranks (`python -m soho_scale.launch.rank train ...`)
+One runs on every node of a Slurm allocation (one srun task per node), as PID 1 of every
+Kubernetes pod, and in `soho-scale train` for its local ranks. It starts the node's training ranks (`python -m soho_scale.launch.rank train ...`)
 with the environment torch.distributed and DeepSpeed read (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE/LOCAL_SIZE, CROSS_RANK/CROSS_SIZE, MASTER_ADDR, MASTER_PORT), and then:
 - SIGTERM, SIGINT or SIGUSR1 (a scheduler's preemption or time-limit warning) goes to every rank
@@ -112,10 +112,10 @@ def node_status(codes: list[int]) -> int:
 
 def run_node(
     rank_args: list[str], nodes: int, node_rank: int, procs: int, master: str, port: int,
-    module: str = RANK_MODULE,
+    module: str = RANK_MODULE, environ: dict[str, str] | None = None,
 ) -> int:  # fmt: skip
-    """Start this node's `procs` ranks (`python -m module RANK_ARGS`), forward stop signals to
-    them, return the node's status."""
+    """Start this node's `procs` ranks (`python -m module RANK_ARGS`, in `environ`, default
+    this process's), forward stop signals to them, return the node's status."""
     if not 0 <= node_rank < nodes:
         raise ValueError(f"node rank {node_rank} is outside 0..{nodes - 1}")
     ranks: list[subprocess.Popen] = []
@@ -130,8 +130,9 @@ def run_node(
     try:
         for local_rank in range(procs):
             env = rank_environment(
-                dict(os.environ), nodes, node_rank, procs, local_rank, master, port
-            )
+                dict(os.environ if environ is None else environ), nodes, node_rank, procs,
+                local_rank, master, port,
+            )  # fmt: skip
             command = [sys.executable, "-u", "-m", module, *rank_args]
             ranks.append(subprocess.Popen(command, env=env))
         return _wait(ranks)

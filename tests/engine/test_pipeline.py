@@ -98,3 +98,21 @@ def test_a_failed_stage_fails_the_pipeline_in_one_line_and_marks_its_run(make_jo
     (parent,) = client.search_runs([client.get_experiment_by_name("pipe-fail").experiment_id])
     assert parent.info.status == "FAILED"
     assert parent.data.tags["failure"] == line.removeprefix("soho-scale pipeline: ")
+
+
+def test_pipeline_training_stages_across_the_hosts_of_a_hostfile(make_job, tmp_path):
+    """`--hostfile`: training stages go through `soho-scale launch --hostfile` (DeepSpeed's
+    runner; one host here, so it runs without pdsh) and hand their weights on as usual."""
+    job = make_job("hoststage", schedule__steps=2)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\n")
+    command, env = _pipeline(tmp_path, [{"name": "pre", "train": job, "nproc": 1}])
+    result = subprocess.run(
+        [*command, "--hostfile", str(hostfile)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    root = tmp_path / "pipe"
+    log = (root / "pre" / "stage.log").read_text()
+    assert result.returncode == 0, result.stderr[-3000:] + log[-3000:]
+    assert f"soho_scale.cli launch {job}" in log and f"--hostfile {hostfile}" in log
+    assert (root / "pre" / "export" / "model.pt").exists()

@@ -5,6 +5,7 @@ itself, resumes and ends with the uninterrupted run's losses."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -71,3 +72,29 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(
     torch.testing.assert_close(
         resumed["losses"], uninterrupted["losses"][stopped:], rtol=1e-6, atol=1e-6
     )
+
+
+def test_slurm_initiated_requeue_resumes_from_the_committed_checkpoint(
+    slurm, make_job, tmp_path, monkeypatch, capsys
+):
+    """`scontrol requeue`: what Slurm's own preemption (PreemptMode=REQUEUE) does. Slurm signals
+    the batch shell and every task, SIGKILLs what is left KillWait (30 s) later and requeues the
+    job; the ranks commit a checkpoint in time and the next start resumes from it."""
+    job = make_job("slurmrequeue", schedule__steps=8, checkpoint__interval_steps=100)
+    run_dir = str(tmp_path / "run")
+    job_id = submit(slurm, job, run_dir, monkeypatch=monkeypatch, capsys=capsys)
+    wait_for(
+        lambda: (
+            os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+            and len(metrics_lines(run_dir)) >= 2
+        ),
+        300,
+        "two steps under Slurm",
+    )
+    slurm.run("scontrol", "requeue", job_id)
+    info = slurm.wait_job(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600)
+    log = job_log(str(tmp_path), "slurmrequeue", job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log + slurm.logs()
+    stopped = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    assert 2 <= stopped < 8
+    assert json.loads(open(os.path.join(run_dir, "summary.json")).read())["steps"] == 8

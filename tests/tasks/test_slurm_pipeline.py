@@ -6,6 +6,7 @@ skips the finished stages."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from soho_scale.pipeline import pipeline_main
+from soho_scale.pipeline_cli import pipeline_main
 from tests.tasks.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -95,3 +96,46 @@ def test_pipeline_stages_run_as_dependent_slurm_jobs(
     assert pipeline_main(argv) == 0  # again: nothing left but the report
     out = capsys.readouterr().out
     assert "vqa: done already, skipped" in out and "vqa-eval: done already, skipped" in out
+
+
+def test_a_failed_stage_cancels_the_stages_after_it(slurm, tmp_path, monkeypatch, capsys):
+    """The fine-tune cannot read its shards: its job fails, its run and the pipeline's are marked
+    FAILED with the reason, and the evaluation and report waiting on it are cancelled."""
+    (tmp_path / "jobs").mkdir()
+    shutil.copy(REPO / "jobs" / "demo" / "vqa.yaml", tmp_path / "jobs" / "vqa.yaml")
+    overrides = [f"data.streams.0.remote={tmp_path / 'missing'}", "model.init_from=null"]
+    root = tmp_path / "pipe"
+    spec = {
+        "name": "slurmfail",
+        "experiment": "slurm-pipeline-fail",
+        "run_root": str(root),
+        "stages": [
+            {"name": "vqa", "train": "jobs/vqa.yaml", "nproc": 1, "overrides": overrides},
+            {"name": "vqa-eval", "eval": "jobs/vqa.yaml", "checkpoint": "vqa", "nproc": 1,
+             "overrides": overrides},
+        ],
+    }  # fmt: skip
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["pipeline.yaml", "--scheduler", "slurm", "--cpu", "--workdir", str(tmp_path)]
+    argv += ["--setup", f"source {shlex.quote(sys.prefix)}/bin/activate"]
+    assert pipeline_main(argv) == 0
+    capsys.readouterr()
+    ids = {n: (root / n / "slurm_job").read_text().strip() for n in ("vqa", "vqa-eval", "report")}
+    info = slurm.wait_job(ids["vqa"], {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
+    log = (root / "vqa" / "stage.log").read_text()
+    assert info["JobState"] == "FAILED", log[-3000:]
+    assert re.search(r"soho-scale pipeline: stage vqa failed \(exit \d+\)", log)
+    for later in ("vqa-eval", "report"):
+        assert (
+            slurm.wait_job(ids[later], {"CANCELLED", "COMPLETED", "FAILED"}, 120)["JobState"]
+            == "CANCELLED"
+        )
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("slurm-pipeline-fail").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("mlflow.runName") == "pipeline-slurmfail"]
+    assert parent.info.status == "FAILED"
+    assert "stage vqa failed" in parent.data.tags["failure"]
+    assert not (root / "vqa" / "stage_done.json").exists()

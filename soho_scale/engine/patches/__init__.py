@@ -5,6 +5,5 @@ MODULES = (
     "soho_scale.engine.patches.deepspeed_zero3",
     "soho_scale.engine.patches.deepspeed_shm_comm",
     "soho_scale.engine.patches.deepspeed_shm_segment",
-    "soho_scale.engine.patches.deepspeed_launcher",
     "soho_scale.engine.patches.deepspeed_runner_env",
 )
