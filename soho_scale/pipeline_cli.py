@@ -52,6 +52,12 @@ def pipeline_main(argv: list[str]) -> int:
     inside.add_argument("--report", action="store_true", help="every stage done: the report")
     parser.add_argument("--status", type=int, default=0, help="with --finish-stage: their exit")
     args = parser.parse_args(argv)
+    if not args.scheduler:
+        given = [
+            f"--{k}" for k in ("cpu", "partition", "time", "account", "setup") if getattr(args, k)
+        ]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --scheduler slurm")
     try:
         if args.scheduler:
             from soho_scale.launch.pipeline_slurm import submit_pipeline

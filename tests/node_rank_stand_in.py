@@ -1,6 +1,7 @@
 """A stand-in rank for the node launcher's tests (`python -m tests.node_rank_stand_in MODE OUT`):
 `env` writes its environment, `save` stops on SIGTERM after a slow 'checkpoint' (exit 75),
-`fail` makes rank 0 crash while the others block as in a collective."""
+`fail` makes rank 1 crash while the others block as in a collective, `slow` starts slowly
+(a stop signal may come before its handler is installed)."""
 
 import json
 import os
@@ -27,7 +28,7 @@ if mode == "save":
     sys.exit(0)
 if mode == "fail":
     open(os.path.join(out, f"ready{rank}"), "w").close()
-    if rank == "0":
+    if rank == "1":
         time.sleep(1)
         sys.exit(3)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stuck: only SIGKILL ends it

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from soho_scale.launch.submit import ClusterError, launch_main
+from soho_scale.spec import SpecError
 
 REPO = Path(__file__).resolve().parent.parent
 JOB = "jobs/demo/pretrain.yaml"  # global batch 32, micro batch 16
@@ -157,10 +158,10 @@ def test_sbatch_script_is_valid_bash_with_the_launch_lines(env, tmp_path):
         "export S3_ENDPOINT_URL=http://storage.internal:9000",
         "export NCCL_SOCKET_IFNAME=ib0",
         "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-        '  scontrol requeue "$SLURM_JOB_ID" || true',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
     ):
         assert line in lines
-    assert "srun --nodes=2 --ntasks-per-node=1" in text
+    assert "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=8 " in text
     node = shlex.split(text.split("bash -c ", 1)[1].split(" &\n")[0])[0]
     assert node.startswith("exec python -m soho_scale.launch.node --nodes 2 --procs 4 ")
     assert '--node-rank "$SLURM_NODEID" --master-addr "$MASTER_ADDR"' in node
@@ -187,6 +188,7 @@ def test_sbatch_cpu_mode_and_resources_from_the_spec(env, tmp_path):
 def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tmp_path):
     out = tmp_path / "job.k8s.yaml"
     argv = [JOB, "--scheduler", "k8s", "--nodes", "2", "--gpus-per-node", "4", "--out", str(out)]
+    argv += ["checkpoint.dir=s3://soho-checkpoints/demo"]
     argv += ["batch.global_batch=128", "--image", "registry.example/soho:1", "--shm-size", "32Gi"]
     assert launch_main(argv) == 0
     text = out.read_text()
@@ -241,10 +243,21 @@ def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tm
     launch = script.splitlines()[-1]  # exec: the node launcher is the container's PID 1
     assert launch.startswith("exec python -m soho_scale.launch.node --nodes 2 --procs 4 ")
     assert f'--node-rank "$JOB_COMPLETION_INDEX" --master-addr {name}-0.{name}' in launch
-    assert launch.endswith("-- train jobs/demo/pretrain.yaml batch.global_batch=128")
+    assert launch.endswith(
+        "-- train jobs/demo/pretrain.yaml checkpoint.dir=s3://soho-checkpoints/demo "
+        "batch.global_batch=128"
+    )
     for version in K8S_VERSIONS:
         for document in (service, job):
             kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_k8s_job_on_several_pods_needs_an_s3_checkpoint_dir(env, tmp_path):
+    out = str(tmp_path / "m.yaml")
+    with pytest.raises(ClusterError, match="pods share no folder"):
+        launch_main(
+            [JOB, "--scheduler", "k8s", "--nodes", "2", "--gpus-per-node", "1", "--out", out]
+        )
 
 
 def test_k8s_job_file_outside_the_repo_is_a_user_error(env, tmp_path):
@@ -259,6 +272,7 @@ def test_k8s_cpu_manifest_with_a_volume_and_memory_validates(env, tmp_path):
     argv = [JOB, "resources.volume_claim=soho-runs", "resources.mem_gib_per_node=16"]
     argv += ["batch.global_batch=64"]
     argv += ["checkpoint.save_grace_s=900", "--scheduler", "k8s", "--cpu", "--nodes", "2"]
+    argv += ["checkpoint.dir=s3://soho-checkpoints/demo"]
     argv += ["--procs-per-node", "2", "--out", str(out)]
     assert launch_main(argv) == 0
     service, job = yaml.safe_load_all(out.read_text())
@@ -293,6 +307,8 @@ def test_injection_into_the_sbatch_script_is_rejected_or_inert(env, tmp_path, pa
     for flag in ("--partition", "--account", "--time"):
         with pytest.raises(ClusterError, match=f"^{flag} "):
             launch_main([JOB, "--scheduler", "slurm", "--out", str(out), flag, payload])
+    with pytest.raises(SpecError, match="^name: "):  # the job name goes into #SBATCH --job-name
+        launch_main([JOB, f"name={payload}", "--scheduler", "slurm", "--out", str(out)])
     jobs = REPO / "jobs" / "test_injection"
     jobs.mkdir(exist_ok=True)
     hostile = jobs / f"job {payload.replace('/', '_')}.yaml"

@@ -5,6 +5,7 @@ crashed rank taking the node down with its status."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,20 @@ from soho_scale.launch.node import node_status
 REPO = Path(__file__).resolve().parent.parent
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers():
+    """A failed test leaves no launcher or stand-in rank behind (each in its own group)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def start_node(tmp_path: Path, mode: str, *argv: str) -> subprocess.Popen:
     """The node launcher in a subprocess, its ranks the stand-in (tests/node_rank_stand_in.py)."""
     code = (
@@ -25,7 +40,8 @@ def start_node(tmp_path: Path, mode: str, *argv: str) -> subprocess.Popen:
         f"sys.exit(run_node(['{mode}', {str(tmp_path)!r}], {', '.join(argv)}, "
         "module='tests.node_rank_stand_in'))"
     )
-    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    STARTED.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO, process_group=0))
+    return STARTED[-1]
 
 
 def wait_files(tmp_path: Path, names: list[str], timeout: float = 60) -> None:
@@ -65,7 +81,7 @@ def test_a_stop_signal_is_forwarded_and_the_checkpoint_waited_for(tmp_path, sig)
 def test_a_crashed_rank_stops_the_others_and_fails_the_node(tmp_path):
     proc = start_node(tmp_path, "fail", "1", "0", "2", "'127.0.0.1'", "29602")
     started = time.time()
-    assert proc.wait(timeout=60) == 3
+    assert proc.wait(timeout=60) == 3  # rank 1's status, not that of rank 0 it had to kill
     assert time.time() - started < 40  # the blocked rank was killed, not waited for
 
 
@@ -75,3 +91,7 @@ def test_node_status():
     assert node_status([75, 0]) == 75
     assert node_status([75, 1]) == 1
     assert node_status([-9, 0]) == 128 + 9
+    assert node_status([-15, 75]) == 128 + 15
+    # After a stop signal, a rank killed by SIGTERM before its handler was up is preempted too.
+    assert node_status([-15, 75], stopping=True) == 75
+    assert node_status([-9, 75], stopping=True) == 128 + 9

@@ -30,6 +30,8 @@ import torch.distributed as dist
 
 from data_pipeline.urls import basename, is_s3_url, join_url
 from soho_scale.engine import checkpoint_store as store
+from soho_scale.engine.distributed import node_index
+from soho_scale.engine.stop import ignore_stop_signals
 from soho_scale.spec import Job, dump_job
 
 logger = logging.getLogger(__name__)
@@ -60,11 +62,6 @@ def spec_hash(job: Job) -> str:
 
 def _local_leader() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0
-
-
-def node_index() -> int:
-    """This rank's node (the launchers' CROSS_RANK; torchrun's GROUP_RANK)."""
-    return int(os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK", 0)))
 
 
 @dataclass(frozen=True)
@@ -228,5 +225,6 @@ def _to_universal(source: str, target: str) -> None:
         ],
         check=True,
         stdout=subprocess.DEVNULL,
+        preexec_fn=ignore_stop_signals,  # a stop signal to the job must not kill the conversion
     )
     os.replace(target + ".tmp", target)

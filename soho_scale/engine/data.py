@@ -13,6 +13,7 @@ from data_pipeline.collate import COLLATE_BY_TASK
 from data_pipeline.loader import SohoLoader, build_loader
 from data_pipeline.samples import SampleProcessor
 from data_pipeline.streaming import SohoStreamingDataset, StreamSource, build_dataset
+from soho_scale.engine.distributed import node_index
 from soho_scale.spec import Job
 from soho_scale.tasks import sample_processor
 
@@ -58,7 +59,7 @@ def train_loader(
     machine must not share streaming's folders)."""
     cache_root = os.path.join(
         job.data.cache_dir or os.path.join(run_dir, "shard_cache"),
-        f"node{os.environ.get('CROSS_RANK', '0')}",
+        f"node{node_index()}",
     )
     return job_loader(
         job, job.data.streams, cache_root, micro_batch, job.data.shuffle, sample_processor(job)

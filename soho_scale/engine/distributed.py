@@ -66,6 +66,11 @@ def setup_distributed(deepspeed: bool = True) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def node_index() -> int:
+    """This rank's node (the node launcher's CROSS_RANK; torchrun's GROUP_RANK)."""
+    return int(os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK", 0)))
+
+
 def broadcast(value: Any) -> Any:
     """Rank 0's `value` on every rank (run ids and paths: never per-rank timestamps)."""
     box = [value]

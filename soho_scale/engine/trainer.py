@@ -1,5 +1,6 @@
 """The trainer: build -> deepspeed.initialize -> loop {batch; forward; backward; step; log;
-checkpoint}. One process per rank (started by the DeepSpeed launcher, `soho_scale.launch.rank`);
+checkpoint}. One process per rank (started by `soho_scale.launch.node` or torchrun, through
+`soho_scale.launch.rank`);
 the same code runs on CPU over gloo and on GPUs over NCCL.
 
 What the loop calls lives beside it: `step` (the module DeepSpeed wraps), `data` (the loader),
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import random
-import signal
 import sys
 import time
 from typing import Any
@@ -32,6 +32,7 @@ from soho_scale.engine.lineage import log_new_run
 from soho_scale.engine.optimizer import build_optimizer, lr_factor
 from soho_scale.engine.recorder import make_recorder
 from soho_scale.engine.step import build_step
+from soho_scale.engine.stop import StopFlag, ignore_stop_signals
 from soho_scale.engine.telemetry import FlopModel, MetricMeans, Throughput, peak_flops
 from soho_scale.engine.tracking import make_tracker
 from soho_scale.spec import Job, derived, dump_job
@@ -45,33 +46,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM/SIGINT: a scheduler signals every process of the job, and
-    the rank (not its workers) decides when to stop, after saving a checkpoint."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class StopFlag:
-    """SIGTERM/SIGINT (preemption) asks for a checkpoint at the next step; all ranks agree."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        logger.warning("received %s: checkpointing at the next step", signal.Signals(signum).name)
-        self.requested = True
-
-    def any_rank(self, device: torch.device) -> bool:
-        # On the engine's device: NCCL reduces CUDA tensors only.
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
+def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
     rank, world = setup_distributed()
     setup_logging(rank)
     run_dir = broadcast(
@@ -135,7 +110,7 @@ def train(job: Job, run_dir: str | None = None) -> dict[str, Any]:
                 f.write(dump_job(job))
         tracker.log_artifact(spec_file)
 
-    stop = StopFlag()
+    stop = stop or StopFlag()  # the rank entry point makes it first, before its imports
     flops = FlopModel(job.model.config())
     peak = peak_flops(job.precision, job.resources.peak_flops)
     meter = Throughput()

@@ -11,6 +11,7 @@ Kubernetes Secrets by reference. The runner's env-file and export formats are th
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from soho_scale.engine.patches.deepspeed_runner_env import (
@@ -45,8 +46,13 @@ def propagated_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """(non-secret settings to propagate by value, notes on what was held back and why)."""
     secrets = secret_values(environ)
     values, notes = {}, []
+    # A name that is not a shell identifier could hold `$(...)`: it does not travel.
     families = sorted(
-        name for name in environ if name.startswith(PROPAGATED_PREFIXES) and name not in PROPAGATED
+        name
+        for name in environ
+        if name.startswith(PROPAGATED_PREFIXES)
+        and name not in PROPAGATED
+        and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)
     )
     for name in (*PROPAGATED, *families):
         value = environ.get(name)

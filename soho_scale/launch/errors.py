@@ -24,7 +24,7 @@ PATTERNS = {
     # Slurm partition/account names; several partitions are comma-separated.
     "name": (r"[A-Za-z0-9_.,-]+", "letters, digits, '_', '.', ',' and '-'"),
     # Slurm time limits: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or unlimited.
-    "time": (r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE", "e.g. 24:00:00 or 2-00:00:00"),
+    "time": (r"(\d+-)?\d+(:\d+){0,2}|(?i:unlimited|infinite)", "e.g. 24:00:00 or 2-00:00:00"),
     # Container image references: [registry[:port]/]path[:tag][@digest].
     "image": (r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*", "a container image reference"),
     # Kubernetes object names (Secrets, claims): DNS-1123 subdomains.

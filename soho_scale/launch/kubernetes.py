@@ -67,7 +67,9 @@ def k8s_manifest(
     script = "\n".join(
         [
             "set -euo pipefail",
-            # Pod 0's DNS record appears once it is scheduled; wait for it (bounded).
+            # Pod 0's DNS record appears once it is scheduled; wait for it (bounded). Stopped
+            # meanwhile, nothing has started: exit as preempted (the Job starts the pod again).
+            f"trap 'exit {PREEMPTED_EXIT_CODE}' TERM",
             f"for try in $(seq 1 150); do getent hosts {master} >/dev/null && break; sleep 2; done",
             launch,  # exec: the node launcher is PID 1 and gets the kubelet's SIGTERM itself
         ]

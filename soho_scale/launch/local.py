@@ -60,7 +60,7 @@ def train_main(argv: list[str]) -> int:
 
         args.master_port = free_port()
     ranks = rank_args(args.job, args.overrides, args.run_dir)
-    return run_node(ranks, 1, 0, nproc, "127.0.0.1", args.master_port, environ=env)
+    return run_node(ranks, 1, 0, nproc, "127.0.0.1", args.master_port, environ=env, own_group=True)
 
 
 # ---- soho-scale eval: its parent process imports no torch (it only validates and launches)

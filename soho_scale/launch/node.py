@@ -1,9 +1,10 @@
 """The per-node launcher: `python -m soho_scale.launch.node`, and `soho-scale train`'s.
 
 One runs on every node of a Slurm allocation (one srun task per node), as PID 1 of every
-Kubernetes pod, and in `soho-scale train` for its local ranks. It starts the node's training ranks (`python -m soho_scale.launch.rank train ...`)
-with the environment torch.distributed and DeepSpeed read (RANK, LOCAL_RANK, WORLD_SIZE,
-LOCAL_WORLD_SIZE/LOCAL_SIZE, CROSS_RANK/CROSS_SIZE, MASTER_ADDR, MASTER_PORT), and then:
+Kubernetes pod, and in `soho-scale train` for its local ranks. It starts the node's training
+ranks (`python -m soho_scale.launch.rank train ...`) with the environment torch.distributed and
+DeepSpeed read (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE/LOCAL_SIZE, CROSS_RANK/CROSS_SIZE,
+MASTER_ADDR, MASTER_PORT), and then:
 - SIGTERM, SIGINT or SIGUSR1 (a scheduler's preemption or time-limit warning) goes to every rank
   as SIGTERM, and the launcher waits for them however long they take: the ranks agree on a step,
   commit a checkpoint and exit with PREEMPTED_EXIT_CODE. Only the scheduler's own SIGKILL, after
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from soho_scale.spec import Job
 
 FAILURE_GRACE_S = 10.0
+STOP_REQUESTED = "SOHO_STOP_REQUESTED"  # soho_scale.engine.stop reads it
+PREEMPTED_MARKER = "SOHO_PREEMPTED_MARKER"  # set by the sbatch script
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -102,25 +105,33 @@ def rank_environment(
     }
 
 
-def node_status(codes: list[int]) -> int:
-    """The node's exit status from its ranks' (negative: killed by that signal)."""
-    failed = [c for c in codes if c not in (0, PREEMPTED_EXIT_CODE)]
+def node_status(codes: list[int], stopping: bool = False) -> int:
+    """The node's exit status from its ranks' (negative: killed by that signal). After a stop
+    signal, a rank that died of SIGTERM before it could catch it (while starting) still counts
+    as preempted: the last committed checkpoint is intact and the relaunch resumes from it."""
+    stopped = (0, PREEMPTED_EXIT_CODE, -signal.SIGTERM) if stopping else (0, PREEMPTED_EXIT_CODE)
+    failed = [c for c in codes if c not in stopped]
     if failed:
         return 128 - failed[0] if failed[0] < 0 else failed[0]
-    return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
+    return PREEMPTED_EXIT_CODE if any(c != 0 for c in codes) else 0
 
 
 def run_node(
     rank_args: list[str], nodes: int, node_rank: int, procs: int, master: str, port: int,
-    module: str = RANK_MODULE, environ: dict[str, str] | None = None,
+    module: str = RANK_MODULE, environ: dict[str, str] | None = None, own_group: bool = False,
 ) -> int:  # fmt: skip
     """Start this node's `procs` ranks (`python -m module RANK_ARGS`, in `environ`, default
-    this process's), forward stop signals to them, return the node's status."""
+    this process's), forward stop signals to them, return the node's status. `own_group`: the
+    ranks in a process group of their own (`soho-scale train` in a terminal: Ctrl-C reaches the
+    launcher, which passes it on, not the ranks' helper processes)."""
     if not 0 <= node_rank < nodes:
         raise ValueError(f"node rank {node_rank} is outside 0..{nodes - 1}")
     ranks: list[subprocess.Popen] = []
+    stopping = False
 
     def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         print(f"node {node_rank}: {signal.Signals(signum).name}, ranks checkpoint", flush=True)
         for proc in ranks:
             if proc.poll() is None:
@@ -133,22 +144,43 @@ def run_node(
                 dict(os.environ if environ is None else environ), nodes, node_rank, procs,
                 local_rank, master, port,
             )  # fmt: skip
+            if stopping:  # a rank started after the signal starts with its stop requested
+                env[STOP_REQUESTED] = "1"
             command = [sys.executable, "-u", "-m", module, *rank_args]
-            ranks.append(subprocess.Popen(command, env=env))
-        return _wait(ranks)
+            ranks.append(subprocess.Popen(command, env=env, process_group=0 if own_group else None))
+        first_failure = _wait(ranks)
+        codes = [proc.wait() for proc in ranks]
+        status = first_failure if first_failure is not None else node_status(codes, stopping)
+        return _report_preemption(status, node_rank)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _wait(ranks: list[subprocess.Popen]) -> int:
-    while any(proc.poll() is None for proc in ranks):
-        bad = [p for p in ranks if p.returncode not in (None, 0, PREEMPTED_EXIT_CODE)]
-        if bad:
-            _stop(ranks)
-            break
+def _report_preemption(status: int, node_rank: int) -> int:
+    """Under a Slurm script (SOHO_PREEMPTED_MARKER set), a preempted node exits 0 and node 0
+    leaves the marker for the batch shell: srun kills every task when one exits non-zero, and
+    other nodes may still be finishing after the checkpoint's commit."""
+    marker = os.environ.get(PREEMPTED_MARKER)
+    if status != PREEMPTED_EXIT_CODE or not marker:
+        return status
+    if node_rank == 0:
+        with open(marker, "w") as f:
+            f.write("checkpoint committed\n")
+    return 0
+
+
+def _wait(ranks: list[subprocess.Popen]) -> int | None:
+    """Wait for every rank; on the first failure, stop the others and return its status."""
+    while True:
+        codes = [proc.poll() for proc in ranks]  # None: still running
+        for code in codes:
+            if code is not None and code not in (0, PREEMPTED_EXIT_CODE, -signal.SIGTERM):
+                _stop(ranks)
+                return node_status([code])
+        if None not in codes:
+            return None
         time.sleep(0.2)
-    return node_status([proc.wait() for proc in ranks])
 
 
 def _stop(ranks: list[subprocess.Popen]) -> None:
@@ -161,6 +193,7 @@ def _stop(ranks: list[subprocess.Popen]) -> None:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
 
 
 def main(argv: list[str]) -> int:

@@ -5,7 +5,8 @@
   `resources`, requeued on preemption), ending with `soho-scale pipeline SPEC --finish-stage
   NAME`: the export of its last checkpoint and its done marker, or its run marked FAILED.
 - An eval stage is one node running `soho-scale pipeline SPEC --stage NAME`.
-- A last job writes the report and finishes the pipeline's MLflow run (`--report`).
+- A last job writes the report (with eval stages) and finishes the pipeline's MLflow run
+  (`--report`).
 A stage waits for the stages it reads (`--dependency=afterok`); a failed stage cancels what waits
 on it (`--kill-on-invalid-dep`). Submitting again skips the stages that finished and waits on the
 ones still queued or running from the last submission (their job ids: `<stage>/slurm_job`). The
@@ -32,7 +33,11 @@ from soho_scale.pipeline import DONE, Pipeline, Stage, load_pipeline, open_paren
 from soho_scale.spec import load_job
 
 JOB_FILE = "slurm_job"  # in the stage's folder: the id of the Slurm job that runs it
-LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED"}
+# The states a job never leaves; any other (pending, running, requeued, held...) is live.
+ENDED = {
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+    "PREEMPTED", "REVOKED", "TIMEOUT",
+}  # fmt: skip
 
 
 def submit_pipeline(args: argparse.Namespace) -> dict[str, str]:
@@ -46,6 +51,12 @@ def submit_pipeline(args: argparse.Namespace) -> dict[str, str]:
     if args.override_set:
         again += ["--override-set", relative_job_path(args.override_set, workdir)]
     again += ["--run-root", no_control_characters("--run-root", pipe.run_root)]
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        print(
+            "note: the stages share a sqlite MLflow store in the run root; stages running at "
+            "once on several nodes should track to a server (MLFLOW_TRACKING_URI)",
+            file=sys.stderr,
+        )
     parent = open_parent(pipe, args.pipeline)
     env, notes = propagated_env(dict(os.environ))
     env[PARENT_ENV] = parent.run_id or ""
@@ -73,8 +84,12 @@ def submit_pipeline(args: argparse.Namespace) -> dict[str, str]:
         log = "stage.log" if stage.train else "slurm-%j.log"
         ids[stage.name] = _sbatch(script, folder, after, log)
         print(f"{stage.name}: Slurm job {ids[stage.name]}" + _after(after))
-    if any(stage.eval for stage in pipe.stages):
-        folder = os.path.join(pipe.run_root, "report")
+    # The last job: the report (with eval stages) and the pipeline's run FINISHED.
+    folder = os.path.join(pipe.run_root, "report")
+    report = _live_job(folder)
+    if report:
+        print(f"report: still queued or running as Slurm job {report}")
+    else:
         command = shlex.join(["pipeline", *again, "--report"])
         script = _one_node_script(
             pipe, "report", REPORT_SHAPE, command, workdir, env, setup, options
@@ -152,10 +167,14 @@ def _live_job(folder: str) -> str | None:
         return None
     with open(path) as f:
         job_id = f.read().strip()
-    state = subprocess.run(
+    done = subprocess.run(
         ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True
-    ).stdout.strip()
-    return job_id if state in LIVE else None
+    )
+    if done.returncode != 0 and "Invalid job id" not in done.stderr:
+        # Not knowing whether it still runs, submitting again could put two jobs on one stage.
+        raise ClusterError(f"squeue -j {job_id}: {' '.join(done.stderr.split())}")
+    state = done.stdout.strip()
+    return job_id if state and state not in ENDED else None
 
 
 def _after(ids: list[str]) -> str:

@@ -55,10 +55,13 @@ def train_rank(argv: list[str]) -> int:
     parser.add_argument("--run-dir")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the launcher
     args = parser.parse_intermixed_args(argv)
+    from soho_scale.engine.stop import StopFlag
+
+    stop = StopFlag()  # first: a stop signal during the heavy imports below is kept
     job = load_job(args.job, args.overrides)
     from soho_scale.engine.trainer import train
 
-    train(job, args.run_dir)
+    train(job, args.run_dir, stop)
     return 0
 
 

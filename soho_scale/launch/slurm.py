@@ -22,7 +22,7 @@ import shlex
 import sys
 
 from soho_scale import PREEMPTED_EXIT_CODE
-from soho_scale.launch.errors import checked
+from soho_scale.launch.errors import checked, no_control_characters
 from soho_scale.launch.node import NodeShape, node_command
 from soho_scale.launch.rank import rank_args
 from soho_scale.spec import Job
@@ -69,28 +69,46 @@ def sbatch_options(
     return [f"#SBATCH {line}" for line in lines]
 
 
-# The batch shell: pass stop signals on to srun and keep waiting for the ranks' checkpoint;
-# requeue on 75. `wait` returns early when a trapped signal arrives, hence the loop.
+# The batch shell. A stop signal that reaches it (scancel --batch/--full) goes on to srun as
+# SIGUSR1, which srun forwards as it is (a SIGTERM to srun makes it SIGKILL the tasks); the node
+# launchers turn it into SIGTERM for the ranks. `wait` returns early when a trapped signal comes,
+# hence the loop; a repeated `wait` returns the step's own status. The node launchers report a
+# preemption through the marker (node 0's, on this machine) and exit 0, so that srun does not
+# kill the other nodes' tasks for a "bad" exit while they finish their checkpoint.
 _RUN_STEP = """\
-srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {per_node} &
+marker="${{TMPDIR:-/tmp}}/soho-preempted-$SLURM_JOB_ID"
+rm -f "$marker"
+export SOHO_PREEMPTED_MARKER="$marker"
+step=""
+stop=0
+trap 'stop=1; echo "soho-scale: stop signal, ranks commit a checkpoint"; \
+[ -n "$step" ] && kill -USR1 "$step" 2>/dev/null' TERM USR1 INT
+srun --nodes={nodes} --ntasks-per-node=1 --cpus-per-task={cpus} --kill-on-bad-exit=1 \
+bash -c {per_node} &
 step=$!
-trap 'echo "soho-scale: stop signal, ranks commit a checkpoint"; kill -TERM "$step" 2>/dev/null' \
-TERM USR1 INT
+if [ "$stop" = 1 ]; then kill -USR1 "$step" 2>/dev/null; fi
 while :; do
+  stop=0
   wait "$step"
   status=$?
-  kill -0 "$step" 2>/dev/null || break
+  [ "$stop" = 1 ] || break
 done
-if [ "$status" -eq {preempted} ]; then
+if [ "$status" -eq {preempted} ] || {{ [ "$status" -eq 0 ] && [ -e "$marker" ]; }}; then
+  rm -f "$marker"
   echo "soho-scale: checkpoint committed; requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID" || true
-  exit 0
+  for try in 1 2 3 4 5; do
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    sleep 10
+  done
+  echo "soho-scale: scontrol requeue failed; resubmit to resume" >&2
+  exit {preempted}
 fi
 {finish}
 """
 
-# Without --master-port: one port per job, so that jobs sharing a node do not collide.
-JOB_PORT = '"$((20000 + SLURM_JOB_ID % 20000))"'
+# Without --master-port: one port per job (below Linux's ephemeral ports, 32768 up), so that
+# jobs sharing a node do not collide.
+JOB_PORT = '"$((20000 + SLURM_JOB_ID % 12000))"'
 
 
 def script_head(
@@ -101,6 +119,8 @@ def script_head(
     setup: list[str] | None = None,
 ) -> list[str]:
     """The lines every sbatch script starts with: options, the repo, set-up and settings."""
+    for line in comments:
+        no_control_characters("a path in the script's header", line)
     return [
         "#!/bin/bash",
         *(f"# {line}" for line in comments),
@@ -166,6 +186,7 @@ def sbatch_script(
             per_node=shlex.quote(per_node),
             preempted=PREEMPTED_EXIT_CODE,
             finish=finish,
+            cpus=shape.cpus,
         ),
     ]
     return "\n".join(lines)

@@ -1,12 +1,12 @@
 """`soho-scale launch`: one job spec onto many machines.
 
-Three ways, all ending in DeepSpeed's runner starting
-`--module soho_scale.launch.rank train JOB [overrides]` ranks on every node:
+Three ways, all ending in `python -m soho_scale.launch.rank train JOB [overrides]` ranks on
+every node:
 - `--hostfile FILE`: the DeepSpeed runner across hosts (`soho_scale.launch.hostfile`).
-- `--scheduler slurm --out FILE`: an sbatch script, one task per node, each running the runner
-  with `--no_ssh --node_rank $SLURM_NODEID` (`soho_scale.launch.slurm`; submitted with `--submit`).
+- `--scheduler slurm --out FILE`: an sbatch script, one task per node, each running the node
+  launcher (`soho_scale.launch.slurm`, `soho_scale.launch.node`; submitted with `--submit`).
 - `--scheduler k8s --out FILE`: an indexed Kubernetes Job plus a headless Service for the
-  rendezvous (`soho_scale.launch.kubernetes`).
+  rendezvous, the node launcher as each pod's PID 1 (`soho_scale.launch.kubernetes`).
 
 What travels to the nodes, and what never does (secrets), is `soho_scale.launch.environment`.
 The job file must be inside the repo for the schedulers: nodes and containers see the repo, not
@@ -93,11 +93,17 @@ def scheduler_launch(args: argparse.Namespace, job: Job) -> int:
         print(f"wrote {args.out}: sbatch script, {shape.describe()}")
         return _submit(["sbatch"], args.out) if args.submit else 0
     if not is_s3_url(job.checkpoint.dir):
-        print(
-            f"warning: checkpoint.dir {job.checkpoint.dir} is inside the pod and lost with it; "
-            "use s3:// to resume after preemption",
-            file=sys.stderr,
-        )
+        if nodes > 1:  # each pod would hold its own ranks' part of every checkpoint
+            raise ClusterError(
+                f"checkpoint.dir {job.checkpoint.dir}: pods share no folder; give an s3:// "
+                "checkpoint.dir for a job on several pods"
+            )
+        if not job.resources.volume_claim:
+            print(
+                f"warning: checkpoint.dir {job.checkpoint.dir} is inside the pod and lost with "
+                "it; use s3:// (or resources.volume_claim) to resume after preemption",
+                file=sys.stderr,
+            )
     text = k8s_manifest(
         job, job_path, args.overrides, shape, args.master_port or 29500,
         checked("--image", args.image, "image"), env, k8s_name(job, args.name), args.run_dir,

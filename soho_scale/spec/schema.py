@@ -282,7 +282,7 @@ class CheckpointSpec(Section):
     # Seconds a rank needs after a stop signal to finish its step and commit a checkpoint: the
     # Slurm script asks for SIGTERM this long before the time limit, and a pod gets this long
     # (terminationGracePeriodSeconds) between SIGTERM and SIGKILL.
-    save_grace_s: int = Field(180, ge=10)
+    save_grace_s: int = Field(180, ge=10, le=65535)  # Slurm's --signal takes at most 65535
 
 
 class EvalSpec(Section):

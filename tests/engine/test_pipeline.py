@@ -101,12 +101,24 @@ def test_a_failed_stage_fails_the_pipeline_in_one_line_and_marks_its_run(make_jo
 
 
 def test_pipeline_training_stages_across_the_hosts_of_a_hostfile(make_job, tmp_path):
-    """`--hostfile`: training stages go through `soho-scale launch --hostfile` (DeepSpeed's
-    runner; one host here, so it runs without pdsh) and hand their weights on as usual."""
+    """`--hostfile`: training stages go through `soho-scale launch --hostfile`, the real DeepSpeed
+    runner; pdsh and ssh are loopback stand-ins that run on this machine what they are given for
+    the one host (pdsh replaces %n with the host's index), and the stage hands its weights on."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    tools = {
+        "pdsh": 'while [ $# -gt 0 ]; do case "$1" in -S) shift;; -f|-w) shift 2;; *) break;; esac;'
+        ' done\ncommand="$*"\nexec bash -c "${command//%n/0}"',
+        "ssh": 'while [ "${1#-}" != "$1" ]; do shift 2; done\nshift\nexec "$@"',  # skip -o X, host
+    }
+    for name, body in tools.items():
+        (shims / name).write_text(f"#!/bin/bash\n{body}\n")
+        (shims / name).chmod(0o755)
     job = make_job("hoststage", schedule__steps=2)
     hostfile = tmp_path / "hosts"
-    hostfile.write_text("localhost slots=1\n")
+    hostfile.write_text("worker-0 slots=1\n")
     command, env = _pipeline(tmp_path, [{"name": "pre", "train": job, "nproc": 1}])
+    env = {**env, "PATH": f"{shims}:{env['PATH']}", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(
         [*command, "--hostfile", str(hostfile)],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600,

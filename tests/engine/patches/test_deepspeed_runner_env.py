@@ -65,6 +65,7 @@ def test_behaviour_secret_mlflow_variable_stays_off_the_runner_and_the_env_file(
     assert dict(line.split("=", 1) for line in text.splitlines()) == {
         "NCCL_IB_DISABLE": "1",
         **SETTINGS,
+        "NCCL_SOCKET_IFNAME": "eth0",  # every NCCL_* setting travels (launch.environment)
     }
     assert TOKEN not in text and "user-own-secret" not in text
     assert any("MY_API_TOKEN" in note for note in notes)
