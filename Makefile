@@ -21,7 +21,8 @@ system:
 	@missing=0; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
 	if [ $$missing = 1 ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge; \
+	  (apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge) \
+	    || echo "note: installing slurm-wlm/munge failed: the real-Slurm tests will skip"; \
 	elif [ $$missing = 1 ]; then \
 	  echo "note: slurm-wlm/munge missing and not root: the real-Slurm tests will skip"; \
 	fi
