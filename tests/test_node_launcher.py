@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from soho_scale.launch.node import node_status
@@ -75,6 +77,34 @@ def test_a_stop_signal_is_forwarded_and_the_checkpoint_waited_for(tmp_path, sig)
     wait_files(tmp_path, ["ready0", "ready1"])
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == 75  # preempted: the scheduler requeues / restarts
+    assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists()
+
+
+def _pid_namespaces_work() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _pid_namespaces_work(), reason="needs unshare --pid")
+def test_as_pid_1_the_launcher_still_forwards_sigterm(tmp_path):
+    """In a pod the launcher is PID 1, which the kernel sends no signal it has no handler for:
+    in a PID namespace of its own, SIGTERM still reaches the ranks and their checkpoint."""
+    code = (
+        "import os, sys; from soho_scale.launch.node import run_node; assert os.getpid() == 1; "
+        f"sys.exit(run_node(['save', {str(tmp_path)!r}], 1, 0, 2, '127.0.0.1', 29603, "
+        "module='tests.node_rank_stand_in'))"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c", code],
+        cwd=REPO, process_group=0,
+    )  # fmt: skip
+    STARTED.append(proc)
+    wait_files(tmp_path, ["ready0", "ready1"])
+    (launcher,) = psutil.Process(proc.pid).children()  # PID 1 inside, as the kubelet sees it
+    launcher.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75
     assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists()
 
 
