@@ -161,6 +161,14 @@ def _failure(stage: Stage, code: int, log_path: str) -> StageFailed:
     )
 
 
+def _failed(stage: Stage, code: int, log_path: str, run_dir: str) -> StageFailed:
+    """The stage's failure (see `_failure`), its MLflow run (tracked from `run_dir`) marked
+    FAILED with it: a process that died could not say so itself."""
+    failure = _failure(stage, code, log_path)
+    mark_failed(run_dir, str(failure))
+    return failure
+
+
 def _worth_showing(line: str) -> bool:
     # The stage's own progress and results; DeepSpeed's and streaming's chatter stays in the log.
     return any(
@@ -224,9 +232,7 @@ def run_stage(pipe: Pipeline, stage: Stage, hostfile: str | None = None) -> dict
         ]
         code = _run(cmd, log)
         if code:
-            failure = _failure(stage, code, log)
-            mark_failed(out, str(failure))
-            raise failure
+            raise _failed(stage, code, log, out)
         with open(os.path.join(out, "metrics.json")) as f:
             result = json.load(f)
         _write_done(run_dir, result, started)
@@ -238,9 +244,7 @@ def finish_stage(pipe: Pipeline, stage: Stage, code: int, started: float) -> dic
     for the stages after it and mark it done, or mark its run FAILED and raise StageFailed."""
     run_dir = os.path.join(pipe.run_root, stage.name)
     if code:
-        failure = _failure(stage, code, os.path.join(run_dir, "stage.log"))
-        mark_failed(run_dir, str(failure))
-        raise failure
+        raise _failed(stage, code, os.path.join(run_dir, "stage.log"), run_dir)
     from soho_scale.engine.checkpoint_store import committed_checkpoints
     from soho_scale.engine.weights import export
 

@@ -18,12 +18,13 @@ from typing import Any
 logger = logging.getLogger("soho_scale.train")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Set by the node launcher for a rank it starts after the stop signal came.
+STOP_REQUESTED = "SOHO_STOP_REQUESTED"
 
 
 class StopFlag:
     def __init__(self):
-        # Set by the node launcher for a rank it starts after the stop signal came.
-        self.requested = os.environ.get("SOHO_STOP_REQUESTED") == "1"
+        self.requested = os.environ.get(STOP_REQUESTED) == "1"
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
 

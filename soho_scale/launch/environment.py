@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from soho_scale.engine.patches.deepspeed_runner_env import (
@@ -27,10 +28,6 @@ PROPAGATED = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_PROFILE",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
     "DS_ACCELERATOR",
@@ -38,7 +35,8 @@ PROPAGATED = (
 
 
 # Families of settings that tune the ranks (NCCL's transport, torch's distributed debugging,
-# MLflow's client): every one set here travels, unless its name or value is a secret.
+# MLflow's client: MLFLOW_TRACKING_URI, its request retries and timeouts): every one set here
+# travels, unless its name or value is a secret.
 PROPAGATED_PREFIXES = ("NCCL_", "TORCH_", "MLFLOW_")
 
 
@@ -68,6 +66,19 @@ def propagated_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
             continue
         values[name] = value
     return values, notes
+
+
+def cluster_env(environ: dict[str, str], cpu: bool) -> dict[str, str]:
+    """What a generated sbatch script or manifest sets on the nodes: `propagated_env`, with
+    DS_ACCELERATOR=cpu only for `--cpu` (a laptop's "cpu" must not reach a GPU cluster); what was
+    held back is said on stderr."""
+    env, notes = propagated_env(environ)
+    env.pop("DS_ACCELERATOR", None)
+    if cpu:
+        env["DS_ACCELERATOR"] = "cpu"  # ranks on CPU over gloo
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return env
 
 
 def deepspeed_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:

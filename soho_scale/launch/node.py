@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from soho_scale import PREEMPTED_EXIT_CODE
+from soho_scale.engine.stop import SIGNALS as STOP_SIGNALS
+from soho_scale.engine.stop import STOP_REQUESTED
 from soho_scale.launch.rank import RANK_MODULE
 
 if TYPE_CHECKING:
     from soho_scale.spec import Job
 
 FAILURE_GRACE_S = 10.0
-STOP_REQUESTED = "SOHO_STOP_REQUESTED"  # soho_scale.engine.stop reads it
 PREEMPTED_MARKER = "SOHO_PREEMPTED_MARKER"  # set by the sbatch script
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def run_node(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         for local_rank in range(procs):
             env = rank_environment(

@@ -24,10 +24,10 @@ import subprocess
 import sys
 
 from soho_scale.engine.tracking import PARENT_ENV
-from soho_scale.launch.environment import propagated_env
+from soho_scale.launch.environment import cluster_env
 from soho_scale.launch.errors import ClusterError, no_control_characters
 from soho_scale.launch.node import NodeShape
-from soho_scale.launch.slurm import default_setup, sbatch_options, sbatch_script, script_head
+from soho_scale.launch.slurm import sbatch_options, sbatch_script, script_head, slurm_options
 from soho_scale.launch.submit import relative_job_path
 from soho_scale.pipeline import DONE, Pipeline, Stage, load_pipeline, open_parent, train_overrides
 from soho_scale.spec import load_job
@@ -58,15 +58,8 @@ def submit_pipeline(args: argparse.Namespace) -> dict[str, str]:
             file=sys.stderr,
         )
     parent = open_parent(pipe, args.pipeline)
-    env, notes = propagated_env(dict(os.environ))
-    env[PARENT_ENV] = parent.run_id or ""
-    env.pop("DS_ACCELERATOR", None)
-    if args.cpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    setup = args.setup if args.setup is not None else default_setup(workdir)
-    options = {"partition": args.partition, "time": args.time, "account": args.account}
+    env = {**cluster_env(dict(os.environ), args.cpu), PARENT_ENV: parent.run_id or ""}
+    setup, options = slurm_options(args, workdir)
     ids: dict[str, str] = {}
     for stage in pipe.stages:
         folder = os.path.join(pipe.run_root, stage.name)

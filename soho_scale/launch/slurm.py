@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from typing import Any
 
 from soho_scale import PREEMPTED_EXIT_CODE
 from soho_scale.launch.errors import checked, no_control_characters
@@ -36,6 +37,13 @@ def default_setup(workdir: str) -> list[str]:
         if not relative.startswith(".."):
             return [f"source {shlex.quote(os.path.join(relative, 'bin', 'activate'))}"]
     return []
+
+
+def slurm_options(args: Any, workdir: str) -> tuple[list[str], dict[str, str | None]]:
+    """(set-up lines, #SBATCH choices) from the command line `launch` and `pipeline` share:
+    `--setup` (default: activate this venv on the nodes), `--partition`, `--time`, `--account`."""
+    setup = args.setup if args.setup is not None else default_setup(workdir)
+    return setup, {"partition": args.partition, "time": args.time, "account": args.account}
 
 
 def sbatch_options(

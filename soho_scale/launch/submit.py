@@ -22,12 +22,12 @@ import subprocess
 import sys
 
 from data_pipeline.urls import is_s3_url
-from soho_scale.launch.environment import propagated_env
+from soho_scale.launch.environment import cluster_env
 from soho_scale.launch.errors import ClusterError, checked, no_control_characters
 from soho_scale.launch.hostfile import hostfile_launch
 from soho_scale.launch.kubernetes import K8S_WORKDIR, k8s_manifest, k8s_name
 from soho_scale.launch.node import NodeShape
-from soho_scale.launch.slurm import default_setup, sbatch_script
+from soho_scale.launch.slurm import sbatch_script, slurm_options
 from soho_scale.spec import Job, accumulation_steps, load_job
 
 
@@ -76,15 +76,9 @@ def scheduler_launch(args: argparse.Namespace, job: Job) -> int:
         no_control_characters("override", value)
     if args.run_dir:
         no_control_characters("--run-dir", args.run_dir)
-    env, notes = propagated_env(dict(os.environ))
-    env.pop("DS_ACCELERATOR", None)  # a laptop's "cpu" must not reach a GPU cluster
-    if args.cpu:
-        env["DS_ACCELERATOR"] = "cpu"  # ranks on CPU over gloo
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+    env = cluster_env(dict(os.environ), args.cpu)
     if args.scheduler == "slurm":
-        setup = args.setup if args.setup is not None else default_setup(workdir)
-        options = {"partition": args.partition, "time": args.time, "account": args.account}
+        setup, options = slurm_options(args, workdir)
         text = sbatch_script(
             job, job_path, args.overrides, shape, args.master_port, workdir, env,
             args.run_dir, setup, options,

@@ -167,6 +167,16 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def wait_for_steps(run_dir: str, steps: int, timeout: float = 300) -> None:
+    """Until the run has logged `steps` optimizer steps (tracking.log_every=1)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    wait_for(
+        lambda: os.path.exists(path) and len(metrics_lines(run_dir)) >= steps,
+        timeout,
+        f"{steps} steps in {run_dir}",
+    )
+
+
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     """Kill `proc` and every process under it (the launcher runs in a session of its own)."""
     import psutil

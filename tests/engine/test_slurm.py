@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from soho_scale.launch.submit import launch_main
-from tests.engine.conftest import metrics_lines, record, wait_for
+from tests.engine.conftest import record, wait_for_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -54,12 +54,7 @@ def test_preempted_job_requeues_resumes_and_matches_the_uninterrupted_run(
 
     overrides = [f"checkpoint.dir={tmp_path / 'ckpt-preempted'}"]
     job_id = submit(slurm, job, preempted_dir, *overrides, monkeypatch=monkeypatch, capsys=capsys)
-    metrics = os.path.join(preempted_dir, "metrics.jsonl")
-    wait_for(
-        lambda: os.path.exists(metrics) and len(metrics_lines(preempted_dir)) >= 3,
-        300,
-        "three steps under Slurm",
-    )
+    wait_for_steps(preempted_dir, 3)
     slurm.run("scancel", "--signal=TERM", job_id)
     info = slurm.wait_job(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
     log = job_log(str(tmp_path), "slurmjob", job_id)
@@ -83,14 +78,7 @@ def test_slurm_initiated_requeue_resumes_from_the_committed_checkpoint(
     job = make_job("slurmrequeue", schedule__steps=8, checkpoint__interval_steps=100)
     run_dir = str(tmp_path / "run")
     job_id = submit(slurm, job, run_dir, monkeypatch=monkeypatch, capsys=capsys)
-    wait_for(
-        lambda: (
-            os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
-            and len(metrics_lines(run_dir)) >= 2
-        ),
-        300,
-        "two steps under Slurm",
-    )
+    wait_for_steps(run_dir, 2)
     slurm.run("scontrol", "requeue", job_id)
     info = slurm.wait_job(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600)
     log = job_log(str(tmp_path), "slurmrequeue", job_id)

@@ -25,6 +25,7 @@ from tests.engine.conftest import (
     run_train,
     start_train,
     wait_for,
+    wait_for_steps,
 )
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -222,14 +223,7 @@ def test_sigterm_saves_to_s3_and_partial_checkpoints_are_ignored(make_job, tmp_p
     run_dir = str(tmp_path / "run")
     proc = start_train(job, run_dir, 2, "schedule.steps=1000")
     try:
-        wait_for(
-            lambda: (
-                os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
-                and len(metrics_lines(run_dir)) >= 2
-            ),
-            300,
-            "two steps",
-        )
+        wait_for_steps(run_dir, 2)
         proc.send_signal(signal.SIGTERM)  # what a scheduler or Ctrl-C does to `soho-scale train`
         code = proc.wait(timeout=300)
     finally:
