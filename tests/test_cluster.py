@@ -391,9 +391,9 @@ def test_dockerfile_builds_the_image_the_manifests_expect(tmp_path):
     ignored = set((REPO / ".dockerignore").read_text().split())
     root = tmp_path / "workspace"
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = next((venv / "lib").glob("python3*/site-packages"))
-    (site / "repo-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # The scratch venv's own pip: one run from this venv would uninstall the repo's own
+    # editable soho-scale first (same project), breaking every later `python -m soho_scale...`.
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path)}
     for kind, rest in steps[1:]:
         if kind == "WORKDIR":
@@ -405,9 +405,11 @@ def test_dockerfile_builds_the_image_the_manifests_expect(tmp_path):
                 copy = shutil.copytree if (REPO / source).is_dir() else shutil.copy
                 copy(REPO / source, root / source)
         elif kind == "RUN" and "apt-get" not in rest:
-            command = rest.replace("pip install", f"{sys.executable} -m pip install --no-deps")
-            command = command.replace("-e .", f"--prefix {venv} -e .")
+            command = rest.replace("pip install", "pip install --no-deps")
             subprocess.run(["bash", "-c", command], cwd=root, env=env, check=True)
+    # The dependencies: this venv's, seen by the image's venv once its install is done.
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "repo-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     probe = (  # from elsewhere than /workspace: the installed package is the one found
         "from soho_scale.spec.schema import DS_CONFIG_DIR; from soho_scale.spec import load_job; "
         "import soho_scale.launch.node; print(DS_CONFIG_DIR); "
