@@ -6,9 +6,10 @@ skips it with a counted reason) and hands it to `ShardWriter`, which wraps
 credentials) and, beside the shards, writes `conversion_report.json` and any extra JSON files
 (e.g. VQA's `answer_vocab.json`).
 
-User-caused problems with the *annotation files* (invalid JSON, missing field) raise
-`DataError` at once with one line naming the file and the field; problems with *single samples*
-(missing or undecodable image, empty caption) raise `SkipSample` and are only counted.
+User-caused problems with the *annotation files* (invalid JSON, a missing field, a field of the
+wrong type) raise `DataError` at once with one line naming the file, the record and the field;
+problems with *single samples* (an image that is missing, outside `--images`, not a regular file
+or undecodable, an empty caption) raise `SkipSample` and are only counted.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from data_pipeline.errors import DataError
 from data_pipeline.urls import is_remote
@@ -52,6 +55,10 @@ def read_json(path: str) -> Any:
         raise DataError(f"{path}: file not found; check the path") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e}); re-download the file") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply; re-download the file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); check the path") from None
 
 
 def read_json_lines(path: str) -> list[dict]:
@@ -68,45 +75,140 @@ def read_json_lines(path: str) -> list[dict]:
                     raise DataError(
                         f"{path}: line {number} is not valid JSON ({e.msg}); re-download the file"
                     ) from None
+                except RecursionError:
+                    raise DataError(f"{path}: line {number}: JSON nested too deeply") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{path}: line {number} is not a JSON object")
                 records.append(record)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; check the path") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); re-download the file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); check the path") from None
     return records
 
 
-def field(record: Any, name: str, path: str, where: str = "") -> Any:
-    """`record[name]`, or a `DataError` naming the file, the record and the missing field."""
+class Kind:
+    """A JSON type an annotation field must have: its name in messages and its check."""
+
+    def __init__(self, name: str, *types: type) -> None:
+        self.name = name
+        self.types = types
+
+    def accepts(self, value: Any) -> bool:
+        # JSON true/false load as bool, a subclass of int; they are never ids or counts.
+        return isinstance(value, self.types) and not (
+            isinstance(value, bool) and bool not in self.types
+        )
+
+
+INT = Kind("an integer", int)
+STR = Kind("a string", str)
+LIST = Kind("a list", list)
+INT_OR_STR = Kind("an integer or a string", int, str)
+STR_OR_BOOL = Kind("a string or true/false", str, bool)
+
+
+def _shown(value: Any) -> str:
+    """A value for a one-line message, cut short: annotation files can hold huge values."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def field(record: Any, name: str, path: str, where: str = "", kind: Kind | None = None) -> Any:
+    """`record[name]`, or a `DataError` naming the file, the record and the missing field (or
+    the field's wrong type, when `kind` is given)."""
     if not isinstance(record, dict) or name not in record:
         at = f" ({where})" if where else ""
         raise DataError(f"{path}: missing required field {name!r}{at}; is this the right file?")
-    return record[name]
+    value = record[name]
+    if kind is not None and not kind.accepts(value):
+        at = f"{where}: " if where else ""
+        raise DataError(f"{path}: {at}{name}: expected {kind.name}, got {_shown(value)}")
+    return value
 
 
-def read_image(path: str) -> bytes:
-    """The bytes to store for one image: JPEG files as they are, other formats as PNG.
+def check_record(
+    record: Any,
+    path: str,
+    where: str,
+    required: dict[str, Kind],
+    optional: dict[str, Kind] | None = None,
+) -> dict:
+    """`record` as a dict whose `required` fields (and the `optional` ones it has) have their
+    kinds; otherwise a one-line `DataError` naming the file, the record and the field."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: {where}: expected a JSON object, got {_shown(record)}")
+    for name, kind in required.items():
+        field(record, name, path, where, kind)
+    for name, kind in (optional or {}).items():
+        if name in record:
+            field(record, name, path, where, kind)
+    return record
+
+
+def read_image_file(images_dir: str, relative: str) -> bytes:
+    """The bytes of the regular file that `relative` (a path from an annotation file) names
+    inside `images_dir`.
+
+    Annotation files are untrusted input: a path that resolves outside `images_dir` (`../`, an
+    absolute path, a symlink pointing out) is skipped as "outside_images", and anything but a
+    regular file (a FIFO would block the read for ever, a device never ends) as
+    "not_a_regular_file". The file is opened non-blocking, without following a final symlink,
+    and checked again through its open descriptor, so a file swapped in after the first check
+    cannot block the read either (the containment check itself trusts that nobody renames
+    folders under `images_dir` while the conversion runs).
+    """
+    root = os.path.realpath(images_dir)
+    try:
+        path = os.path.realpath(os.path.join(root, relative))
+    except ValueError:  # a NUL byte: no file has that name
+        raise SkipSample("missing_image") from None
+    if os.path.commonpath([root, path]) != root:
+        raise SkipSample("outside_images")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SkipSample("not_a_regular_file")
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SkipSample("missing_image") from None
+    except OSError:  # no permission, a symlink loop, a name too long, an I/O error
+        raise SkipSample("unreadable_image") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise SkipSample("not_a_regular_file")
+        try:
+            return f.read()
+        except OSError:
+            raise SkipSample("unreadable_image") from None
+
+
+def read_image(images_dir: str, relative: str) -> bytes:
+    """The bytes to store for one image (`read_image_file`): JPEG files as they are, other
+    formats as PNG.
 
     The image is fully decoded once so a truncated or corrupt file is caught here rather than
-    in a training run; raises `SkipSample("missing_image" | "bad_image")`.
+    in a training run. An image over PIL's `Image.MAX_IMAGE_PIXELS` (89.5 megapixels by
+    default; PIL itself only warns below twice that) is a decompression bomb: it is not
+    decoded. Raises `SkipSample` with `read_image_file`'s reasons or "bad_image".
     """
+    data = read_image_file(images_dir, relative)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise SkipSample("missing_image") from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.format == "JPEG":
-                return data
-            # Lossless re-encode; modes PNG cannot hold (CMYK, I;16 variants) go to RGB.
-            if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
-                image = image.convert("RGB")
-            out = io.BytesIO()
-            image.save(out, format="PNG")
-            return out.getvalue()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                if image.format == "JPEG":
+                    return data
+                # Lossless re-encode; modes PNG cannot hold (CMYK, I;16 variants) go to RGB.
+                if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+                    image = image.convert("RGB")
+                out = io.BytesIO()
+                image.save(out, format="PNG")
+                return out.getvalue()
+    except Exception:  # noqa: BLE001 - PIL's decoders raise many types on hostile data
         raise SkipSample("bad_image") from None
 
 

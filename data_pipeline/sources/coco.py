@@ -9,8 +9,12 @@ from typing import Any
 
 from data_pipeline.errors import DataError
 from data_pipeline.shards import (
+    INT,
+    LIST,
+    STR,
     ShardWriter,
     SkipSample,
+    check_record,
     field,
     read_image,
     read_json,
@@ -28,13 +32,13 @@ def require_folder(path: str, flag: str) -> None:
 
 
 def coco_image_index(images_dir: str) -> dict[int, str]:
-    """COCO image id -> path, from the numbers at the end of the file names in `images_dir`."""
+    """COCO image id -> file name in `images_dir`, from the numbers at the end of the names."""
     require_folder(images_dir, "--images")
     index = {}
     for name in sorted(os.listdir(images_dir)):
         match = _TRAILING_ID.search(name)
         if match:
-            index[int(match.group(1))] = os.path.join(images_dir, name)
+            index[int(match.group(1))] = name
     return index
 
 
@@ -63,14 +67,12 @@ def convert_coco(
     skipped as `no_caption`.
     """
     data = read_json(captions_file)
-    images = field(data, "images", captions_file)
-    annotations = field(data, "annotations", captions_file)
+    images = field(data, "images", captions_file, kind=LIST)
+    annotations = field(data, "annotations", captions_file, kind=LIST)
     for i, image in enumerate(images):
-        for name in ("id", "file_name"):
-            field(image, name, captions_file, f"images[{i}]")
+        check_record(image, captions_file, f"images[{i}]", {"id": INT, "file_name": STR})
     for i, a in enumerate(annotations):
-        for name in ("image_id", "caption"):
-            field(a, name, captions_file, f"annotations[{i}]")
+        check_record(a, captions_file, f"annotations[{i}]", {"image_id": INT, "caption": STR})
     require_folder(images_dir, "--images")
     split = split or split_from_filename(captions_file, prefix="captions_")
 
@@ -81,8 +83,8 @@ def convert_coco(
             texts = by_image.get(image["id"])
             if not texts:
                 raise SkipSample("no_caption")
-            path = os.path.join(images_dir, image["file_name"])
-            return {"image_id": str(image["id"]), "image": read_image(path), "captions": texts}
+            image_bytes = read_image(images_dir, image["file_name"])
+            return {"image_id": str(image["id"]), "image": image_bytes, "captions": texts}
 
         writer.convert(images, build)
     return writer.report()

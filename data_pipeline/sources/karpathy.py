@@ -10,7 +10,17 @@ import os
 from typing import Any
 
 from data_pipeline.errors import DataError
-from data_pipeline.shards import ShardWriter, SkipSample, field, read_image, read_json
+from data_pipeline.shards import (
+    INT_OR_STR,
+    LIST,
+    STR,
+    ShardWriter,
+    SkipSample,
+    check_record,
+    field,
+    read_image,
+    read_json,
+)
 from data_pipeline.sources.coco import require_folder
 
 COLUMNS = {"image": "bytes", "captions": "json"}
@@ -34,12 +44,13 @@ def convert_karpathy(
     if unknown or not wanted:
         raise DataError(f"--split {split!r}: use one or more of {', '.join(SPLITS)}")
     data = read_json(json_file)
-    images = field(data, "images", json_file)
+    images = field(data, "images", json_file, kind=LIST)
     for i, image in enumerate(images):
-        for name in ("filename", "split", "sentences"):
-            field(image, name, json_file, f"images[{i}]")
+        required = {"filename": STR, "split": STR, "sentences": LIST}
+        optional = {"filepath": STR, "cocoid": INT_OR_STR}
+        check_record(image, json_file, f"images[{i}]", required, optional)
         for j, sentence in enumerate(image["sentences"]):
-            field(sentence, "raw", json_file, f"images[{i}].sentences[{j}]")
+            check_record(sentence, json_file, f"images[{i}].sentences[{j}]", {"raw": STR})
     require_folder(images_dir, "--images")
     chosen = [image for image in images if image["split"] in wanted]
 
@@ -51,9 +62,10 @@ def convert_karpathy(
         texts = [t for t in texts if t]
         if not texts:
             raise SkipSample("no_caption")
-        path = os.path.join(images_dir, image.get("filepath", ""), image["filename"])
+        name = os.path.join(image.get("filepath", ""), image["filename"])
+        image_bytes = read_image(images_dir, name)
         image_id = image.get("cocoid", os.path.splitext(image["filename"])[0])
-        return {"image_id": str(image_id), "image": read_image(path), "captions": texts}
+        return {"image_id": str(image_id), "image": image_bytes, "captions": texts}
 
     # The file says which dataset it splits ("coco", "flickr30k"); its name says so otherwise.
     dataset = data.get("dataset") or (

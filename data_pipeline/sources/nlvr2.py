@@ -12,9 +12,12 @@ from functools import lru_cache
 from typing import Any
 
 from data_pipeline.shards import (
+    INT_OR_STR,
+    STR,
+    STR_OR_BOOL,
     ShardWriter,
     SkipSample,
-    field,
+    check_record,
     read_image,
     read_json_lines,
     split_from_filename,
@@ -38,11 +41,10 @@ def sentence_id(identifier: str) -> str | None:
     return "-".join((parts[0], parts[1], parts[3])) if len(parts) == 4 else None
 
 
-def image_paths(images_dir: str, record: dict) -> tuple[str, str]:
+def image_paths(record: dict) -> tuple[str, str]:
+    """The pair's two image files, relative to the split's image folder."""
     prefix = pair_id(str(record["identifier"]))
-    folder = images_dir
-    if "directory" in record:
-        folder = os.path.join(images_dir, str(record["directory"]))
+    folder = str(record.get("directory", ""))
     return tuple(os.path.join(folder, f"{prefix}-img{i}.png") for i in (0, 1))  # type: ignore[return-value]
 
 
@@ -54,9 +56,9 @@ def convert_nlvr2(
     **writer_options: Any,
 ) -> dict[str, Any]:
     records = read_json_lines(json_file)
+    required = {"identifier": STR, "sentence": STR, "label": STR_OR_BOOL}
     for i, record in enumerate(records):
-        for name in ("identifier", "sentence", "label"):
-            field(record, name, json_file, f"line {i + 1}")
+        check_record(record, json_file, f"line {i + 1}", required, {"directory": INT_OR_STR})
     require_folder(images_dir, "--images")
     split = split or split_from_filename(json_file)
     read_cached = lru_cache(maxsize=16)(read_image)  # statements about one pair are adjacent
@@ -68,11 +70,11 @@ def convert_nlvr2(
         sentence = str(record["sentence"]).strip()
         if not sentence:
             raise SkipSample("empty_sentence")
-        left, right = image_paths(images_dir, record)
+        left, right = image_paths(record)
         return {
             "image_id": pair_id(str(record["identifier"])),
-            "image_left": read_cached(left),
-            "image_right": read_cached(right),
+            "image_left": read_cached(images_dir, left),
+            "image_right": read_cached(images_dir, right),
             "identifier": str(record["identifier"]),
             "sentence": sentence,
             "label": label,

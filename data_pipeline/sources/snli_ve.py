@@ -11,9 +11,11 @@ from functools import lru_cache
 from typing import Any
 
 from data_pipeline.shards import (
+    INT_OR_STR,
+    STR,
     ShardWriter,
     SkipSample,
-    field,
+    check_record,
     read_image,
     read_json_lines,
     split_from_filename,
@@ -32,9 +34,9 @@ def convert_snli_ve(
     **writer_options: Any,
 ) -> dict[str, Any]:
     records = read_json_lines(jsonl_file)
+    required = {"Flikr30kID": INT_OR_STR, "sentence2": STR, "gold_label": STR, "pairID": STR}
     for i, record in enumerate(records):
-        for name in ("Flikr30kID", "sentence2", "gold_label", "pairID"):
-            field(record, name, jsonl_file, f"line {i + 1}")
+        check_record(record, jsonl_file, f"line {i + 1}", required)
     require_folder(images_dir, "--images")
     split = split or split_from_filename(jsonl_file, prefix="snli_ve_")
     read_cached = lru_cache(maxsize=16)(read_image)  # hypotheses about one image are adjacent
@@ -51,7 +53,7 @@ def convert_snli_ve(
             name += ".jpg"
         return {
             "image_id": os.path.splitext(name)[0],
-            "image": read_cached(os.path.join(images_dir, name)),
+            "image": read_cached(images_dir, name),
             "pair_id": str(record["pairID"]),
             "hypothesis": hypothesis,
             "label": label,

@@ -10,7 +10,16 @@ import os
 from typing import Any
 
 from data_pipeline.errors import DataError
-from data_pipeline.shards import ShardWriter, SkipSample, field, read_image, read_json
+from data_pipeline.shards import (
+    INT,
+    LIST,
+    STR,
+    ShardWriter,
+    SkipSample,
+    check_record,
+    read_image,
+    read_json,
+)
 from data_pipeline.sources.coco import require_folder
 
 COLUMNS = {"image": "bytes", "captions": "json"}
@@ -19,12 +28,12 @@ _SUBFOLDERS = ("", "VG_100K", "VG_100K_2")
 
 
 def _image_path(images_dir: str, record: dict, image_id: int) -> str:
+    """The image's file relative to `images_dir` (the first layout that has it)."""
     name = os.path.basename(str(record.get("url") or f"{image_id}.jpg"))
     for sub in _SUBFOLDERS:
-        path = os.path.join(images_dir, sub, name)
-        if os.path.exists(path):
-            return path
-    return os.path.join(images_dir, name)
+        if os.path.lexists(os.path.join(images_dir, sub, name)):
+            return os.path.join(sub, name)
+    return name
 
 
 def convert_vg(
@@ -41,14 +50,15 @@ def convert_vg(
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of images; is this the right file?")
     for i, entry in enumerate(regions):
-        field(entry, "id", regions_file, f"[{i}]")
-        for j, region in enumerate(field(entry, "regions", regions_file, f"[{i}]")):
-            field(region, "phrase", regions_file, f"[{i}].regions[{j}]")
+        check_record(entry, regions_file, f"[{i}]", {"id": INT, "regions": LIST})
+        for j, region in enumerate(entry["regions"]):
+            check_record(region, regions_file, f"[{i}].regions[{j}]", {"phrase": STR})
     records = {}
     for i, record in enumerate(image_data):
         # Older releases call the key "id", v1.2+ "image_id".
         key = "image_id" if isinstance(record, dict) and "image_id" in record else "id"
-        records[field(record, key, image_data_file, f"[{i}]")] = record
+        check_record(record, image_data_file, f"[{i}]", {key: INT}, {"url": STR})
+        records[record[key]] = record
     require_folder(images_dir, "--images")
 
     def build(entry: dict) -> dict[str, Any]:
@@ -62,8 +72,8 @@ def convert_vg(
         if not phrases:
             raise SkipSample("no_caption")
         image_id = entry["id"]
-        path = _image_path(images_dir, records.get(image_id, {}), image_id)
-        return {"image_id": str(image_id), "image": read_image(path), "captions": phrases}
+        image = read_image(images_dir, _image_path(images_dir, records.get(image_id, {}), image_id))
+        return {"image_id": str(image_id), "image": image, "captions": phrases}
 
     with ShardWriter(out, COLUMNS, "vg", split, **writer_options) as writer:
         writer.convert(regions, build)

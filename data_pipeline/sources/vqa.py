@@ -20,8 +20,12 @@ from typing import Any
 
 from data_pipeline.errors import DataError
 from data_pipeline.shards import (
+    INT,
+    LIST,
+    STR,
     ShardWriter,
     SkipSample,
+    check_record,
     field,
     read_image,
     read_json,
@@ -63,19 +67,19 @@ def _load(
     questions_file: str, annotations_file: str | None
 ) -> tuple[dict, list[dict], dict[int, dict] | None]:
     questions_json = read_json(questions_file)
-    questions = field(questions_json, "questions", questions_file)
+    questions = field(questions_json, "questions", questions_file, kind=LIST)
+    required = {"image_id": INT, "question": STR, "question_id": INT}
     for i, q in enumerate(questions):
-        for name in ("image_id", "question", "question_id"):
-            field(q, name, questions_file, f"questions[{i}]")
+        check_record(q, questions_file, f"questions[{i}]", required)
     if annotations_file is None:
         return questions_json, questions, None
-    annotations = field(read_json(annotations_file), "annotations", annotations_file)
+    annotations = field(read_json(annotations_file), "annotations", annotations_file, kind=LIST)
+    required = {"question_id": INT, "answers": LIST, "multiple_choice_answer": STR}
     for i, a in enumerate(annotations):
         where = f"annotations[{i}]"
-        for name in ("question_id", "answers", "multiple_choice_answer"):
-            field(a, name, annotations_file, where)
+        check_record(a, annotations_file, where, required)
         for j, ans in enumerate(a["answers"]):
-            field(ans, "answer", annotations_file, f"{where}.answers[{j}]")
+            check_record(ans, annotations_file, f"{where}.answers[{j}]", {"answer": STR})
     by_question = {a["question_id"]: a for a in annotations}
     return questions_json, questions, by_question
 
@@ -120,7 +124,7 @@ def convert_vqa(
         split = questions_json.get("data_subtype") or (
             match.group(0) if match else split_from_filename(questions_file)
         )
-    image_paths = coco_image_index(images_dir)
+    image_names = coco_image_index(images_dir)
     read_cached = lru_cache(maxsize=16)(read_image)  # questions come grouped by image
 
     def build(q: dict) -> dict[str, Any]:
@@ -136,12 +140,12 @@ def convert_vqa(
                 raise SkipSample("no_answer_in_vocab")
         if not str(q["question"]).strip():
             raise SkipSample("empty_question")
-        path = image_paths.get(int(q["image_id"]))
-        if path is None:
+        name = image_names.get(q["image_id"])
+        if name is None:
             raise SkipSample("missing_image")
         return {
             "image_id": str(q["image_id"]),
-            "image": read_cached(path),
+            "image": read_cached(images_dir, name),
             "question_id": int(q["question_id"]),
             "question": str(q["question"]).strip(),
             "answers": answers,
