@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soho_scale.engine.tracking import PARENT_ENV, mark_failed
+from soho_scale.spec.errors import path_text
 from soho_scale.spec.yaml_file import read_job_file
 
 DONE = "stage_done.json"
@@ -37,7 +38,7 @@ class Stage(BaseModel):
     eval: str | None = None  # job YAML whose eval.streams to evaluate
     init_from: str | None = None  # train: start from this earlier stage's weights
     checkpoint: str | None = None  # eval: the stage whose weights to evaluate
-    nproc: int = Field(2, ge=1)
+    nproc: int = Field(2, ge=1, strict=True)  # strict: YAML's yes/on are not 1
     overrides: list[str] = []
 
     @model_validator(mode="after")
@@ -81,7 +82,7 @@ class OverrideSet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     run_root: str | None = None
     experiment: str | None = None
-    nproc: int | None = Field(None, ge=1)
+    nproc: int | None = Field(None, ge=1, strict=True)
     overrides: list[str] = []
     stage_overrides: dict[str, list[str]] = {}  # stage name -> overrides after the others
 
@@ -93,8 +94,8 @@ def _validated(kind: type[BaseModel], path: str) -> Any:
         return kind.model_validate(read_job_file(path))
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{where or kind.__name__}: {first['msg']} (in {path})") from None
+        where = path_text(first["loc"])
+        raise ValueError(f"{where or kind.__name__}: {first['msg'][:200]} (in {path})") from None
 
 
 def load_pipeline(
@@ -200,6 +201,11 @@ def train_overrides(pipe: Pipeline, stage: Stage) -> list[str]:
     return overrides
 
 
+def eval_overrides(pipe: Pipeline, stage: Stage) -> list[str]:
+    """An eval stage's overrides: the pipeline's experiment, then the stage's own."""
+    return [f"tracking.experiment={pipe.experiment}", *stage.overrides]
+
+
 def run_stage(pipe: Pipeline, stage: Stage, hostfile: str | None = None) -> dict[str, Any]:
     """Run one stage here (a training stage across the hosts of `hostfile`, when given)."""
     run_dir = os.path.join(pipe.run_root, stage.name)
@@ -221,8 +227,7 @@ def run_stage(pipe: Pipeline, stage: Stage, hostfile: str | None = None) -> dict
             *_cli(),
             "eval",
             stage.eval,
-            f"tracking.experiment={pipe.experiment}",
-            *stage.overrides,
+            *eval_overrides(pipe, stage),
             "--checkpoint",
             weights,
             "--out",
@@ -357,11 +362,15 @@ def finish_pipeline(pipe: Pipeline, parent) -> str | None:  # noqa: ANN001
 
 
 def check_stage_specs(pipe: Pipeline) -> None:
-    """Every stage's job spec (with the stage's overrides) loads, or one line names the stage."""
+    """Every stage's job spec, with the overrides the stage runs with, loads; or one line names
+    the stage (a bad last stage fails before the first starts)."""
     from soho_scale.spec import SpecError, load_job
 
     for stage in pipe.stages:
         try:
-            load_job(stage.train or stage.eval, list(stage.overrides))
+            if stage.train:
+                load_job(stage.train, train_overrides(pipe, stage))
+            else:
+                load_job(stage.eval, eval_overrides(pipe, stage))
         except SpecError as e:
             raise ValueError(f"stages.{stage.name}: {e}") from None

@@ -8,6 +8,7 @@ validator below a section names the key inside it that is wrong.
 from __future__ import annotations
 
 import difflib
+import reprlib
 import types
 import typing
 from typing import Any
@@ -20,12 +21,32 @@ class SpecError(ValueError):
     """A job spec problem a user can fix; the message is one line naming the key path."""
 
 
+# A value echoed in an error is cut short: a hostile file can hold megabytes in one value, and
+# reprlib stops early instead of building the whole text of a huge nested value first.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 60, 60, 3
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+SHOWN_CHARS = 80
+
+
+def clipped(text: str) -> str:
+    """Text as an error line echoes it: at most SHOWN_CHARS characters."""
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """A value as an error line echoes it: its repr, clipped."""
+    return clipped(_SHORT.repr(value))
+
+
 def path_text(parts: tuple | list) -> str:
     """Key path as text: ('data', 'streams', 0, 'remote') -> data.streams[0].remote."""
     text = ""
     for part in parts:
         if part == "":
             continue
+        if len(str(part)) > 40:  # a key is echoed too: cut a hostile one short
+            part = str(part)[:37] + "..."
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
 
@@ -61,40 +82,50 @@ def describe(error: dict) -> str:
     kind, got = error["type"], error.get("input")
     if kind == "spec":
         return error["ctx"]["message"]
+    if kind == "finite_number":
+        return f"expected a finite number, got {shown(got)}"
     if kind in ("float_parsing", "float_type"):
-        return f"expected a number, got {got!r}"
+        return f"expected a number, got {shown(got)}"
     if kind in ("int_parsing", "int_type", "int_from_float"):
-        return f"expected an integer, got {got!r}"
+        return f"expected an integer, got {shown(got)}"
     if kind in ("bool_parsing", "bool_type"):
-        return f"expected true or false, got {got!r}"
+        return f"expected true or false, got {shown(got)}"
     if kind == "string_type" and isinstance(got, bool):
-        return f"expected a string, got {got!r} (YAML reads yes/no/on/off as booleans; quote it)"
+        return (
+            f"expected a string, got {shown(got)} (YAML reads yes/no/on/off as booleans; quote it)"
+        )
     if kind == "string_type":
-        return f"expected a string, got {got!r}"
+        return f"expected a string, got {shown(got)}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return f"expected a mapping of keys, got {got!r}"
+        return f"expected a mapping of keys, got {shown(got)}"
     if kind == "list_type":
-        return f"expected a list, got {got!r}"
+        return f"expected a list, got {shown(got)}"
     if kind == "missing":
         return "required key is missing"
     if kind == "literal_error":
-        return f"expected one of {error['ctx']['expected']}, got {got!r}"
+        return f"expected one of {error['ctx']['expected']}, got {shown(got)}"
     if kind == "value_error":
-        return str(error["ctx"]["error"])
+        return str(error["ctx"]["error"])[:200]
     message = error["msg"].replace("Input should be", "expected")
-    return f"{message[0].lower()}{message[1:]}, got {got!r}"
+    return f"{message[0].lower()}{message[1:]}, got {shown(got)}"
+
+
+def error_location(first: dict) -> tuple:
+    """The key path of one pydantic error, a validator's `problem` subpath included."""
+    loc = tuple(first["loc"])
+    if first["type"] == "spec":
+        loc += tuple(p for p in first["ctx"]["subpath"].split(".") if p)
+    return loc
 
 
 def format_spec_error(error: ValidationError, root: type[BaseModel]) -> str:
     """The first problem of a validation error as one line: `key.path: problem`."""
     first = error.errors()[0]
-    loc = tuple(first["loc"])
-    if first["type"] == "spec":
-        loc += tuple(p for p in first["ctx"]["subpath"].split(".") if p)
+    loc = error_location(first)
     message = describe(first)
     if first["type"] == "extra_forbidden":
         known = _section_keys(root, loc[:-1]) or []
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        close = difflib.get_close_matches(str(loc[-1])[:100], known, n=1)
         message = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
         if known and not close:
             message += f" (known: {', '.join(known)})"

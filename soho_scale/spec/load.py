@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from soho_scale.spec.errors import SpecError, format_spec_error
+from soho_scale.spec.errors import SpecError, clipped, error_location, format_spec_error
 from soho_scale.spec.schema import Job
 from soho_scale.spec.yaml_file import apply_override, read_job_file
 
@@ -25,10 +25,20 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     try:
         return Job.model_validate({**data, "overrides": list(overrides)})
     except ValidationError as e:
-        line = format_spec_error(e, Job)
-        culprit = next((o for o in overrides if line.startswith(o.partition("=")[0] + ":")), None)
-        suffix = f" (from override {culprit})" if culprit else f" (in {path})"
-        raise SpecError(line + suffix) from None
+        culprit = _culprit(error_location(e.errors()[0]), overrides)
+        suffix = f" (from override {clipped(culprit)})" if culprit else f" (in {path})"
+        raise SpecError(format_spec_error(e, Job) + suffix) from None
+
+
+def _culprit(loc: tuple, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The last override whose key is the failing key, inside it, or above it: `nosuch.key=1`
+    fails as the unknown section `nosuch`, `data.streams=[]` as `data.streams[0]`'s absence."""
+    wanted = tuple(str(part) for part in loc)
+    for override in reversed(overrides):
+        parts = tuple(override.partition("=")[0].strip().split("."))
+        if parts[: len(wanted)] == wanted[: len(parts)]:
+            return override
+    return None
 
 
 def dump_job(job: Job) -> str:

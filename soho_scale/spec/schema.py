@@ -12,9 +12,10 @@ import difflib
 import json
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,9 +26,11 @@ from pydantic import (
 )
 
 from data_pipeline import settings as data_settings
+from data_pipeline.errors import DataError
+from data_pipeline.urls import is_s3_url, split_s3_url
 from soho_scale.model.config import PRESETS, SohoConfig, build_config, random_cnn_problem
 from soho_scale.spec.derived import accumulation_steps
-from soho_scale.spec.errors import SpecError, describe, problem
+from soho_scale.spec.errors import SpecError, describe, problem, shown
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # DeepSpeed fields the job owns; a template that sets one would say a number twice.
@@ -44,8 +47,65 @@ JOB_OWNED_DS_KEYS = {
 }
 
 
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field of this type holds numbers (int, float, a Literal of ints, or a list,
+    tuple or optional of them)."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return any(type(arg) is int for arg in typing.get_args(annotation))
+    return any(_wants_number(arg) for arg in typing.get_args(annotation) if arg is not bool)
+
+
+def number_problem(annotation: Any, value: Any) -> str | None:
+    """Why `value` is refused for a number field: pydantic would read a YAML boolean (yes, no,
+    on, off, true, false) as 1 or 0."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if _wants_number(annotation) and any(isinstance(item, bool) for item in items):
+        return f"expected a number, got {shown(value)} (YAML reads yes/no/on/off as booleans)"
+    return None
+
+
+def location_problem(value: Any) -> str | None:
+    """Why an s3:// location is refused: it must name a bucket."""
+    if isinstance(value, str) and is_s3_url(value):
+        try:
+            split_s3_url(value)
+        except DataError:
+            return f"{shown(value)} names no bucket; expected s3://BUCKET/PREFIX"
+    return None
+
+
+def _location(value: str) -> str:
+    why = location_problem(value)
+    if why:
+        raise problem("", why)
+    return value
+
+
+# A local path or an s3://bucket/prefix URL.
+Location = Annotated[str, AfterValidator(_location)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, frozen=True)
+    # allow_inf_nan=False: inf, nan and overflowing numbers (1e400) are refused in every float.
+    model_config = ConfigDict(
+        extra="forbid", coerce_numbers_to_str=True, frozen=True, allow_inf_nan=False
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                why = field and number_problem(field.annotation, value)
+                if why:
+                    raise problem(key, why)
+        return data
+
+
+_FINITE = ConfigDict(allow_inf_nan=False)
 
 
 class ModelSpec(Section):
@@ -54,13 +114,13 @@ class ModelSpec(Section):
     # cnn_init (the ResNet's weights: a torchvision weights name, a file or s3:// URL, or random)
     overrides: dict[str, Any] = {}
     # Weights to start from: a pre-training checkpoint (dir or s3://) or exported weights file.
-    init_from: str | None = None
+    init_from: Location | None = None
 
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, preset: str) -> str:
         if preset not in PRESETS:
-            raise problem("", f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+            raise problem("", f"unknown preset {shown(preset)}; choose from {sorted(PRESETS)}")
         return preset
 
     @field_validator("overrides")
@@ -73,8 +133,11 @@ class ModelSpec(Section):
                 close = difflib.get_close_matches(key, hints, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise problem(key, f"unknown option{hint}")
+            why = number_problem(hints[key], value) or location_problem(value)
+            if why:
+                raise problem(key, why)
             try:
-                coerced[key] = TypeAdapter(hints[key]).validate_python(value)
+                coerced[key] = TypeAdapter(hints[key], config=_FINITE).validate_python(value)
             except ValidationError as e:
                 raise problem(key, describe(e.errors()[0])) from None
         if "preset" in info.data:  # else the preset error is reported already
@@ -100,7 +163,7 @@ class ModelSpec(Section):
 
 
 class StreamSpec(Section):
-    remote: str  # s3://bucket/prefix or a local folder holding index.json
+    remote: Location  # s3://bucket/prefix or a local folder holding index.json
     proportion: float | None = Field(None, gt=0)
 
 
@@ -112,7 +175,10 @@ class ImageSpec(Section):
     @model_validator(mode="after")
     def _ordered(self) -> ImageSpec:
         if self.max_size < self.min_size:
-            raise problem("max_size", f"{self.max_size} is smaller than min_size {self.min_size}")
+            raise problem(
+                "max_size",
+                f"{shown(self.max_size)} is smaller than min_size {shown(self.min_size)}",
+            )
         return self
 
 
@@ -130,8 +196,12 @@ class DataSpec(Section):
     captions_per_image: int = Field(4, ge=1)
     workers: int = Field(data_settings.WORKERS, ge=0)
     shuffle: bool = True
-    download_retry: int = Field(data_settings.DOWNLOAD_RETRY, ge=1)  # total attempts
+    download_retry: int = Field(data_settings.DOWNLOAD_RETRY, ge=1)  # quick attempts
     download_timeout: float = Field(data_settings.DOWNLOAD_TIMEOUT_S, gt=0)  # per socket read
+    # An unreachable storage endpoint is retried with capped backoff this long before a shard
+    # download fails naming the shard (0: no waiting). Checkpoint transfers to S3 wait the
+    # default, data_pipeline.settings.STORAGE_DEADLINE_S.
+    download_deadline_s: float = Field(data_settings.STORAGE_DEADLINE_S, ge=0, le=86400)
     validate_hash: Literal["sha1", "xxh64"] | None = data_settings.VALIDATE_HASH
     # Fixed so that a resume on another world size still sees every sample exactly once.
     num_canonical_nodes: int = Field(data_settings.NUM_CANONICAL_NODES, ge=1)
@@ -207,10 +277,12 @@ class ScheduleSpec(Section):
                 any(b <= a for a, b in zip(milestones, milestones[1:]))
                 or min(milestones, default=1) < 1
             ):
-                raise problem(key, f"{milestones} must be positive and strictly increasing")
+                raise problem(key, f"{shown(milestones)} must be positive and strictly increasing")
             if total is not None and milestones and milestones[-1] >= total:
                 unit = key.removeprefix("decay_")
-                raise problem(key, f"{milestones[-1]} is not before the end ({unit}: {total})")
+                raise problem(
+                    key, f"{shown(milestones[-1])} is not before the end ({unit}: {shown(total)})"
+                )
         return self
 
 
@@ -275,10 +347,13 @@ class DeepSpeedSpec(Section):
 
 
 class CheckpointSpec(Section):
-    dir: str  # local folder or s3://bucket/prefix
+    dir: Location  # local folder or s3://bucket/prefix
     interval_steps: int = Field(1000, gt=0)
     keep_last: int = Field(3, ge=1)
-    resume: str = Field("auto", min_length=1)  # auto | never | a checkpoint path
+    resume: Location = Field("auto", min_length=1)  # auto | never | a checkpoint path
+    # Resume even when keys other than the safe ones changed since the checkpoint
+    # (soho_scale.engine.resume_check.SAFE); the change is recorded in the run either way.
+    resume_changed: bool = False
     # Seconds a rank needs after a stop signal to finish its step and commit a checkpoint: the
     # Slurm script asks for SIGTERM this long before the time limit, and a pod gets this long
     # (terminationGracePeriodSeconds) between SIGTERM and SIGKILL.
@@ -330,7 +405,8 @@ class ResourcesSpec(Section):
 
 class Job(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    # numpy's seeds are 0 <= seed < 2**32 (torch's and Python's ranges are wider)
+    seed: int = Field(0, ge=0, lt=2**32)
     model: ModelSpec
     data: DataSpec
     objectives: ObjectivesSpec = ObjectivesSpec()

@@ -12,7 +12,111 @@ from typing import Any
 
 import yaml
 
-from soho_scale.spec.errors import SpecError, path_text
+from soho_scale.spec.errors import SpecError, clipped, path_text, shown
+
+# Limits against hostile files, far above any real job (the paper's job file is 2 KB, 4 levels
+# deep, 200 values): the pure-Python YAML reader takes about a second per 100 KB, nesting costs
+# it quadratic time and Python recursion, and aliases can multiply a small file into billions of
+# values ("billion laughs") that every later step would walk.
+MAX_FILE_BYTES = 64 * 1024
+MAX_DEPTH = 32  # nested sections, lists and mappings, aliases expanded
+MAX_VALUES = 10_000  # keys and values, aliases expanded
+
+
+class _TooBig(Exception):
+    """A YAML document over a limit; the message says which, `line` where (when known)."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
+
+    def where(self) -> str:
+        return f"line {self.line}: {self}" if self.line else str(self)
+
+
+def _check_flow_depth(text: str) -> None:
+    """Refuse flow brackets (`[[[[`, `{a: {a:`) nested past MAX_DEPTH before PyYAML reads them:
+    its scanner looks ahead up to 1024 characters per open bracket, quadratic in the depth.
+    Quoted text and comments are skipped; an unquoted bracket inside a plain value counts, which
+    can only overcount for a value holding dozens of them."""
+    depth, quote, line, previous = 0, "", 1, "\n"
+    escaped = False
+    for char in text:
+        if char == "\n":
+            line += 1
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\" and quote == '"':
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char == "#" and previous in " \t\n":
+            quote = "\n"  # a comment runs to the end of the line
+        elif char in "'\"" and (previous in " \t\n[{,:" or char == previous == "'"):
+            quote = char  # ('' inside single quotes is a quote: the same text goes on)
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _TooBig(f"nested deeper than {MAX_DEPTH} levels", line)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+        previous = char
+
+
+class _GuardedLoader(yaml.SafeLoader):
+    """SafeLoader that stops composing past MAX_DEPTH, before the reader's cost or Python's
+    recursion limit is reached."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise _TooBig(f"nested deeper than {MAX_DEPTH} levels", line)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _measure(node: yaml.Node, depth: int, sizes: dict[int, tuple[int, int]], open_: set) -> tuple:
+    """(values, depth) of `node` with aliases expanded; each distinct node is walked once."""
+    if id(node) in open_:
+        raise _TooBig("an alias refers to its own anchor", node.start_mark.line + 1)
+    if id(node) not in sizes:
+        open_.add(id(node))
+        count, height = 1, 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        for child in children:
+            child_count, child_height = _measure(child, depth + 1, sizes, open_)
+            count, height = count + child_count, max(height, child_height + 1)
+            if count > MAX_VALUES:
+                raise _TooBig(f"more than {MAX_VALUES} values once aliases are expanded")
+        open_.discard(id(node))
+        sizes[id(node)] = (count, height)
+    count, height = sizes[id(node)]
+    if depth + height > MAX_DEPTH:
+        raise _TooBig(f"nested deeper than {MAX_DEPTH} levels once aliases are expanded")
+    return count, height
+
+
+def _parse(text: str) -> tuple[Any, yaml.Node | None]:
+    """One YAML document as (data, node) within the limits; raises _TooBig, yaml.YAMLError, or
+    ValueError (a number PyYAML cannot build, e.g. one of thousands of digits)."""
+    _check_flow_depth(text)
+    loader = _GuardedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _measure(node, 0, {}, set())
+        return loader.construct_document(node), node
+    finally:
+        loader.dispose()
 
 
 def _reject_duplicates(node: yaml.Node, where: tuple, seen: set[int]) -> None:
@@ -38,27 +142,29 @@ def _reject_duplicates(node: yaml.Node, where: tuple, seen: set[int]) -> None:
 
 
 def read_job_file(path: str | Path) -> dict[str, Any]:
-    """The job file as plain data, duplicate keys rejected (safe YAML only)."""
+    """The job file as plain data, duplicate keys rejected (safe YAML only, within the limits)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such job file")
-    loader = yaml.SafeLoader(path.read_text())
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise SpecError(f"{path}: {size} bytes; a job file is at most {MAX_FILE_BYTES} bytes")
     try:
-        node = loader.get_single_node()
+        data, node = _parse(path.read_text())
         if node is None:
             raise SpecError(f"{path}: the job file is empty")
         _reject_duplicates(node, (), set())
-        data = loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(
-            f"{path}:{where} invalid YAML: {getattr(e, 'problem', None) or e}"
-        ) from None
+        problem = getattr(e, "problem", None) or e
+        raise SpecError(f"{path}:{where} invalid YAML: {str(problem)[:200]}") from None
+    except _TooBig as e:
+        raise SpecError(f"{path}: {e.where()}") from None
     except SpecError as e:
         raise SpecError(f"{e} in {path}") from None
-    finally:
-        loader.dispose()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: invalid YAML: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data
@@ -68,25 +174,28 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """Set `a.b.c=value` in place; the value is parsed as YAML (so 1e-4 is a number later)."""
     key, sep, raw = override.partition("=")
     parts = key.strip().split(".")
+    said = f"override {shown(override)}"
     if not sep or not all(parts):
-        raise SpecError(f"override {override!r}: expected KEY=VALUE, e.g. optim.rest.lr=1e-4")
+        raise SpecError(f"{said}: expected KEY=VALUE, e.g. optim.rest.lr=1e-4")
     if parts[0] == "overrides":
-        raise SpecError(f"override {override!r}: 'overrides' is recorded by load_job, not set")
+        raise SpecError(f"{said}: 'overrides' is recorded by load_job, not set")
+    if len(override) > MAX_FILE_BYTES:
+        raise SpecError(f"{said}: {len(override)} characters; at most {MAX_FILE_BYTES}")
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise SpecError(f"override {override!r}: the value is not valid YAML; quote it") from None
+        value = _parse(raw)[0]
+    except _TooBig as e:
+        raise SpecError(f"{said}: the value is {e}") from None  # one line: no line number
+    except (yaml.YAMLError, ValueError):
+        raise SpecError(f"{said}: the value is not valid YAML; quote it") from None
     node: Any = data
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise SpecError(
-                    f"override {override!r}: {path_text(parts[:depth])} has no item {part}"
-                )
+                raise SpecError(f"{said}: {path_text(parts[:depth])} has no item {clipped(part)}")
             part = int(part)
         elif not isinstance(node, dict):
-            raise SpecError(f"override {override!r}: {path_text(parts[:depth])} is not a section")
+            raise SpecError(f"{said}: {path_text(parts[:depth])} is not a section")
         if last:
             node[part] = value
         else:

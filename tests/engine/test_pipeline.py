@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.engine.conftest import REPO
+from tests.engine.conftest import REPO, kill_group, wait_for_steps
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -128,3 +128,44 @@ def test_pipeline_training_stages_across_the_hosts_of_a_hostfile(make_job, tmp_p
     assert result.returncode == 0, result.stderr[-3000:] + log[-3000:]
     assert f"soho_scale.cli launch {job}" in log and f"--hostfile {hostfile}" in log
     assert (root / "pre" / "export" / "model.pt").exists()
+
+
+def test_a_stage_that_dies_at_run_time_fails_its_run_and_the_pipeline(make_job, tmp_path):
+    """A training stage's rank is killed mid-run (SIGKILL: it cannot say so itself): the pipeline
+    prints one line, exits 1, marks the stage's MLflow run and its own FAILED with that line, and
+    starts no later stage."""
+    import psutil
+
+    job = make_job("dies", schedule__steps=500)
+    command, env = _pipeline(tmp_path, [
+        {"name": "a", "train": job, "nproc": 1},
+        {"name": "b", "train": job, "nproc": 1, "init_from": "a"},
+    ])  # fmt: skip
+    root = tmp_path / "pipe"
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=err,
+                                start_new_session=True)  # fmt: skip
+    try:
+        wait_for_steps(str(root / "a"), 1)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "soho_scale.launch.rank" in " ".join(p.cmdline())]  # fmt: skip
+        assert ranks
+        for rank in ranks:
+            rank.kill()
+        assert proc.wait(timeout=300) == 1
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    stderr = (tmp_path / "err.log").read_text()
+    (line,) = [x for x in stderr.splitlines() if "mlflow.store" not in x]
+    assert line.startswith("soho-scale pipeline: stage a failed (exit ")
+    assert line.endswith(f"see {root}/a/stage.log")
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("pipe-fail").experiment_id])
+    by_name = {r.data.tags["mlflow.runName"]: r for r in runs}
+    assert sorted(by_name) == ["f-a", "pipeline-f"]  # stage b never started
+    for run in by_name.values():
+        assert run.info.status == "FAILED"
+    assert by_name["f-a"].data.tags["failure"] == line.removeprefix("soho-scale pipeline: ")
+    assert by_name["pipeline-f"].data.tags["failure"] == line.removeprefix("soho-scale pipeline: ")
+    assert not (root / "b").exists()
