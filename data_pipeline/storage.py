@@ -4,19 +4,49 @@ The endpoint comes from `S3_ENDPOINT_URL` (unset: AWS itself); credentials come 
 standard AWS chain (environment, ~/.aws, instance role) and are never read from job specs nor
 logged. `describe_dataset` summarises a shard folder's `index.json`; `data_pipeline.loopback`
 runs a local S3 API for tests and the demo.
+
+`with_deadline` is the one retry of the house for storage outages (shard downloads, checkpoint
+transfers): a transient failure (endpoint refusing or dropping connections, timeouts, 5xx,
+throttling) is retried with capped exponential backoff and jitter until a total deadline, with one
+warning when an outage starts and one when it ends, not a line per attempt.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
-from typing import Any
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from data_pipeline import settings
 from data_pipeline.errors import DataError
-from data_pipeline.urls import is_s3_url, join_url, split_s3_url
+from data_pipeline.urls import is_s3_url, join_url, mask_url_credentials, split_s3_url
+
+logger = logging.getLogger(__name__)
 
 ENDPOINT_ENV = "S3_ENDPOINT_URL"
 INDEX_BASENAME = "index.json"
+RETRY_FIRST_S = 1.0  # first wait after a failed attempt; doubles each time
+RETRY_CAP_S = 30.0  # longest wait: an endpoint that is back is used again within this
+# Error codes S3-compatible servers answer when they are overloaded (retried like a 5xx).
+_THROTTLING = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestLimitExceeded",
+}
+
+T = TypeVar("T")
+
+
+class StorageUnavailable(DataError):
+    """The storage endpoint stayed unreachable past the deadline (one line: what, for how long)."""
 
 
 def s3_client(timeout_s: float = 60.0, max_attempts: int = 3) -> Any:
@@ -53,7 +83,9 @@ def read_bytes(url: str, client: Any = None) -> bytes:
             "AWS credentials"
         ) from e
     except BotoCoreError as e:
-        raise DataError(f"{url}: storage endpoint {endpoint_label()} unreachable ({e})") from e
+        raise DataError(
+            f"{url}: storage endpoint {endpoint_label()} unreachable ({mask_url_credentials(str(e))})"
+        ) from e
 
 
 def object_sizes(url: str, client: Any = None) -> dict[str, int]:
@@ -79,12 +111,16 @@ def object_sizes(url: str, client: Any = None) -> dict[str, int]:
                 if "/" not in name:
                     sizes[name] = obj["Size"]
     except (ClientError, BotoCoreError) as e:
-        raise DataError(f"{url}: cannot list objects at {endpoint_label()} ({e})") from e
+        raise DataError(
+            f"{url}: cannot list objects at {endpoint_label()} ({mask_url_credentials(str(e))})"
+        ) from e
     return sizes
 
 
 def endpoint_label() -> str:
-    return os.environ.get(ENDPOINT_ENV) or "AWS S3 (S3_ENDPOINT_URL unset)"
+    """The endpoint for messages, with any user:password in it masked."""
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    return mask_url_credentials(endpoint) if endpoint else "AWS S3 (S3_ENDPOINT_URL unset)"
 
 
 def read_index(url: str, client: Any = None) -> dict[str, Any]:
@@ -130,3 +166,150 @@ def describe_dataset(url: str) -> dict[str, Any]:
         "columns": columns,
         "shard_files": shards,
     }
+
+
+def is_transient(error: BaseException) -> bool:
+    """An outage or overload worth waiting out; a missing object or a refused credential is not."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as EndpointDown
+    from s3transfer.exceptions import RetriesExceededError
+
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or error.response.get("Error", {}).get("Code") in _THROTTLING
+    return isinstance(
+        error, (EndpointDown, HTTPClientError, RetriesExceededError, ConnectionError, TimeoutError)
+    )
+
+
+class _Outage:
+    """Calls of this process now waiting out an outage: the first to fail logs the start, the
+    last to get through logs the end."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.since = 0.0
+
+    def began(self, what: str, error: BaseException, deadline_s: float) -> None:
+        with self.lock:
+            self.waiting += 1
+            if self.waiting == 1:
+                self.since = time.monotonic()
+                logger.warning(
+                    "storage endpoint %s unreachable (%s: %s: %s); retrying with backoff for up "
+                    "to %.0f s",
+                    endpoint_label(),
+                    what,
+                    type(error).__name__,
+                    _first_line(error),
+                    deadline_s,
+                )
+
+    def ended(self, what: str, recovered: bool) -> None:
+        with self.lock:
+            self.waiting -= 1
+            if self.waiting == 0 and recovered:
+                logger.warning(
+                    "storage endpoint %s is back after %.0f s (%s)",
+                    endpoint_label(),
+                    time.monotonic() - self.since,
+                    what,
+                )
+
+
+_outage = _Outage()
+
+
+def _first_line(error: BaseException) -> str:
+    # botocore's connection errors quote the endpoint URL, user:password included
+    return mask_url_credentials((str(error).splitlines() or [""])[0][:300])
+
+
+def with_deadline(action: Callable[[], T], what: str, deadline_s: float) -> T:
+    """`action()`, retried on transient storage errors with capped exponential backoff and
+    jitter until `deadline_s` seconds after its first failure (0: no retry); then
+    StorageUnavailable naming `what` (a URL) and the time waited. Other errors pass through."""
+    first_failure: float | None = None
+    attempt = 0
+    while True:
+        try:
+            result = action()
+        except Exception as e:
+            if deadline_s <= 0 or not is_transient(e):
+                if first_failure is not None:
+                    _outage.ended(what, recovered=False)
+                raise
+            now = time.monotonic()
+            if first_failure is None:
+                first_failure = now
+                _outage.began(what, e, deadline_s)
+            waited = now - first_failure
+            if waited >= deadline_s:
+                _outage.ended(what, recovered=False)
+                raise StorageUnavailable(
+                    f"{what}: storage endpoint {endpoint_label()} unreachable for {waited:.0f} s, "
+                    f"past the {deadline_s:.0f} s deadline ({type(e).__name__}: {_first_line(e)})"
+                ) from e
+            # Full backoff times a random factor: ranks and workers that failed together do not
+            # come back together.
+            delay = min(RETRY_CAP_S, RETRY_FIRST_S * 2**attempt) * random.uniform(0.5, 1.0)
+            time.sleep(min(delay, deadline_s - waited))
+            attempt += 1
+            continue
+        if first_failure is not None:
+            _outage.ended(what, recovered=True)
+        return result
+
+
+class PatientS3:
+    """An S3 client (`s3_client`) whose every call waits out outages (`with_deadline`): a
+    `get_object` body is read inside the retry, and a paginator's pages are fetched whole."""
+
+    def __init__(self, client: Any, deadline_s: float) -> None:
+        self.client = client
+        self.deadline_s = deadline_s
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.client, name)
+        if name == "get_paginator":
+            return lambda operation: _PatientPaginator(self, method(operation))
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            def attempt() -> Any:
+                result = method(*args, **kwargs)
+                if name == "get_object":
+                    result["Body"] = io.BytesIO(result["Body"].read())
+                return result
+
+            return with_deadline(attempt, _url_of(name, args, kwargs), self.deadline_s)
+
+        return call
+
+
+class _PatientPaginator:
+    def __init__(self, owner: PatientS3, paginator: Any) -> None:
+        self.owner, self.paginator = owner, paginator
+
+    def paginate(self, **kwargs: Any) -> list[dict[str, Any]]:
+        return with_deadline(
+            lambda: list(self.paginator.paginate(**kwargs)),
+            _url_of("paginate", (), kwargs),
+            self.owner.deadline_s,
+        )
+
+
+def _url_of(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """s3://bucket/key of a client call (keywords, or upload_file/download_file's positions)."""
+    if "Bucket" in kwargs:
+        return f"s3://{kwargs['Bucket']}/{kwargs.get('Key') or kwargs.get('Prefix', '')}"
+    if method == "upload_file" and len(args) >= 3:  # (Filename, Bucket, Key)
+        return f"s3://{args[1]}/{args[2]}"
+    if len(args) >= 2:  # download_file(Bucket, Key, Filename)
+        return f"s3://{args[0]}/{args[1]}"
+    return f"{method} at {endpoint_label()}"
+
+
+def patient_s3_client(deadline_s: float = settings.STORAGE_DEADLINE_S) -> PatientS3:
+    """`s3_client()` whose calls ride out storage outages up to `deadline_s`."""
+    return PatientS3(s3_client(), deadline_s)

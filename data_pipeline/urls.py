@@ -1,10 +1,13 @@
 """Locations as the system spells them: a local path, or a URL of object storage (`s3://bucket/
 prefix`; streaming's writer also takes other clouds' schemes). Every "is this remote?" and
-"join this name onto that location" in the house goes through here."""
+"join this name onto that location" in the house goes through here; so does masking the
+credentials a URL can carry (`mask_url_credentials`: data_pipeline's storage messages use it,
+soho_scale.secrets builds on it)."""
 
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 
 from data_pipeline.errors import DataError
@@ -37,3 +40,25 @@ def join_url(base: str, name: str) -> str:
 def basename(location: str) -> str:
     """The last part of a local path or URL (`s3://b/run/step_00000004` -> `step_00000004`)."""
     return location.rstrip("/").rsplit("/", 1)[-1]
+
+
+MASK = "***"
+# scheme://user:password@ (or user@): up to the authority's last "@", as URL parsers read it
+# (a password may hold an unencoded "@"); quotes and brackets end a URL inside other text.
+URL_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s\"'<>()\[\]{}]+)@"
+)
+# ?name=value / &name=value where the name says credential (the value ends at &, #, a space or
+# a quote)
+_QUERY_SECRET = re.compile(
+    r"(?P<name>[?&;](?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)"
+    r"|sig|signature|[A-Za-z0-9_.-]*(?:token|password|passwd|secret|api[_-]?key|access[_-]?key"
+    r"|credential)[A-Za-z0-9_.-]*)=)(?P<value>[^&#\s\"'<>]+)",
+    re.IGNORECASE,
+)
+
+
+def mask_url_credentials(text: str) -> str:
+    """`text` with every URL's user:password and credential query values replaced by MASK."""
+    text = URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m.group('name')}{MASK}", text)

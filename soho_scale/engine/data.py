@@ -40,13 +40,15 @@ def job_loader(
         num_canonical_nodes=data.num_canonical_nodes or job.resources.nodes,
         download_retry=data.download_retry,
         download_timeout=data.download_timeout,
+        download_deadline_s=data.download_deadline_s,
         validate_hash=data.validate_hash,
     )
     loader = build_loader(
         dataset,
         batch_size=batch_size,
         num_workers=data.workers if workers is None else workers,
-        stall_timeout_s=data.stall_timeout_s,
+        # A download waiting out an outage is not a stall: it fails by itself at its deadline.
+        stall_timeout_s=data.stall_timeout_s + data.download_deadline_s,
         collate_fn=collate_fn,
     )
     return dataset, loader

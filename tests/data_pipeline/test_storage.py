@@ -46,3 +46,23 @@ def test_describe_dataset_local_and_s3(tmp_path, capsys):
 def test_missing_local_index_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="index.json"):
         describe_dataset(str(tmp_path))
+
+
+def test_storage_messages_mask_credentials_in_the_endpoint(monkeypatch, caplog):
+    # A closed port: botocore's connection error quotes the endpoint URL, password and all.
+    import socket
+
+    from data_pipeline.storage import read_bytes, with_deadline
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://probeuser:probe-pw-77@127.0.0.1:{port}")
+    client = s3_client(timeout_s=1, max_attempts=1)
+    with pytest.raises(DataError) as error:
+        read_bytes("s3://bucket/index.json", client)
+    with pytest.raises(DataError) as late:
+        with_deadline(lambda: read_bytes("s3://bucket/x", client), "s3://bucket/x", 1.5)
+    shown = f"{error.value}\n{late.value}\n{caplog.text}"
+    assert "unreachable" in shown and f"127.0.0.1:{port}" in shown
+    assert "probe-pw-77" not in shown and "probeuser" not in shown
