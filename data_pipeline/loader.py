@@ -12,6 +12,8 @@ global batch and `num_canonical_nodes` stay fixed. It also
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -56,6 +58,7 @@ class SohoLoader(StreamingDataLoader):
             check_worker_tempdir()
             if torch_shm_batch_files.install():
                 torch_shm_batch_files.remove_orphans()
+            _kill_workers_at_exit()
         self.skipped = 0
 
     @property
@@ -93,6 +96,25 @@ class SohoLoader(StreamingDataLoader):
             f"data loader stalled for {self.timeout:.0f} s (stuck: {where}); check the storage "
             "endpoint and that every shard exists"
         )
+
+
+_kill_at_exit: list[bool] = []
+
+
+def _kill_workers_at_exit() -> None:
+    """At exit, multiprocessing terminates (SIGTERM) its daemon children, loader workers
+    included, then joins them; a worker that ignores stop signals (the trainer's keep running
+    until the rank has saved) would keep a rank that raised from exiting, and its peers waiting
+    in a collective. Killing them first, once registered per process, lets the rank exit."""
+    if not _kill_at_exit:
+        _kill_at_exit.append(True)
+        atexit.register(_kill_daemon_children)  # runs before multiprocessing's own exit handler
+
+
+def _kill_daemon_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def check_worker_tempdir() -> None:

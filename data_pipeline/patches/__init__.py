@@ -6,5 +6,8 @@ MODULES = (
     "data_pipeline.patches.streaming_local_fastpath",
     "data_pipeline.patches.streaming_mapped_shards",
     "data_pipeline.patches.streaming_barrier",
+    "data_pipeline.patches.streaming_download_deadline",
     "data_pipeline.patches.torch_shm_batch_files",
+    "data_pipeline.patches.streaming_stale_shm",
+    "data_pipeline.patches.streaming_job_prefix",
 )

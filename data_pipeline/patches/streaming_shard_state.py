@@ -103,11 +103,15 @@ class ShardStateChecks:
             int(i) for i in np.flatnonzero((states == _states().PREPARING) | (states == FAILED))
         ]
 
+    def mark_failed(self, shard_id: int) -> None:
+        """The other workers of the node stop waiting and raise too."""
+        self._shard_states[shard_id] = FAILED
+
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
-            self._shard_states[shard_id] = FAILED  # the other workers stop waiting and raise too
+            self.mark_failed(shard_id)
             raise DataError(
                 f"shard {self.shard_url(shard_id)} could not be fetched or failed its hash "
                 f"check ({type(e).__name__}: {e}); check the dataset location, or rewrite it"

@@ -6,13 +6,15 @@ as a file in /dev/shm named `torch_<creating pid>_<random>_<counter>` (torch's l
 name is not promised anywhere). torch's manager unlinks the files of a worker that dies, but a
 SIGKILL of the whole process group (a preempted job) kills the manager too, and the batches in
 flight stay in /dev/shm until reboot. `remove_orphans` deletes the files of processes that no
-longer run; a running process's files are kept. Delete the patch when torch unlinks them itself.
+longer run, unless a live process (another job's loader, say) still maps or holds one. Delete the
+patch when torch unlinks them itself.
 """
 
 from __future__ import annotations
 
 import os
 
+from data_pipeline.live_files import live_paths
 from data_pipeline.patches.guard import Patch
 
 PATCH = Patch(
@@ -39,12 +41,14 @@ def supported() -> bool:
 
 
 def remove_orphans(folder: str = "/dev/shm") -> list[str]:
-    """Delete `torch_<pid>_...` files whose creating process no longer runs; returns their names."""
-    removed = []
+    """Delete `torch_<pid>_...` files whose creating process no longer runs and that no live
+    process maps or holds open; returns their names."""
+    removed: list[str] = []
     try:
         names = os.listdir(folder)
     except OSError:
         return removed
+    live: set[str] | None = None
     for name in names:
         parts = name.split("_")
         if len(parts) < 3 or parts[0] != "torch" or not parts[1].isdigit():
@@ -56,6 +60,9 @@ def remove_orphans(folder: str = "/dev/shm") -> list[str]:
             pass
         except OSError:
             continue
+        live = live_paths() if live is None else live
+        if os.path.join(folder, name) in live:
+            continue  # received by a process that still runs
         try:
             os.remove(os.path.join(folder, name))
             removed.append(name)

@@ -102,17 +102,25 @@ class MetricMeans:
             self.sums[key] = self.sums.get(key, 0.0) + torch.where(present, value, 0.0)
             self.counts[key] = self.counts.get(key, 0.0) + present.float()
 
-    def mean_over_ranks(self) -> dict[str, float]:
+    def mean_over_ranks(self, totals: dict[str, float] | None = None) -> dict[str, float]:
+        """The means, plus each of `totals` (this rank's counts, e.g. replaced samples) summed
+        over the ranks, in the same all-reduce: each rank counts its own, rank 0 logs."""
         keys = sorted(self.sums)
-        if not keys:
+        totals = totals or {}
+        if not keys and not totals:
             return {}
-        packed = torch.stack([self.sums[k] for k in keys] + [self.counts[k] for k in keys])
+        packed = torch.stack(
+            [self.sums[k] for k in keys]
+            + [self.counts[k] for k in keys]
+            + [torch.tensor(float(v), device=self.device) for v in totals.values()]
+        )
         if dist.is_initialized():
             dist.all_reduce(packed)
         values = packed.tolist()
         self.reset()
         n = len(keys)
-        return {k: values[i] / values[n + i] for i, k in enumerate(keys) if values[n + i] > 0}
+        means = {k: values[i] / values[n + i] for i, k in enumerate(keys) if values[n + i] > 0}
+        return {**means, **dict(zip(totals, values[2 * n :]))}
 
 
 class Throughput:

@@ -331,6 +331,7 @@ def test_endpoint_that_never_answers_names_the_shard_url(proxy, tmp_path):
         shuffle=False,
         download_timeout=1.0,
         download_retry=2,
+        download_deadline_s=2,  # the default waits out 10 minutes before naming it
         clean_stale_shm=False,
     )
     proxy.forwarding.clear()

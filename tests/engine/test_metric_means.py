@@ -20,7 +20,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     means.add({"loss": torch.tensor(3.0 + rank), "acc": torch.tensor(0.5 * rank)})
     first = means.mean_over_ranks()
     means.add({"loss": torch.tensor(10.0)})  # the next logging window starts afresh
-    second = means.mean_over_ranks()
+    second = means.mean_over_ranks({"skipped_samples": 2 + rank})  # counts: summed over ranks
     if rank == 0:
         torch.save({"first": first, "second": second}, out)
     dist.destroy_process_group()
@@ -32,4 +32,4 @@ def test_means_over_micro_batches_and_ranks(tmp_path):
     result = torch.load(out)
     # loss: (1 + 3) on rank 0, (2 + 4) on rank 1 -> 10 / 4; acc: NaN left out -> (0 + 0.5) / 2
     assert result["first"] == {"loss": 2.5, "acc": 0.25, "n": 3.0}
-    assert result["second"] == {"loss": 10.0}
+    assert result["second"] == {"loss": 10.0, "skipped_samples": 5.0}

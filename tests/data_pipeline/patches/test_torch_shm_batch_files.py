@@ -33,6 +33,17 @@ def test_behaviour_removes_only_the_files_of_processes_that_are_gone(tmp_path):
     )
 
 
+def test_behaviour_keeps_a_dead_workers_file_that_a_live_process_still_maps(tmp_path):
+    dead = multiprocessing.get_context("fork").Process(target=int)
+    dead.start()
+    dead.join()
+    path = tmp_path / f"torch_{dead.pid}_12_3"
+    path.write_bytes(b"batch")
+    with open(path, "rb"):  # the batch received by a live loader (another job's, say)
+        assert remove_orphans(str(tmp_path)) == []
+    assert remove_orphans(str(tmp_path)) == [path.name]
+
+
 # A process that shares a tensor as loader workers do (file_system strategy), then waits to be
 # killed together with torch's shared-memory manager.
 SHARER = """
