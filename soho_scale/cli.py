@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from soho_scale.secrets import redact
+
 
 def _model_info(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="soho-scale model-info")
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors are ValueErrors with a one-line message
         if os.environ.get("SOHO_DEBUG"):
             raise
-        print(f"soho-scale {command}: {e}", file=sys.stderr)
+        print(redact(f"soho-scale {command}: {e}"), file=sys.stderr)
         return 2
 
 

@@ -19,6 +19,7 @@ from soho_scale.pipeline import (
     run_pipeline,
     run_stage,
 )
+from soho_scale.secrets import redact
 
 
 def pipeline_main(argv: list[str]) -> int:
@@ -68,7 +69,7 @@ def pipeline_main(argv: list[str]) -> int:
             return _inside_job(args)
         out = run_pipeline(args.pipeline, args.override_set, args.run_root, args.hostfile)
     except StageFailed as e:
-        print(f"soho-scale pipeline: {e}", file=sys.stderr)
+        print(redact(f"soho-scale pipeline: {e}"), file=sys.stderr)
         return 1
     _print_report(out)
     return 0
@@ -89,7 +90,7 @@ def _inside_job(args: argparse.Namespace) -> int:
                 finish_stage(pipe, stages[name], args.status, time.time())
         except StageFailed as e:
             mark_failed(pipe.run_root, str(e))  # the pipeline's parent run fails with it
-            print(f"soho-scale pipeline: {e}", file=sys.stderr)
+            print(redact(f"soho-scale pipeline: {e}"), file=sys.stderr)
             return args.status or 1
     else:
         _print_report(finish_pipeline(pipe, parent_tracker(pipe)))

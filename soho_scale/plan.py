@@ -34,6 +34,7 @@ from soho_scale.preflight import (
     clean_stale_shm,
     format_bytes,
 )
+from soho_scale.secrets import redact
 from soho_scale.spec import Job, SpecError, accumulation_steps, derived, load_job
 
 DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
@@ -352,5 +353,6 @@ def plan_main(argv: list[str]) -> int:
     plan = make_plan(
         job, args.nodes, args.gpus_per_node, args.peak_tflops, args.mfu, args.timeout, args.shm_dir
     )
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    # URLs (streams, checkpoint.dir, endpoints in a check's detail) are shown without credentials
+    print(redact(json.dumps(plan, indent=2) if args.json else format_plan(plan)))
     return 0 if plan["ok"] else 1

@@ -4,11 +4,12 @@ Object storage reachable and every stream's shards present; the initial weights 
 (`cnn_init`, `init_from`); checkpoint location writable (a probe file or object, deleted again);
 MLflow reachable; /dev/shm large enough; no stale streaming or DeepSpeed shared memory; enough
 GPUs per node. `soho-scale plan` (soho_scale/plan.py) runs them; `validate` runs the init_from one.
-No credential's value is ever put into a check's text.
+No credential's value is ever put into a check's text (`soho_scale.secrets.redact`).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import urllib.error
@@ -18,7 +19,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from data_pipeline.live_files import live_paths
 from data_pipeline.urls import is_s3_url, split_s3_url
+from soho_scale.secrets import redact, split_credentials
 
 STREAMING_SHM = re.compile(
     r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume"
@@ -43,7 +46,7 @@ def _storage_failure(exc: Exception) -> tuple[str, str]:
     """(what happened, the fix) for a boto error; unreachable endpoints named as such."""
     from botocore.exceptions import ClientError, NoCredentialsError
 
-    endpoint = os.environ.get("S3_ENDPOINT_URL") or "AWS S3 (S3_ENDPOINT_URL unset)"
+    endpoint = redact(os.environ.get("S3_ENDPOINT_URL") or "AWS S3 (S3_ENDPOINT_URL unset)")
     if isinstance(exc, NoCredentialsError):
         return "no AWS credentials found", (
             "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role"
@@ -196,11 +199,19 @@ def check_mlflow(timeout_s: float) -> Check:
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme not in ("http", "https"):
         return Check(name, True, f"{scheme or 'file'} store, no server to reach")
-    shown = _without_userinfo(uri)
+    shown = redact(uri)
+    # As MLflow's client authenticates: a token, else basic auth from the URI's user:password
+    # or MLFLOW_TRACKING_USERNAME/PASSWORD.
+    base, user, password = split_credentials(uri)
+    base = base.rstrip("/")
+    user = user or os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = password or os.environ.get("MLFLOW_TRACKING_PASSWORD")
     headers = {}
     if os.environ.get("MLFLOW_TRACKING_TOKEN"):
         headers["Authorization"] = "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"]
-    base = uri.rstrip("/")
+    elif user or password:
+        pair = f"{user or ''}:{password or ''}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
     status = None
     for path in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
         try:
@@ -210,7 +221,7 @@ def check_mlflow(timeout_s: float) -> Check:
         except urllib.error.HTTPError as e:
             status = e.code
         except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
+            reason = redact(str(getattr(e, "reason", e)))
             return Check(
                 name,
                 False,
@@ -234,15 +245,6 @@ def check_mlflow(timeout_s: float) -> Check:
     )
 
 
-def _without_userinfo(uri: str) -> str:
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.username or parsed.password:
-        return parsed._replace(
-            netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")
-        ).geturl()
-    return uri
-
-
 def check_shm(needed: int, shm_dir: str = "/dev/shm") -> Check:
     name = f"shared memory {shm_dir}"
     try:
@@ -262,27 +264,6 @@ def check_shm(needed: int, shm_dir: str = "/dev/shm") -> Check:
     )
 
 
-def _mapped_paths() -> set[str]:
-    """Files mapped or held open by live processes, from /proc. Only the caller's own files are
-    candidates for removal, and the caller can read its own processes' maps."""
-    paths = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                paths.update(
-                    p[5].strip() for p in (line.split(None, 5) for line in f) if len(p) == 6
-                )
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:  # exited meanwhile, or not ours to read
-            continue
-        for fd in fds:
-            try:
-                paths.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-            except OSError:
-                pass
-    return paths
-
-
 def find_stale_shm(shm_dir: str = "/dev/shm") -> list[str]:
     """Our streaming/DeepSpeed shared-memory files that no live process maps or holds open."""
     try:
@@ -297,7 +278,7 @@ def find_stale_shm(shm_dir: str = "/dev/shm") -> list[str]:
     ]
     if not candidates:
         return []
-    live = _mapped_paths()
+    live = live_paths()
     return [path for path in candidates if path not in live]
 
 

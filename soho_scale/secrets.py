@@ -2,8 +2,11 @@
 MLflow param or artifact, or a file we write for other nodes.
 
 A secret is the value of an environment variable whose name says so (`is_secret_name`: keys,
-tokens, passwords, credentials, sessions, user names of a service) and the user:password part
-of any URL. `redact` masks both in text; `has_credentials` tells a value that embeds them.
+tokens, passwords, credentials, sessions, user names of a service), the user:password part of
+any URL (`http://user:password@host`), and a query parameter of a URL that is a credential
+(presigned S3 URLs' X-Amz-Signature/-Credential/-Security-Token, `token=`, `password=`, ...).
+`redact` masks all of them in text; `has_credentials` tells a value that embeds them;
+`split_credentials` takes a URL's user:password out (for a client that takes them separately).
 """
 
 from __future__ import annotations
@@ -13,12 +16,11 @@ import re
 import urllib.parse
 from collections.abc import Mapping
 
+from data_pipeline.urls import MASK, URL_USERINFO, mask_url_credentials
+
 SECRET_NAME = re.compile(
     r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|SESSION|PRIVATE|USERNAME|API_KEY"
 )
-MASK = "***"
-# user:password@ (or user@) in scheme://user:password@host/... URLs
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
 _SHORTEST_MASKED = 4  # shorter values ("1", "yes") would mask unrelated text
 
 
@@ -27,28 +29,48 @@ def is_secret_name(name: str) -> bool:
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> set[str]:
-    """Values of the secret-named variables of `environ` (default: this process's)."""
+    """Values of the secret-named variables of `environ` (default: this process's), and the
+    password of any URL in a variable's value (a library may print it decoded or alone)."""
     environ = os.environ if environ is None else environ
     values = set()
     # Names first, then each value by get(): another thread (MLflow's) may set or delete
     # variables meanwhile, and iterating os.environ's items would then raise KeyError.
     for name in list(environ):
-        value = environ.get(name) if is_secret_name(name) else None
-        if value and len(value) >= _SHORTEST_MASKED:
+        value = environ.get(name)
+        if not value:
+            continue
+        if is_secret_name(name):
             values.add(value)
-    return values
+        elif "@" in value and "://" in value:
+            for match in URL_USERINFO.finditer(value):
+                password = match.group("userinfo").partition(":")[2]
+                values.update({password, urllib.parse.unquote(password)})
+    return {v for v in values if len(v) >= _SHORTEST_MASKED}
 
 
 def has_credentials(value: str) -> bool:
-    """`value` is a URL with a user name or password in it."""
-    if "://" not in value:
-        return False
-    parsed = urllib.parse.urlparse(value)
-    return bool(parsed.username or parsed.password)
+    """`value` holds a URL with a user name, a password or a credential query parameter."""
+    return mask_url_credentials(value) != value
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(`url` without its user:password, the user name, the password), the two unquoted; None
+    where the URL has none."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None, None
+    user, password = parts.username, parts.password
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return (
+        bare,
+        urllib.parse.unquote(user) if user else None,
+        urllib.parse.unquote(password) if password is not None else None,
+    )
 
 
 def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
-    """`text` with every secret value of `environ` and every URL's user:password masked."""
+    """`text` with every secret value of `environ`, every URL's user:password and every
+    credential query parameter masked."""
     for value in sorted(secret_values(environ), key=len, reverse=True):
         text = text.replace(value, MASK)
-    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+    return mask_url_credentials(text)

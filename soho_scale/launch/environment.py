@@ -4,7 +4,11 @@ Non-secret settings every rank needs (`PROPAGATED`: storage endpoint, region, tr
 and every NCCL_*, TORCH_* and MLFLOW_* setting) travel by value: in the sbatch script, in the Kubernetes manifest, or in DeepSpeed's env file
 for the hostfile runner. A secret (`soho_scale.secrets`) never goes into a file we write:
 credentials come from each host's own environment or AWS chain (hostfile, Slurm) or from
-Kubernetes Secrets by reference. The runner's env-file and export formats are those of
+Kubernetes Secrets by reference. A setting whose value is a URL with a user:password in it
+(`MLFLOW_TRACKING_URI=https://user:pw@host`) travels without them: the nodes take MLflow's from
+MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN in their own environment (Kubernetes:
+the Secret), S3's from the AWS chain; one with a credential in its query does not travel. The
+runner's env-file and export formats are those of
 `soho_scale.engine.patches.deepspeed_runner_env`.
 """
 
@@ -20,7 +24,7 @@ from soho_scale.engine.patches.deepspeed_runner_env import (
     auto_exported,
     runner_env_files,
 )
-from soho_scale.secrets import has_credentials, is_secret_name, secret_values
+from soho_scale.secrets import has_credentials, is_secret_name, secret_values, split_credentials
 
 # Settings every rank needs whose values are not secret; propagated by value.
 PROPAGATED = (
@@ -61,11 +65,29 @@ def propagated_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
                 f"{name} not propagated: a secret (each node needs it in its own environment)"
             )
             continue
-        if has_credentials(value) or value in secrets:
-            notes.append(f"{name} not propagated: its value holds a credential")
-            continue
-        values[name] = value
+        travelling, note = without_credentials(name, value, secrets)
+        if note:
+            notes.append(note)
+        if travelling is not None:
+            values[name] = travelling
     return values, notes
+
+
+def without_credentials(name: str, value: str, secrets: set[str]) -> tuple[str | None, str | None]:
+    """(what of setting `name` may travel, None: nothing; a note on what was held back)."""
+    if value in secrets:
+        return None, f"{name} not propagated: its value is a secret"
+    bare, user, password = split_credentials(value)
+    if has_credentials(bare) or bare in secrets:
+        return None, f"{name} not propagated: its value holds a credential"
+    if user or password:
+        where = (
+            "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN"
+            if name.startswith("MLFLOW")
+            else "the nodes' own credentials (AWS chain)"
+        )
+        return bare, f"{name} propagated without its user:password (each node: {where})"
+    return value, None
 
 
 def cluster_env(environ: dict[str, str], cpu: bool) -> dict[str, str]:
@@ -84,7 +106,7 @@ def cluster_env(environ: dict[str, str], cpu: bool) -> dict[str, str]:
 def deepspeed_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """What the env file holds: the user's own .deepspeed_env entries and our settings, minus
     anything that looks like a secret (those must already be in each host's environment)."""
-    values, notes = {}, []
+    values, notes, secrets = {}, [], secret_values(environ)
     for path in runner_env_files(environ):
         for line in Path(path).read_text().splitlines():
             name, sep, value = line.partition("=")
@@ -93,7 +115,11 @@ def deepspeed_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
             if is_secret_name(name):
                 notes.append(f"{name.strip()} from {path} not propagated: looks like a secret")
                 continue
-            values[name.strip()] = value.strip()
+            travelling, note = without_credentials(name.strip(), value.strip(), secrets)
+            if note:
+                notes.append(f"{note} (from {path})")
+            if travelling is not None:
+                values[name.strip()] = travelling
     ours, held_back = propagated_env(environ)
     return {**values, **ours}, notes + held_back
 
@@ -106,10 +132,19 @@ def write_env_file(path: str, values: dict[str, str]) -> None:
 
 
 def launcher_environment(environ: dict[str, str], env_file: str) -> tuple[dict[str, str], list]:
-    """The runner's environment: ours, pointed at the env file, with secrets the runner would
-    copy onto every remote command line (MLFLOW_TRACKING_TOKEN...) removed."""
+    """The runner's environment: ours, pointed at the env file, with what the runner would copy
+    onto every remote command line (and into its log) removed where it is a secret
+    (MLFLOW_TRACKING_TOKEN...) or holds one (a URL's user:password): those settings travel
+    through the env file, `deepspeed_env`, as they may."""
     env = dict(environ)
-    removed = [k for k in env if auto_exported(k) and is_secret_name(k) and env[k]]
+    secrets = secret_values(environ)
+    removed = [
+        k
+        for k in env
+        if auto_exported(k)
+        and env[k]
+        and (is_secret_name(k) or without_credentials(k, env[k], secrets) != (env[k], None))
+    ]
     for name in removed:
         del env[name]
     env[ENV_FILE_VARIABLE] = os.path.abspath(env_file)

@@ -22,6 +22,7 @@ from soho_scale.engine.patches import deepspeed_runner_env
 from soho_scale.launch.environment import deepspeed_env, launcher_environment, write_env_file
 from soho_scale.launch.errors import ClusterError
 from soho_scale.launch.rank import rank_module_args
+from soho_scale.secrets import redact
 from soho_scale.spec import Job, accumulation_steps
 
 
@@ -94,13 +95,13 @@ def hostfile_launch(args: argparse.Namespace, job: Job) -> int:
     env, removed = launcher_environment(dict(os.environ), env_file)
     print(f"env file {os.path.abspath(env_file)} (DS_ENV_FILE) propagates to every host:")
     for name, value in values.items():
-        print(f"  {name}={value}")
+        print(redact(f"  {name}={value}"))
     for note in notes:
         print(f"  note: {note}")
     if removed:
-        print(f"  held back (each host needs them in its own environment): {', '.join(removed)}")
+        print(f"  kept off the runner's command lines: {', '.join(removed)}")
     print("  credentials: each host's own environment / AWS chain (never written here)")
-    print(shlex.join(cmd))
+    print(redact(shlex.join(cmd)))
     if args.dry_run:
         return 0
     return subprocess.call(cmd, env=env)

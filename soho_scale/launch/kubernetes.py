@@ -82,18 +82,20 @@ def k8s_manifest(
         }
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     ]
-    variables.append(
+    # MLflow's token or basic auth (MLFLOW_TRACKING_URI travels without a user:password)
+    variables += [
         {
-            "name": "MLFLOW_TRACKING_TOKEN",
+            "name": key,
             "valueFrom": {
                 "secretKeyRef": {
                     "name": mlflow_secret,
-                    "key": "MLFLOW_TRACKING_TOKEN",
+                    "key": key,
                     "optional": True,  # tracking servers without authentication
                 }
             },
         }
-    )
+        for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    ]
     # The pod's index, for its sub-folder of the runs volume (kept across the pod's restarts).
     variables.append(
         {
@@ -202,7 +204,8 @@ def k8s_manifest(
         '--from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" '
         '--from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"\n'
         f"#   kubectl create secret generic {mlflow_secret} "
-        '--from-literal=MLFLOW_TRACKING_TOKEN="$MLFLOW_TRACKING_TOKEN"\n'
+        '--from-literal=MLFLOW_TRACKING_TOKEN="$MLFLOW_TRACKING_TOKEN"'
+        "  (or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)\n"
     )
     return header + yaml.dump_all([service, job_object], Dumper=_ManifestDumper, sort_keys=False)
 

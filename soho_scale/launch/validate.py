@@ -12,6 +12,7 @@ import yaml
 from data_pipeline.urls import is_s3_url
 from soho_scale.engine.deepspeed_config import build_deepspeed_config
 from soho_scale.preflight import check_init_from
+from soho_scale.secrets import redact
 from soho_scale.spec import SpecError, derived, dump_job, load_job
 
 
@@ -31,16 +32,16 @@ def validate_main(argv: list[str]) -> int:
         numbers = derived(job, args.num_samples, args.world_size)
         ds_config = build_deepspeed_config(job, numbers["world_size"])
     except SpecError as e:
-        print(e, file=sys.stderr)
+        print(redact(str(e)), file=sys.stderr)
         return 2
     source = job.model.init_from
     if source and not is_s3_url(source):  # s3:// needs storage access: `soho-scale plan` checks
         check = check_init_from(source)  # the same check `soho-scale plan` runs
         if not check.ok:
-            print(check.detail, file=sys.stderr)
+            print(redact(check.detail), file=sys.stderr)
             return 2
-    print(dump_job(job), end="")
+    print(redact(dump_job(job)), end="")  # URLs shown without credentials
     print("---")
     summary = {"overrides": job.overrides, "derived": numbers, "deepspeed_config": ds_config}
-    print(yaml.safe_dump(summary, sort_keys=False), end="")
+    print(redact(yaml.safe_dump(summary, sort_keys=False)), end="")
     return 0

@@ -9,8 +9,8 @@ puts on every remote command line (pdsh's `export K=V;`, mpirun's `-x K=V`, srun
   named by `DS_ENV_FILE` (default `.deepspeed_env`), looked up in ~ and in the current folder;
   an absolute name is that file.
 None of this is a promised interface. `soho_scale.launch.environment` relies on it to carry the
-non-secret settings in an env file and to keep secret-named variables off the runner's
-environment. If the runner changed these formats, secrets could reach remote command lines
+non-secret settings in an env file and to keep secret-named variables, and settings whose value
+holds a credential (a URL's user:password), off the runner's environment. If the runner changed these formats, secrets could reach remote command lines
 (visible in `ps` on every host) or settings could stop travelling, so outside the tested range,
 or when a relied-on piece changed, `install()` refuses with one line (PatchError) before
 anything is written or started.
