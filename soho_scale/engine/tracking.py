@@ -7,10 +7,16 @@ also goes to `metrics.jsonl` in the run folder. When MLflow fails, one warning i
 the remaining operations are appended to `tracking_pending.jsonl`; `soho-scale sync-tracking
 RUN_DIR` replays them later. Values of secret environment variables are masked wherever they
 would appear (params, tags, artifacts are written by us from the spec, never from the env).
+
+Against a server that accepts connections and never answers: training never waits for its
+MLflow run to exist; no call waits (beyond `QUEUE_SIZE` waiting operations the next go to the
+pending file); `finish` waits at most MLflow's request timeout (10 s) for a call with no answer,
+then keeps the rest in the pending file and says how many in its one warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,13 +26,15 @@ import threading
 import time
 from typing import Any
 
-from soho_scale.secrets import redact
+from soho_scale.secrets import redact, split_credentials
 
 logger = logging.getLogger(__name__)
 
 PENDING = "tracking_pending.jsonl"
 PARENT_ENV = "SOHO_MLFLOW_PARENT_RUN_ID"  # set by `soho-scale pipeline` for its stages
 RUN_INFO = "tracking.json"
+REQUEST_TIMEOUT = "10"  # seconds, MLflow's MLFLOW_HTTP_REQUEST_TIMEOUT unless set
+QUEUE_SIZE = 10_000  # operations waiting for MLflow; beyond it they go straight to PENDING
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -40,9 +48,17 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 def tracking_uri(run_dir: str) -> str:
-    return (
-        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db"
-    )
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db"
+    # MLflow prints and records the URI it is given ("View run at ..."): a user:password in it
+    # becomes MLflow's own basic-auth settings of this process, the URI goes on without it.
+    bare, user, password = split_credentials(uri)
+    if user or password:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user or "")
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password or "")
+        os.environ["MLFLOW_TRACKING_URI"] = bare
+    return bare
 
 
 class NullTracker:
@@ -57,16 +73,32 @@ class NullTracker:
     def log_artifact(self, path: str) -> None: ...
     def log_inputs(self, inputs: list[dict[str, str]]) -> None: ...
     def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None: ...
+    def run_id_now(self, wait_s: float = 1.0) -> str | None: ...
+    def new_run_only(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+def _not_a_retry(record: logging.LogRecord) -> bool:
+    """urllib3's "Retrying ..." lines of MLflow's requests go: the tracker's one warning says
+    the server does not answer."""
+    message = record.getMessage()
+    return not (message.startswith("Retrying") and "/mlflow/" in message)
 
 
 def _client(uri: str):
+    logging.getLogger("urllib3.connectionpool").addFilter(_not_a_retry)  # once: same object
     # Bounded retries: a dead server must cost seconds, not minutes, per attempt.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def request_timeout() -> float:
+    """Seconds MLflow's client waits for one answer: a call in flight longer gets none."""
+    return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", REQUEST_TIMEOUT))
 
 
 def _apply(client, run_id: str, op: dict[str, Any]) -> None:
@@ -142,7 +174,10 @@ def _reopen(client, run_id: str) -> bool:
 
 
 class Tracker:
-    """One MLflow run, written from a background thread; see the module docstring."""
+    """One MLflow run, written from a background thread; see the module docstring.
+
+    `wait_s`: how long the constructor waits for the run to exist (`run_id`, `reopened`): a
+    pipeline's parent run hands its id to the stages; a training run waits for nothing."""
 
     def __init__(
         self,
@@ -152,6 +187,7 @@ class Tracker:
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
         system_metrics: bool = False,
+        wait_s: float = 30.0,
     ):
         self.run_dir = run_dir
         os.makedirs(run_dir, exist_ok=True)
@@ -167,12 +203,20 @@ class Tracker:
         self._system_metrics = system_metrics
         self._monitor = None
         self.offline = False
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+        self._lock = threading.Lock()  # the pending file, the call in flight, giving up
+        self._in_flight: tuple[dict[str, Any], float] | None = None  # (operation, since)
+        self._given_up = False  # finish() stopped waiting; what is left went to PENDING
+        self._behind = 0  # operations that found the queue full
+        self._new_run_only = False
+        self._status = "FINISHED"
+        self._closing = threading.Event()
         self._metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
-        self._started.wait(timeout=30)
+        if wait_s > 0:
+            self._started.wait(timeout=wait_s)
 
     def _go_offline(self, error: Exception) -> None:
         if not self.offline:
@@ -187,11 +231,38 @@ class Tracker:
             )
         self.offline = True
 
-    def _pending(self, op: dict[str, Any]) -> None:
+    def _write_pending(self, ops: list[dict[str, Any]]) -> None:
         with open(os.path.join(self.run_dir, PENDING), "a") as f:
-            f.write(json.dumps(op) + "\n")
+            f.writelines(json.dumps(op) + "\n" for op in ops)
+
+    def _pending(self, op: dict[str, Any]) -> None:
+        with self._lock:
+            if not self._given_up:  # else finish() has written it (it was in flight)
+                self._write_pending([op])
+
+    def _take(self, op: dict[str, Any]) -> bool:
+        """Mark `op` in flight; False once finish() gave up (`op` then goes to PENDING here)."""
+        with self._lock:
+            if self._given_up:
+                if op["op"] != "end":  # finish() wrote the end itself
+                    self._write_pending([op])
+                return False
+            self._in_flight = (op, time.monotonic())
+            return True
+
+    def _done(self) -> bool:
+        with self._lock:
+            self._in_flight = None
+            return not self._given_up
 
     def _work(self) -> None:
+        start = {
+            "op": "start",
+            "experiment": self.experiment,
+            "run_name": self.run_name,
+            "tags": self.tags,
+        }
+        self._take(start)
         client = None
         try:
             client = _client(self.uri)
@@ -218,63 +289,140 @@ class Tracker:
                 self._monitor.start()
         except Exception as e:  # any failure to reach MLflow: keep training, keep the data
             self._go_offline(e)
-            self._pending(
-                {
-                    "op": "start",
-                    "experiment": self.experiment,
-                    "run_name": self.run_name,
-                    "tags": self.tags,
-                }
-            )
+            self._pending(start)
         self._started.set()
+        if not self._done():
+            return
         while True:
-            op = self._queue.get()
-            if op is None:
-                return
-            if self.offline:
-                self._pending(op)
-                continue
             try:
-                _apply(client, self.run_id, op)
-            except Exception as e:
-                self._go_offline(e)
-                self._pending(op)
+                op = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self._closing.is_set():
+                    continue
+                op = {"op": "end", "status": self._status}  # after everything queued
+            if not self._take(op):
+                return
+            self._send(client, op)
+            if not self._done() or op["op"] == "end":
+                return
+
+    def _send(self, client, op: dict[str, Any]) -> None:  # noqa: ANN001
+        if op.get("new_run_only") and self.reopened:
+            return  # a reopened run has these already (MLflow refuses a param's new value)
+        if op["op"] == "end" and self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as e:  # noqa: BLE001 - never fail a run for its system metrics
+                logger.warning("MLflow system metrics: %s", e)
+        if self.offline:
+            self._pending(op)
+            return
+        try:
+            _apply(client, self.run_id, op)
+        except Exception as e:
+            self._go_offline(e)
+            self._pending(op)
+
+    def _put(self, op: dict[str, Any]) -> None:
+        """Enqueue without waiting; a full queue (MLflow far behind) sends `op` to PENDING."""
+        if self._new_run_only:
+            op["new_run_only"] = True
+        try:
+            self._queue.put_nowait(op)
+            return
+        except queue.Full:
+            pass
+        with self._lock:
+            self._write_pending([op])
+            self._behind += 1
+        if self._behind == 1:
+            logger.warning(
+                "MLflow at %s is %d operations behind; further ones are kept in %s (upload "
+                "later: soho-scale sync-tracking %s)",
+                redact(self.uri),
+                QUEUE_SIZE,
+                os.path.join(self.run_dir, PENDING),
+                self.run_dir,
+            )
+
+    def run_id_now(self, wait_s: float = 1.0) -> str | None:
+        """The run id, waiting at most `wait_s` for MLflow's first answer (None without one)."""
+        self._started.wait(timeout=wait_s)
+        return self.run_id
+
+    @contextlib.contextmanager
+    def new_run_only(self):
+        """Operations logged inside are sent to a new run only, not to a reopened one (a
+        resumed job's run has its params already); whether it reopened is MLflow's answer,
+        which nobody waits for."""
+        self._new_run_only = True
+        try:
+            yield
+        finally:
+            self._new_run_only = False
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._queue.put({"op": "params", "params": {k: redact(str(v)) for k, v in params.items()}})
+        self._put({"op": "params", "params": {k: redact(str(v)) for k, v in params.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         record = {"op": "metrics", "step": step, "time": time.time(), "metrics": metrics}
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
-        self._queue.put(record)
+        self._put(record)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._queue.put({"op": "tags", "tags": {k: redact(str(v)) for k, v in tags.items()}})
+        self._put({"op": "tags", "tags": {k: redact(str(v)) for k, v in tags.items()}})
 
     def log_artifact(self, path: str) -> None:
-        self._queue.put({"op": "artifact", "path": os.path.abspath(path)})
+        self._put({"op": "artifact", "path": os.path.abspath(path)})
 
     def log_inputs(self, inputs: list[dict[str, str]]) -> None:
         """MLflow dataset inputs: name, digest, source_type, source, context (train/eval)."""
         if inputs:
-            self._queue.put({"op": "inputs", "inputs": inputs})
+            self._put({"op": "inputs", "inputs": inputs})
 
     def finish(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
-        if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception as e:  # noqa: BLE001 - never fail a run for its system metrics
-                logger.warning("MLflow system metrics: %s", e)
-        self._queue.put({"op": "end", "status": status})
-        self._queue.put(None)
-        self._thread.join(timeout=timeout_s)
-        if self._thread.is_alive():  # MLflow hangs: keep what is left for sync-tracking
-            self.offline = True
-            logger.warning(
-                "MLflow did not finish within %.0f s; the rest goes to %s", timeout_s, PENDING
-            )
+        """Send what is queued and end the run, waiting at most `timeout_s`, and at most
+        MLflow's request timeout for a call that gets no answer; then keep the rest in PENDING."""
+        self._status = status
+        self._closing.set()
+        deadline = time.monotonic() + timeout_s
+        stuck = request_timeout()
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.1)
+            with self._lock:
+                since = self._in_flight[1] if self._in_flight else None
+            now = time.monotonic()
+            if (since is not None and now - since > stuck) or now > deadline:
+                self._give_up(timeout_s if now > deadline else stuck)
+                break
+        if self._behind:
+            logger.warning("%d tracking operations found the queue full", self._behind)
         self._metrics_file.close()
+
+    def _give_up(self, waited_s: float) -> None:
+        with self._lock:
+            self._given_up = True
+            ops = [self._in_flight[0]] if self._in_flight else []
+            while True:
+                try:
+                    ops.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not ops or ops[-1]["op"] != "end":
+                ops.append({"op": "end", "status": self._status})
+            self._write_pending(ops)
+        if not self.offline:
+            logger.warning(
+                "MLflow at %s gave no answer within %.0f s; %d tracking operations were not "
+                "sent and are kept in %s (upload later: soho-scale sync-tracking %s)",
+                redact(self.uri),
+                waited_s,
+                len(ops),
+                os.path.join(self.run_dir, PENDING),
+                self.run_dir,
+            )
+        self.offline = True
 
 
 def sync_tracking(run_dir: str) -> int:
@@ -291,7 +439,8 @@ def sync_tracking(run_dir: str) -> int:
         with open(info) as f:
             run_id = json.load(f)["run_id"]
     sent = 0
-    for op in ops:
+    # The start first: operations that found the tracker's queue full come before it.
+    for op in sorted(ops, key=lambda op: op["op"] != "start"):
         if op["op"] == "start":
             if run_id is None:
                 run_id = start_run(client, op["experiment"], op["run_name"], op["tags"])
@@ -322,6 +471,15 @@ def mark_failed(run_dir: str, reason: str) -> None:
         logger.warning("could not mark MLflow run %s FAILED: %s", run_id, redact(str(e))[:200])
 
 
+def recorded_run_id(run_dir: str) -> str | None:
+    """The run id in `run_dir`'s tracking.json (written once MLflow answered), if any."""
+    try:
+        with open(os.path.join(run_dir, RUN_INFO)) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
 def make_tracker(
     rank: int,
     run_dir: str,
@@ -331,7 +489,8 @@ def make_tracker(
     run_id: str | None = None,
 ) -> Tracker | NullTracker:
     """Rank 0's tracker of a training run (reopening `run_id` when given and present; with
-    MLflow's system metrics), a null one elsewhere."""
+    MLflow's system metrics), a null one elsewhere. It waits for no answer from MLflow: no
+    training step, the first included, waits on tracking."""
     if rank != 0:
         return NullTracker()
-    return Tracker(run_dir, experiment, run_name, tags, run_id, system_metrics=True)
+    return Tracker(run_dir, experiment, run_name, tags, run_id, system_metrics=True, wait_s=0)
