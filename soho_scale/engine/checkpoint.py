@@ -3,8 +3,9 @@
 A checkpoint holds DeepSpeed's files (weights, optimizer, LR schedule, the visual dictionary's
 buffers), every rank's RNG states and the loader state, step and epoch (`client_state`). Saving
 runs on every rank (DeepSpeed hangs otherwise); rank 0 commits it with a manifest once every
-node has listed (and, for s3://, uploaded) its files (`checkpoint_store`). Resuming finds the
-newest committed checkpoint, stages it (a remote one is downloaded once per node; one written by
+node has sealed (fsynced, hashed) and, for s3://, uploaded its files (`checkpoint_store`).
+Resuming finds the newest committed checkpoint whose files match their hashes (else the one
+before it, with a warning), stages it (a remote one is downloaded once per node; one written by
 another number of ranks is converted with DeepSpeed's `ds_to_universal`, since ZeRO refuses a
 different data-parallel size: on every node for a remote one, so nodes need share no folder) and
 loads it. A local checkpoint.dir across nodes must be on a filesystem they all share.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import random
@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from data_pipeline.urls import basename, is_s3_url, join_url
 from soho_scale.engine import checkpoint_store as store
+from soho_scale.engine import resume_check
 from soho_scale.engine.distributed import node_index
 from soho_scale.engine.stop import ignore_stop_signals
 from soho_scale.spec import Job, dump_job
@@ -40,9 +41,11 @@ STAGING = "checkpoint_staging"  # inside the run folder: remote checkpoints pass
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -50,7 +53,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -74,6 +78,7 @@ class Resume:
     tag: str
     universal: bool
     run_id: str | None = None  # the job's MLflow run, reopened so one job stays one run
+    changes: tuple[resume_check.Change, ...] = ()  # spec changes since the checkpoint
 
 
 class CheckpointManager:
@@ -96,6 +101,14 @@ class CheckpointManager:
 
         local_root = self.staging if self.remote else self.root
         tag = store.tag_for(step)
+        folder = os.path.join(local_root, tag)
+        # A save of this step killed earlier (or a checkpoint replaced after a resume from an
+        # older one) left files there, maybe of another number of ranks: start from nothing.
+        if dist.get_rank() == 0:
+            store.remove(join_url(self.root, tag))
+        if self.remote and _local_leader():
+            shutil.rmtree(folder, ignore_errors=True)
+        dist.barrier()
         client_state = {
             "step": step,
             "epoch": epoch,
@@ -106,13 +119,13 @@ class CheckpointManager:
         }
         engine.save_checkpoint(local_root, tag=tag, client_state=client_state, save_latest=False)
         rank = dist.get_rank()
-        folder = os.path.join(local_root, tag)
         torch.save(rng_state(), os.path.join(folder, f"rng_rank{rank:05d}.pt"))
         dist.barrier()
-        # One process per node lists (and uploads) what its node wrote; rank 0 commits the union.
-        files: dict[str, int] = {}
+        # One process per node seals (fsync, sha256) and uploads what its node wrote; rank 0
+        # commits the union, so the manifest only ever names durable, uploaded files.
+        files: dict[str, tuple[int, str]] = {}
         if _local_leader():
-            files = store.list_files(folder)
+            files = store.seal(folder)
             if self.remote:
                 store.upload_files(folder, join_url(self.root, tag), files)
         every: list[Any] = [None] * dist.get_world_size()
@@ -125,16 +138,17 @@ class CheckpointManager:
         if self.remote and _local_leader():
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _commit(self, folder: str, tag: str, step: int, files: dict[str, int]) -> None:
+    def _commit(self, folder: str, tag: str, step: int, files: dict[str, tuple[int, str]]) -> None:
         extra = {
             "spec_hash": spec_hash(self.job),
             "world_size": dist.get_world_size(),
             "task": self.job.data.task,
             "model_config": dataclasses.asdict(self.job.model.config()),
             "mlflow_run_id": self.run_id,
+            "spec": resume_check.spec_tree(self.job),  # what a resume compares its job with
         }
         if self.remote:
-            store.put_manifest(join_url(self.root, tag), {"step": step, "files": files, **extra})
+            store.put_manifest(join_url(self.root, tag), store.manifest_for(step, files, extra))
         else:
             store.write_manifest(folder, step, extra, files)
         store.prune(self.root, self.job.checkpoint.keep_last)
@@ -159,24 +173,51 @@ class CheckpointManager:
         match = store.TAG_PATTERN.match(basename(location))
         return store.Committed(int(match.group(1)) if match else 0, basename(location), location)
 
+    def check_resume(self) -> None:
+        """Raise SpecError when resuming this job would be refused (resume_check): the launcher
+        asks before it starts any rank."""
+        found = self.find()
+        manifest = store._read_manifest(found.location) if found else None
+        if manifest is not None:
+            resume_check.check(self.job, manifest, found.location)
+
+    def _stage_verified(self) -> tuple[store.Committed, str, dict[str, Any]] | None:
+        """(checkpoint, local root, manifest) of the checkpoint to resume from, its files checked
+        against the manifest's sha256 (a remote one downloaded, once per node). Under `auto` a
+        newest checkpoint that fails the check gives way to the one before it, with a warning."""
+        newest = self.find()
+        chain = [newest] if newest else []
+        if newest and self.job.checkpoint.resume == "auto":
+            older = store.committed_checkpoints(self.root, warn=False)
+            chain += [c for c in reversed(older) if c.step < newest.step]
+        for index, found in enumerate(chain):
+            remote = is_s3_url(found.location)
+            local_root = self.staging if remote else os.path.dirname(found.location)
+            problem = None
+            if _local_leader() if remote else dist.get_rank() == 0:
+                problem = _check(found, local_root, self.staging)
+            every: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(every, problem)
+            problem = next((p for p in every if p), None)
+            if problem is None:
+                manifest = store.read_local_manifest(os.path.join(local_root, found.tag))
+                return found, local_root, manifest
+            if index == len(chain) - 1:
+                raise store.CheckpointError(problem)
+            logger.warning("%s; resuming from %s instead", problem, chain[index + 1].location)
+        return None
+
     def prepare_resume(self, world: int) -> Resume | None:
         """Find the checkpoint to resume from and make it loadable here (every rank calls it,
         before `deepspeed.initialize`: a universal checkpoint changes the engine's config)."""
-        found = self.find()
-        if found is None:
+        staged = self._stage_verified()
+        if staged is None:
             return None
-        local_root = os.path.dirname(found.location)
-        if is_s3_url(found.location):
-            local_root = self.staging
-            if _local_leader():
-                shutil.rmtree(os.path.join(local_root, found.tag), ignore_errors=True)
-                store.download(found.location, os.path.join(local_root, found.tag))
-            dist.barrier()
-        with open(os.path.join(local_root, found.tag, store.MANIFEST)) as f:
-            manifest = json.load(f)
+        found, local_root, manifest = staged
+        changes = resume_check.check(self.job, manifest, found.location)  # may refuse
         saved_world, run_id = manifest.get("world_size", world), manifest.get("mlflow_run_id")
         if saved_world == world:
-            return Resume(found, local_root, found.tag, universal=False, run_id=run_id)
+            return Resume(found, local_root, found.tag, False, run_id=run_id, changes=changes)
         universal = f"{found.tag}_universal_for{world}"
         # A remote checkpoint is staged on every node, and every node converts its own copy (no
         # filesystem need be shared); a local one is one folder all nodes see: rank 0 converts.
@@ -189,7 +230,7 @@ class CheckpointManager:
             )
             _to_universal(os.path.join(local_root, found.tag), os.path.join(local_root, universal))
         dist.barrier()
-        return Resume(found, local_root, universal, universal=True, run_id=run_id)
+        return Resume(found, local_root, universal, universal=True, run_id=run_id, changes=changes)
 
     def load(self, engine: Any, resume: Resume) -> dict[str, Any]:
         """Load weights, optimizer and schedule into `engine`, this rank's RNG states into the
@@ -203,8 +244,27 @@ class CheckpointManager:
             resume.local_root, resume.found.tag, f"rng_rank{dist.get_rank():05d}.pt"
         )
         if os.path.exists(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        dist.barrier()  # every rank of the node has read the staged copy
+        if resume.local_root == self.staging and _local_leader():
+            shutil.rmtree(self.staging, ignore_errors=True)
         return client_state
+
+
+def _check(found: store.Committed, local_root: str, staging: str) -> str | None:
+    """Why `found` cannot be loaded (a file damaged, missing or unreadable), or None; a remote
+    one is downloaded into `staging` first."""
+    try:
+        if is_s3_url(found.location):  # nothing else of this node's run is staged while it starts
+            shutil.rmtree(staging, ignore_errors=True)
+            store.download(found.location, os.path.join(local_root, found.tag))
+        else:
+            store.verify(os.path.join(local_root, found.tag), found.location)
+    except store.CheckpointError as e:
+        return str(e)
+    except OSError as e:
+        return f"checkpoint {found.location}: unreadable ({e})"
+    return None
 
 
 def _to_universal(source: str, target: str) -> None:

@@ -2,18 +2,21 @@
 
 DeepSpeed writes its `latest` file before the final barrier and not atomically, and a missing
 `latest` silently starts from scratch (DESIGN.md). So we keep our own commit marker: after every
-rank has written its files, rank 0 lists them with their sizes in `manifest.json`, written to a
-temporary name, fsynced and renamed (PyTorch DCP's pattern). Resume only ever loads a checkpoint
-whose manifest exists and whose files all have the listed sizes; anything else is partial and
-skipped with a warning.
+rank has written its files, each node reads back and fsyncs what it wrote (files, then folders),
+and rank 0 lists every file with its size and sha256 in `manifest.json`, written to a temporary
+name, fsynced and renamed (PyTorch DCP's pattern). A checkpoint counts as committed when its
+manifest exists and its files all have the listed sizes; anything else is partial, skipped with a
+warning and removed once a newer checkpoint is committed. Before anything is loaded from it, its
+files are checked against the manifest's sha256 (`verify`, and `download` for remote ones).
 
 Remote checkpoints (`s3://bucket/prefix`) are written to a local staging folder, uploaded, and
-the manifest is uploaded last. Checkpoints are loaded with pickle (DeepSpeed does): anyone who
-can write the checkpoint location can run code on every rank, so use trusted locations only.
+the manifest is uploaded last, after every upload succeeded. DeepSpeed unpickles its files: the
+hashes catch damage, not an attacker who can also rewrite the manifest, so use trusted locations.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,13 +44,18 @@ class Committed:
     location: str  # local folder or s3:// URL of this checkpoint
 
 
+class CheckpointError(ValueError):
+    """A committed checkpoint whose files do not match its manifest (damaged or replaced)."""
+
+
 def _client():
-    from data_pipeline.storage import s3_client
+    # Every S3 call waits out an outage up to the storage deadline, then fails naming the URL.
+    from data_pipeline.storage import patient_s3_client
 
-    return s3_client()
+    return patient_s3_client()
 
 
-def list_files(folder: str) -> dict[str, int]:
+def _list_sizes(folder: str) -> dict[str, int]:
     """Relative path -> size of every file under a local folder (the manifest excluded)."""
     sizes = {}
     for root, _, files in os.walk(folder):
@@ -59,27 +67,71 @@ def list_files(folder: str) -> dict[str, int]:
     return sizes
 
 
+def _sha256(path: str, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(folder: str) -> dict[str, tuple[int, str]]:
+    """Relative path -> (size, sha256) of every file under a local folder (the manifest excluded),
+    each file and then each folder fsynced: a manifest written after this never points at data
+    still in the page cache."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != MANIFEST and not rel.endswith(".tmp"):
+                files[rel] = (os.path.getsize(path), _sha256(path, sync=True))
+        _fsync_folder(root)
+    return files
+
+
+def manifest_for(step: int, files: dict[str, tuple[int, str]], extra: dict[str, Any]) -> dict:
+    return {
+        "step": step,
+        "files": {rel: size for rel, (size, _) in files.items()},
+        "sha256": {rel: digest for rel, (_, digest) in files.items()},
+        **extra,
+    }
+
+
 def write_manifest(
-    folder: str, step: int, extra: dict[str, Any], files: dict[str, int] | None = None
+    folder: str,
+    step: int,
+    extra: dict[str, Any],
+    files: dict[str, tuple[int, str]] | None = None,
 ) -> dict[str, Any]:
-    """Commit a complete local checkpoint folder (rank 0, after all ranks finished writing)."""
-    manifest = {"step": step, "files": list_files(folder) if files is None else files, **extra}
+    """Commit a complete local checkpoint folder (rank 0, after all ranks finished writing and
+    every node sealed its files)."""
+    manifest = manifest_for(step, seal(folder) if files is None else files, extra)
     tmp = os.path.join(folder, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(folder, MANIFEST))
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_folder(folder)
+    _fsync_folder(os.path.dirname(os.path.abspath(folder)))  # the checkpoint's own entry
     return manifest
 
 
-def upload_files(folder: str, url: str, files: dict[str, int]) -> None:
-    """Upload checkpoint files (one process per node uploads what its node wrote)."""
+def upload_files(folder: str, url: str, files: dict[str, Any]) -> None:
+    """Upload checkpoint files (one process per node uploads what its node wrote); raises on the
+    first failure, so the manifest is never put."""
     client = _client()
     bucket, prefix = split_s3_url(url)
     for rel in files:
@@ -93,8 +145,67 @@ def put_manifest(url: str, manifest: dict[str, Any]) -> None:
     _client().put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=body)
 
 
-def download(url: str, folder: str) -> None:
-    """Fetch a committed remote checkpoint into a local folder (manifest last)."""
+def uncommit(location: str) -> None:
+    """Remove a checkpoint's manifest (before its files are rewritten or deleted)."""
+    if is_s3_url(location):
+        bucket, prefix = split_s3_url(location)
+        _client().delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+    elif os.path.exists(os.path.join(location, MANIFEST)):
+        os.remove(os.path.join(location, MANIFEST))
+
+
+_UNHASHED_WARNED: set[str] = set()
+
+
+def _check_file(location: str, manifest: dict[str, Any], rel: str, path: str) -> None:
+    if "sha256" not in manifest:
+        # Written before manifests carried hashes: refusing would strand every older run, and the
+        # manifest is what is trusted either way (one who can rewrite it can rewrite its hashes).
+        if location not in _UNHASHED_WARNED:
+            _UNHASHED_WARNED.add(location)
+            logger.warning(
+                "checkpoint %s: its manifest has no sha256 (an older soho_scale wrote it): only "
+                "the file sizes are checked",
+                location,
+            )
+        return
+    expected = manifest["sha256"].get(rel)
+    if expected is None:
+        raise CheckpointError(f"checkpoint {location}: the manifest has no sha256 for {rel}")
+    try:
+        actual = _sha256(path)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {location}: {rel} is unreadable ({e})") from None
+    if actual != expected:
+        raise CheckpointError(
+            f"checkpoint {location}: {rel} does not match the sha256 in its manifest"
+        )
+
+
+def read_local_manifest(folder: str) -> dict[str, Any]:
+    with open(os.path.join(folder, MANIFEST)) as f:
+        return json.load(f)
+
+
+def verify(folder: str, location: str | None = None) -> dict[str, Any]:
+    """Check every file of a local checkpoint folder against its manifest's sizes and sha256;
+    returns the manifest, or raises CheckpointError naming the first bad file."""
+    location = location or folder
+    try:
+        manifest = read_local_manifest(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {location}: unreadable manifest ({e})") from None
+    for rel, size in manifest["files"].items():
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            raise CheckpointError(f"checkpoint {location}: {rel} is missing or truncated")
+        _check_file(location, manifest, rel, path)
+    return manifest
+
+
+def download(url: str, folder: str) -> dict[str, Any]:
+    """Fetch a committed remote checkpoint into a local folder, each file checked against the
+    manifest's sha256 (CheckpointError names the first bad one); the manifest is written last."""
     client = _client()
     bucket, prefix = split_s3_url(url)
     manifest = json.loads(
@@ -104,8 +215,10 @@ def download(url: str, folder: str) -> None:
         path = os.path.join(folder, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         client.download_file(bucket, f"{prefix}/{rel}", path)
+        _check_file(url, manifest, rel, path)
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f)
+    return manifest
 
 
 def _read_manifest(location: str) -> dict[str, Any] | None:
@@ -126,7 +239,7 @@ def _read_manifest(location: str) -> dict[str, Any] | None:
 
 def _actual_sizes(location: str) -> dict[str, int]:
     if not is_s3_url(location):
-        return list_files(location)
+        return _list_sizes(location)
     bucket, prefix = split_s3_url(location)
     sizes = {}
     paginator = _client().get_paginator("list_objects_v2")
@@ -158,34 +271,56 @@ def is_complete(location: str) -> bool:
     return all(actual.get(rel) == size for rel, size in manifest["files"].items())
 
 
-def committed_checkpoints(root: str, warn: bool = True) -> list[Committed]:
-    """Complete checkpoints under `root`, oldest first; partial ones are skipped (with a warning)."""
-    found = []
+def _scan(root: str) -> tuple[list[Committed], list[Committed]]:
+    """(committed, partial) checkpoints under `root`, oldest first."""
+    committed, partial = [], []
     for tag in sorted(_tags(root)):
         match = TAG_PATTERN.match(tag)
         if not match:
             continue
-        location = join_url(root, tag)
-        if is_complete(location):
-            found.append(Committed(int(match.group(1)), tag, location))
-        elif warn:
+        found = Committed(int(match.group(1)), tag, join_url(root, tag))
+        (committed if is_complete(found.location) else partial).append(found)
+    return committed, partial
+
+
+def committed_checkpoints(root: str, warn: bool = True) -> list[Committed]:
+    """Complete checkpoints under `root`, oldest first; partial ones are skipped (with a warning)."""
+    committed, partial = _scan(root)
+    if warn:
+        for skipped in partial:
             logger.warning(
-                "ignoring partial checkpoint %s (no manifest or missing files)", location
+                "ignoring partial checkpoint %s (no manifest or missing files)", skipped.location
             )
-    return found
+    return committed
+
+
+def remove(location: str) -> None:
+    """Remove a checkpoint, manifest first: a half-deleted checkpoint must not look complete."""
+    uncommit(location)
+    if is_s3_url(location):
+        client = _client()
+        bucket, prefix = split_s3_url(location)
+        for rel in _actual_sizes(location):
+            client.delete_object(Bucket=bucket, Key=f"{prefix}/{rel}")
+        return
+    shutil.rmtree(location, ignore_errors=True)
+    if not os.path.isdir(parent := os.path.dirname(location)):
+        return
+    # its conversions for other numbers of ranks (`<tag>_universal_for<N>`, local roots)
+    tag = os.path.basename(location)
+    for name in os.listdir(parent):
+        if name.startswith(f"{tag}_universal_for"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def prune(root: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` committed checkpoints (local roots only)."""
-    if is_s3_url(root):
-        client = _client()
-        for old in committed_checkpoints(root, warn=False)[:-keep_last]:
-            bucket, prefix = split_s3_url(old.location)
-            # Manifest first: a half-deleted checkpoint must not look complete.
-            client.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
-            for rel in _actual_sizes(old.location):
-                client.delete_object(Bucket=bucket, Key=f"{prefix}/{rel}")
+    """Delete all but the newest `keep_last` committed checkpoints, and the partial ones older
+    than the newest committed (saves that were interrupted; nothing can still be writing them,
+    since saves run in step order). Partial ones newer than it are left: the next save of that
+    step replaces them."""
+    committed, partial = _scan(root)
+    if not committed:
         return
-    for old in committed_checkpoints(root, warn=False)[:-keep_last]:
-        os.remove(os.path.join(old.location, MANIFEST))
-        shutil.rmtree(old.location, ignore_errors=True)
+    newest = committed[-1].step
+    for old in committed[: -max(keep_last, 1)] + [p for p in partial if p.step < newest]:
+        remove(old.location)

@@ -46,7 +46,11 @@ class WeightsError(ValueError):
 
 
 def consolidated_state_dict(location: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(fp32 state dict of the model, manifest) of a committed checkpoint folder or s3:// URL."""
+    """(fp32 state dict of the model, manifest) of a committed checkpoint folder or s3:// URL,
+    its files checked against the manifest's sha256 first (`checkpoint_store.CheckpointError`,
+    a ValueError, names a damaged file). ZeRO 0's module file is read with weights_only;
+    DeepSpeed's zero_to_fp32 unpickles ZeRO 1-3's optimizer files (a class of DeepSpeed's own
+    in them), trusted once their hashes match."""
     if not store.is_complete(location):
         raise ValueError(
             f"{location}: not a complete checkpoint (no manifest.json or files missing)"
@@ -54,11 +58,10 @@ def consolidated_state_dict(location: str) -> tuple[dict[str, torch.Tensor], dic
     with tempfile.TemporaryDirectory() as staging:
         if is_s3_url(location):
             local = os.path.join(staging, basename(location))
-            store.download(location, local)
+            manifest = store.download(location, local)
         else:
             local = location.rstrip("/")
-        with open(os.path.join(local, store.MANIFEST)) as f:
-            manifest = json.load(f)
+            manifest = store.verify(local, location)
         if glob.glob(os.path.join(local, "*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -69,7 +72,7 @@ def consolidated_state_dict(location: str) -> tuple[dict[str, torch.Tensor], dic
             blob = torch.load(
                 os.path.join(local, "mp_rank_00_model_states.pt"),
                 map_location="cpu",
-                weights_only=False,
+                weights_only=True,
             )
             state = blob["module"]
     state = {
