@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from soho_scale.launch import rank
 from soho_scale.launch.hostfile import runner_command
 from soho_scale.launch.local import eval_launcher_command
-from soho_scale.spec import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = "jobs/demo/pretrain.yaml"
@@ -33,10 +30,11 @@ def test_eval_ranks_run_the_rank_module():
     assert command[-6] == "-m" and "--nproc_per_node" in command
 
 
-def test_rank_accepts_the_launchers_local_rank_before_the_command():
+def test_rank_accepts_the_launchers_local_rank_before_the_command(capsys):
     # DeepSpeed's launcher runs `python -u -m MODULE --local_rank=N ARGS...`
-    with pytest.raises(SpecError, match="no such job file"):
-        rank.main(["--local_rank=1", "train", "missing.yaml", "a.b=1", "--run-dir", "r"])
+    code = rank.main(["--local_rank=1", "train", "missing.yaml", "a.b=1", "--run-dir", "r"])
+    assert code == 2
+    assert capsys.readouterr().err == "error: missing.yaml: no such job file\n"
 
 
 def test_eval_rank_user_error_is_one_line_and_status_2(capsys):

@@ -71,35 +71,50 @@ def is_cnn_parameter(name: str) -> bool:
     return ".vision." in f".{name}"
 
 
+def group_settings(optim) -> dict[str, dict]:  # noqa: ANN001 - spec.OptimSpec
+    """Each param group's hyperparameters from the spec, by group name."""
+    return {
+        "cnn": dict(
+            kind="sgd",
+            lr=optim.cnn.lr,
+            momentum=optim.cnn.momentum,
+            weight_decay=optim.cnn.weight_decay,
+        ),
+        "rest": dict(
+            kind="adamw",
+            lr=optim.rest.lr,
+            betas=tuple(optim.rest.betas),
+            eps=optim.rest.eps,
+            weight_decay=optim.rest.weight_decay,
+        ),
+    }
+
+
 def build_optimizer(model: nn.Module, optim) -> SgdAdamW:  # noqa: ANN001 - spec.OptimSpec
     cnn, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (cnn if is_cnn_parameter(name) else rest).append(p)
-    groups = []
-    if cnn:
-        groups.append(
-            dict(
-                params=cnn,
-                kind="sgd",
-                name="cnn",
-                lr=optim.cnn.lr,
-                momentum=optim.cnn.momentum,
-                weight_decay=optim.cnn.weight_decay,
-            )
-        )
-    groups.append(
-        dict(
-            params=rest,
-            kind="adamw",
-            name="rest",
-            lr=optim.rest.lr,
-            betas=tuple(optim.rest.betas),
-            eps=optim.rest.eps,
-            weight_decay=optim.rest.weight_decay,
-        )
-    )
+    settings = group_settings(optim)
+    groups = [dict(params=cnn, name="cnn", **settings["cnn"])] if cnn else []
+    groups.append(dict(params=rest, name="rest", **settings["rest"]))
     return SgdAdamW(groups)
+
+
+def apply_spec_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    optim,  # noqa: ANN001 - spec.OptimSpec
+) -> None:
+    """After a resume: the spec's hyperparameters replace those the checkpoint restored (its
+    base LRs, betas...), so a change allowed by checkpoint.resume_changed takes effect; the LR
+    of the coming step is the job's base LR times the schedule's factor at the restored step."""
+    settings = group_settings(optim)
+    scheduler.base_lrs = []
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group.update(settings[group["name"]], initial_lr=settings[group["name"]]["lr"])
+        scheduler.base_lrs.append(group["initial_lr"])
+        group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
 
 
 def lr_factor(

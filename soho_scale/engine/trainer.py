@@ -29,12 +29,13 @@ from soho_scale.engine.data import train_loader
 from soho_scale.engine.deepspeed_config import prepare_for_engine
 from soho_scale.engine.distributed import broadcast, setup_distributed, setup_logging, to_device
 from soho_scale.engine.lineage import log_new_run
-from soho_scale.engine.optimizer import build_optimizer, lr_factor
+from soho_scale.engine.optimizer import apply_spec_settings, build_optimizer, lr_factor
 from soho_scale.engine.recorder import make_recorder
+from soho_scale.engine.resume_check import record as record_resume_changes
 from soho_scale.engine.step import build_step
 from soho_scale.engine.stop import StopFlag, ignore_stop_signals
 from soho_scale.engine.telemetry import FlopModel, MetricMeans, Throughput, peak_flops
-from soho_scale.engine.tracking import make_tracker
+from soho_scale.engine.tracking import make_tracker, recorded_run_id
 from soho_scale.spec import Job, derived, dump_job
 
 logger = logging.getLogger("soho_scale.train")
@@ -57,6 +58,13 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
 
     checkpoints = CheckpointManager(job, run_dir)
     resume = checkpoints.prepare_resume(world)  # a resumed run skips the initial weights
+    # First: MLflow answers (or not) in the background while the engine is built.
+    tracker = make_tracker(
+        rank, run_dir, job.tracking.experiment, job.tracking.run_name or job.name,
+        job.tracking.tags,
+        # a checkpoint saved before MLflow answered names no run: the run folder's does
+        run_id=(resume.run_id or recorded_run_id(run_dir)) if resume else None,
+    )  # fmt: skip
     # Same seed for the model on every rank (DeepSpeed broadcasts parameters, not buffers such as
     # the visual dictionary), then a per-rank seed for dropout and the objective's sampling.
     seed_everything(job.seed)
@@ -92,20 +100,18 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     step, epoch = 0, 0
     if resume is not None:
         state = checkpoints.load(engine, resume)
+        apply_spec_settings(optimizer, scheduler, job.optim)  # the job's LRs, not the saved ones
         step, epoch = state["step"], state["epoch"]
         loader.load_state_dict(state["loader"])
         logger.info("resumed from %s at step %d", resume.found.location, step)
+    logger.info("engine ready: training steps %d-%d", step + 1, total_steps)
 
-    run_name = job.tracking.run_name or job.name
-    tracker = make_tracker(
-        rank, run_dir, job.tracking.experiment, run_name, job.tracking.tags,
-        run_id=resume.run_id if resume else None,
-    )  # fmt: skip
-    checkpoints.run_id = tracker.run_id
-    if not tracker.reopened:  # a new run: resumed runs have their params already
+    if resume is not None:
+        record_resume_changes(tracker, resume.changes, resume.found.location)
+    with tracker.new_run_only():  # a reopened run (a resumed job's) has these already
         log_new_run(tracker, job, numbers, rank)
         spec_file = os.path.join(run_dir, "resolved_spec.yaml")
-        if rank == 0:
+        if rank == 0 and (resume is None or not os.path.exists(spec_file)):  # the first spec
             with open(spec_file, "w") as f:
                 f.write(dump_job(job))
         tracker.log_artifact(spec_file)
@@ -142,14 +148,16 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
                 step += 1
                 recorder.step(loss)
                 if step % job.tracking.log_every == 0 or step == total_steps:
+                    skipped = {"skipped_samples": loader.skipped}  # every rank's: summed
                     last_metrics = _step_metrics(
-                        engine, means.mean_over_ranks(), meter, world, peak, loader.skipped
+                        engine, means.mean_over_ranks(skipped), meter, world, peak
                     )
                     tracker.log_metrics(last_metrics, step)
                     meter.reset()
                 progress(step, last_metrics.get("loss"), last_metrics.get("samples_per_s"))
                 preempted = stop.any_rank(engine.device)
                 if preempted or step % job.checkpoint.interval_steps == 0 or step == total_steps:
+                    checkpoints.run_id = tracker.run_id_now()  # at most 1 s for MLflow
                     checkpoints.save(engine, step, epoch, loader)
                 if preempted or step >= total_steps:
                     break
@@ -179,7 +187,7 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     return summary
 
 
-def _step_metrics(engine, metrics, meter, world, peak, skipped) -> dict[str, float]:  # noqa: ANN001
+def _step_metrics(engine, metrics, meter, world, peak) -> dict[str, float]:  # noqa: ANN001
     out = {k: float(v) for k, v in metrics.items() if not torch.isnan(torch.as_tensor(v))}
     for name, lr in zip(("cnn", "rest"), engine.get_lr()):
         out[f"lr_{name}"] = float(lr)
@@ -190,7 +198,6 @@ def _step_metrics(engine, metrics, meter, world, peak, skipped) -> dict[str, flo
     if scale is not None:
         out["loss_scale"] = float(scale)
     out.update(meter.summary(world, peak))
-    out["skipped_samples"] = float(skipped)
     return out
 
 

@@ -20,7 +20,8 @@ import sys
 
 from soho_scale.launch.node import run_node
 from soho_scale.launch.rank import RANK_MODULE, eval_parser, eval_rank, rank_args
-from soho_scale.spec import SpecError, load_job
+from soho_scale.secrets import redact
+from soho_scale.spec import Job, SpecError, load_job
 
 
 def _ensure_cpu_accelerator(env: dict[str, str]) -> None:
@@ -38,6 +39,14 @@ def refuse_unsupported_patches() -> None:
     streaming_shard_state.install()
 
 
+def refuse_changed_resume(job: Job, run_dir: str | None) -> None:
+    """A resume with a spec change it may not resume with is refused here, with one line
+    (SpecError), before any rank starts; the ranks check again (cluster nodes start them)."""
+    from soho_scale.engine.checkpoint import CheckpointManager
+
+    CheckpointManager(job, run_dir or os.path.join("runs", job.name)).check_resume()
+
+
 def train_main(argv: list[str]) -> int:
     """`soho-scale train JOB [KEY=VALUE...] [--nproc N] [--run-dir DIR] [--master-port P]`."""
     parser = argparse.ArgumentParser(
@@ -52,6 +61,7 @@ def train_main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     job = load_job(args.job, args.overrides)  # a bad spec fails here, before any process starts
     refuse_unsupported_patches()
+    refuse_changed_resume(job, args.run_dir)
     nproc = args.nproc or job.resources.procs_per_node
     env = dict(os.environ)
     _ensure_cpu_accelerator(env)
@@ -93,7 +103,7 @@ def eval_main(argv: list[str]) -> int:
     try:
         load_job(args.job, args.overrides)  # a bad spec fails here, before any process starts
     except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact(f"error: {e}"), file=sys.stderr)
         return 2
     if args.nproc <= 1:
         return eval_rank(_without_nproc(argv))

@@ -17,7 +17,8 @@ import argparse
 import os
 import sys
 
-from soho_scale.spec import load_job
+from soho_scale.secrets import redact
+from soho_scale.spec import SpecError, load_job
 
 RANK_MODULE = "soho_scale.launch.rank"
 
@@ -58,10 +59,14 @@ def train_rank(argv: list[str]) -> int:
     from soho_scale.engine.stop import StopFlag
 
     stop = StopFlag()  # first: a stop signal during the heavy imports below is kept
-    job = load_job(args.job, args.overrides)
-    from soho_scale.engine.trainer import train
+    try:
+        job = load_job(args.job, args.overrides)
+        from soho_scale.engine.trainer import train
 
-    train(job, args.run_dir, stop)
+        train(job, args.run_dir, stop)
+    except SpecError as e:  # e.g. a resume refused: a cluster node starts ranks unchecked
+        print(redact(f"error: {e}"), file=sys.stderr)
+        return 2
     return 0
 
 
@@ -76,7 +81,7 @@ def eval_rank(argv: list[str]) -> int:
         out = args.out or os.path.join("runs", job.name, "eval", job.eval.split)
         run_evaluation(job, args.checkpoint, out, args.batch_size)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact(f"error: {e}"), file=sys.stderr)
         return 2
     return 0
 
