@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -54,10 +55,21 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # older files: an ndarray
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_rng_file(path: str) -> dict[str, Any]:
+    """A rank's saved RNG states, read with weights_only."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        # Written by a soho_scale that pickled numpy's state as an array: resume has just let
+        # DeepSpeed unpickle this folder's own files, so reading this one adds no trust.
+        return torch.load(path, weights_only=False)
 
 
 def spec_hash(job: Job) -> str:
@@ -244,7 +256,7 @@ class CheckpointManager:
             resume.local_root, resume.found.tag, f"rng_rank{dist.get_rank():05d}.pt"
         )
         if os.path.exists(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(read_rng_file(rng_file))
         dist.barrier()  # every rank of the node has read the staged copy
         if resume.local_root == self.staging and _local_leader():
             shutil.rmtree(self.staging, ignore_errors=True)

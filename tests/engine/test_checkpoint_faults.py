@@ -162,3 +162,25 @@ def test_a_killed_rank_and_a_killed_job_during_s3_saves_resume_with_the_same_los
     for rank in (0, 1):
         full, resumed = record(ref_dir, rank, 0), record(run_dir, rank, 1)
         torch.testing.assert_close(resumed["losses"], full["losses"][1:], rtol=1e-6, atol=1e-6)
+
+
+def test_rng_states_load_with_weights_only_and_older_files_still_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from soho_scale.engine.checkpoint import read_rng_file, rng_state, set_rng_state
+
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    path = str(tmp_path / "rng.pt")
+    torch.save(rng_state(), path)
+    old = str(tmp_path / "old.pt")  # as soho_scale wrote it before: numpy's state as an array
+    torch.save({**rng_state(), "numpy": np.random.get_state()}, old)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    torch.load(path, weights_only=True)  # no pickled objects beyond tensors and plain values
+    for saved in (path, old):
+        set_rng_state(read_rng_file(saved))
+        assert (random.random(), np.random.rand()) == expected[:2]
+        assert torch.equal(torch.rand(1), expected[2])
