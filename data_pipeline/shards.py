@@ -46,8 +46,21 @@ class SkipSample(Exception):
         self.reason = reason
 
 
+def _annotation_file(path: str) -> None:
+    """Refuse what is not a regular file before opening it: opening a FIFO blocks for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the path") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); check the path") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file; give the annotation file itself")
+
+
 def read_json(path: str) -> Any:
     """Parse a whole JSON file; a missing or invalid file is a `DataError` naming it."""
+    _annotation_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -63,6 +76,7 @@ def read_json(path: str) -> Any:
 
 def read_json_lines(path: str) -> list[dict]:
     """Parse a JSON-lines file (NLVR2, SNLI-VE); blank lines are ignored."""
+    _annotation_file(path)
     records = []
     try:
         with open(path, encoding="utf-8") as f:

@@ -318,3 +318,16 @@ def test_huge_value_in_a_malformed_record_is_cut_short(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "images[0]: id: expected an integer" in err
     assert len(err) < len(str(path)) + 200
+
+
+@pytest.mark.parametrize("source", ["coco", "snli-ve"])
+def test_an_annotation_file_that_is_a_fifo_is_refused_not_waited_on(
+    tmp_path: Path, source: str
+) -> None:
+    fifo = tmp_path / "annotations.json"
+    os.mkfifo(fifo)  # opened for reading, it would block until a writer came
+    flag = {"coco": "--captions", "snli-ve": "--jsonl"}[source]
+    argv = [source, flag, str(fifo), "--images", str(tmp_path), "--out", "x"]
+    result = _convert_forked(argv, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {fifo}: not a regular file; give the annotation file itself\n"
