@@ -259,9 +259,19 @@ def find_store(experiment: str, root: str = "runs") -> str:
 def report(experiment: str, out: str, tracking_uri: str | None = None) -> tuple[list, list[str]]:
     from mlflow.tracking import MlflowClient
 
+    from soho_scale.engine.tracking import without_credentials
+
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or find_store(experiment)
-    client = MlflowClient(uri)
-    rows, _ = collect(client, experiment)
+    from mlflow.exceptions import MlflowException
+
+    from soho_scale.secrets import redact
+
+    client = MlflowClient(without_credentials(uri))
+    try:
+        rows, _ = collect(client, experiment)
+    except MlflowException as e:
+        first = (str(e).splitlines() or [""])[0][:300]
+        raise ValueError(redact(f"MLflow at {uri}: {first}")) from None
     if not rows:
         raise ValueError(f"--experiment {experiment!r}: no evaluation runs (tagged task/split) yet")
     return rows, write_report(rows, out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -236,3 +237,20 @@ def test_launch_keeps_url_credentials_off_command_lines_and_files(probe_env, tmp
     files["launch --scheduler output"] = out.out + out.err
     for where, text in files.items():
         assert_no_probe(text, where)
+
+
+def test_report_against_a_dead_server_is_one_line_without_the_credentials(
+    monkeypatch, capsys, tmp_path
+):
+    from soho_scale.cli import main
+
+    with socket.socket() as s:  # a closed port: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://probeuser:probe-pw-31@127.0.0.1:{port}"
+    argv = ["report", "--experiment", "x", "--out", str(tmp_path), "--tracking-uri", uri]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"MLflow at http://***@127.0.0.1:{port}" in err
+    assert "probe" not in err

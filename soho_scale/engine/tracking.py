@@ -49,15 +49,18 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 def tracking_uri(run_dir: str) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db"
-    # MLflow prints and records the URI it is given ("View run at ..."): a user:password in it
-    # becomes MLflow's own basic-auth settings of this process, the URI goes on without it.
+    return without_credentials(uri) if uri else f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db"
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` without its user:password, which become MLflow's basic-auth settings of this
+    process: MLflow prints and records the URI it is given ("View run at ...")."""
     bare, user, password = split_credentials(uri)
     if user or password:
         os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user or "")
         os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password or "")
-        os.environ["MLFLOW_TRACKING_URI"] = bare
+        if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+            os.environ["MLFLOW_TRACKING_URI"] = bare
     return bare
 
 
