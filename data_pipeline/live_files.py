@@ -24,3 +24,15 @@ def live_paths() -> set[str]:
             except OSError:
                 pass
     return paths
+
+
+def remove_files(paths: list[str]) -> list[str]:
+    """Remove `paths`, skipping any another clean-up removed first; returns those removed."""
+    removed = []
+    for path in paths:
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from data_pipeline.live_files import live_paths
+from data_pipeline.live_files import live_paths, remove_files
 from data_pipeline.urls import is_s3_url, split_s3_url
 from soho_scale.secrets import redact, split_credentials
 
@@ -299,14 +299,7 @@ def check_stale_shm(shm_dir: str = "/dev/shm") -> Check:
 
 
 def clean_stale_shm(shm_dir: str = "/dev/shm") -> list[str]:
-    removed = []
-    for path in find_stale_shm(shm_dir):
-        try:
-            os.remove(path)
-            removed.append(path)
-        except FileNotFoundError:
-            pass
-    return removed
+    return remove_files(find_stale_shm(shm_dir))
 
 
 def check_gpus(ranks_per_node: int) -> Check:

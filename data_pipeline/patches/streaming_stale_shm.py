@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 
-from data_pipeline.live_files import live_paths
+from data_pipeline.live_files import live_paths, remove_files
 from data_pipeline.patches.guard import Patch
 
 PATCH = Patch(
@@ -74,12 +74,6 @@ def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
     live = live_paths()
     removed = []
     for paths in by_prefix.values():
-        if any(path in live for path in paths):
-            continue  # a live job's: all of its files stay
-        for path in sorted(paths):
-            try:
-                os.remove(path)
-                removed.append(path)
-            except FileNotFoundError:
-                pass
+        if not any(path in live for path in paths):  # a live job's: all of its files stay
+            removed += remove_files(sorted(paths))
     return removed

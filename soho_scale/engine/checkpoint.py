@@ -189,7 +189,7 @@ class CheckpointManager:
         """Raise SpecError when resuming this job would be refused (resume_check): the launcher
         asks before it starts any rank."""
         found = self.find()
-        manifest = store._read_manifest(found.location) if found else None
+        manifest = store.read_manifest(found.location) if found else None
         if manifest is not None:
             resume_check.check(self.job, manifest, found.location)
 

@@ -221,7 +221,7 @@ def download(url: str, folder: str) -> dict[str, Any]:
     return manifest
 
 
-def _read_manifest(location: str) -> dict[str, Any] | None:
+def read_manifest(location: str) -> dict[str, Any] | None:
     try:
         if is_s3_url(location):
             bucket, prefix = split_s3_url(location)
@@ -264,7 +264,7 @@ def _tags(root: str) -> list[str]:
 
 
 def is_complete(location: str) -> bool:
-    manifest = _read_manifest(location)
+    manifest = read_manifest(location)
     if manifest is None:
         return False
     actual = _actual_sizes(location)
