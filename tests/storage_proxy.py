@@ -1,6 +1,7 @@
 """A storage endpoint that can be stopped for real: a TCP proxy in front of the loopback S3
 server whose `stop` closes its port and drops every open connection (new connections are refused,
-not stalled) and whose `start` opens the same port again, the server's data untouched."""
+not stalled) and whose `start` opens the same port again, the server's data untouched; clearing
+its `forwarding` event stalls instead (connections accepted, nothing relayed until it is set)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 
 class StoppableProxy:
     """127.0.0.1:port -> the S3 server; `stop` closes the port and drops every connection,
-    `start` opens the same port again."""
+    `start` opens the same port again; `forwarding` cleared: a stall."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -18,6 +19,8 @@ class StoppableProxy:
         self.lock = threading.Lock()
         self.listener: socket.socket | None = None
         self.open: set[socket.socket] = set()
+        self.forwarding = threading.Event()
+        self.forwarding.set()
         self.start()
 
     @property
@@ -73,6 +76,7 @@ class StoppableProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self.forwarding.wait()  # a stall holds open connections too
                 dst.sendall(data)
         except OSError:
             pass

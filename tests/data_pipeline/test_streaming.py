@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
@@ -27,6 +26,7 @@ from tests.data_pipeline.helpers import (
     processor,
     write_shards,
 )
+from tests.storage_proxy import StoppableProxy
 
 
 def test_round_trip_matches_plain_streaming(s3, tmp_path):
@@ -230,65 +230,18 @@ def test_resume_mid_epoch_exactly_once_and_same_masks(s3, tmp_path, resume_world
     assert {**before, **after} == reference
 
 
-# ---- storage outages: a loopback TCP proxy in front of moto ---------------------------------
-
-
-class PausableProxy:
-    """Forwards 127.0.0.1:port to a target; while paused it accepts but relays nothing."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.forwarding = threading.Event()
-        self.forwarding.set()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        self.forwarding.wait()
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-        except OSError:  # the server is gone (end of the test module)
-            client.close()
-            return
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                self.forwarding.wait()  # an outage stalls open connections too
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.forwarding.set()
-        self.server.close()
+# ---- storage outages: a loopback TCP proxy in front of moto (tests/storage_proxy.py) -------
 
 
 @pytest.fixture
 def proxy(s3):
-    proxy = PausableProxy(s3.port)
+    proxy = StoppableProxy(s3.port)
     saved = os.environ["S3_ENDPOINT_URL"]
     os.environ["S3_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.port}"
     yield proxy
     os.environ["S3_ENDPOINT_URL"] = saved
-    proxy.close()
+    proxy.forwarding.set()
+    proxy.stop()
 
 
 @pytest.mark.slow
