@@ -1,5 +1,5 @@
 """MLflow that accepts connections and never answers: no training step, the first included,
-waits more than 1 s on tracking; the run ends on time with exit 0 and nothing is lost."""
+waits more than 1 s on tracking (compared with a healthy run beside it); the run ends on time with exit 0 and nothing is lost."""
 
 from __future__ import annotations
 
@@ -157,14 +157,16 @@ def test_training_does_not_wait_on_a_hung_server(make_job, tmp_path, hung_server
                 kill_group(proc)
     assert hung_server.accepted >= 1  # the run did talk to the server that never answers
 
-    # Step 1 (from the engine ready: the run's params, inputs and spec logged, the first batch)
-    # and every later step within 1 s of the healthy run's (its slowest step).
+    # Every step, step 1 included (from the engine ready: the run's params, inputs and spec
+    # logged, the first batch), within 1 s of the healthy run's slowest. The two runs are out of
+    # phase, so the hung run's step 2 can share the cores with the healthy run's step 1: only the
+    # slowest healthy step bounds the load both saw. A step that waited on the server would wait
+    # for MLflow's request timeout (10 s), far beyond that.
     def steps(run: dict) -> list[float]:
         times = [run["ready"], *run["steps"]]
         return [b - a for a, b in zip(times, times[1:])]
 
-    assert steps(hung)[0] <= steps(healthy)[0] + SLACK_S, (steps(hung), steps(healthy))
-    assert max(steps(hung)[1:]) <= max(steps(healthy)[1:]) + SLACK_S, (steps(hung), steps(healthy))
+    assert max(steps(hung)) <= max(steps(healthy)) + SLACK_S, (steps(hung), steps(healthy))
     # Launch to engine ready, the tracker made on the way: a block for MLflow (30 s before)
     # would show; the unit test above times the tracker's construction itself.
     assert (
