@@ -142,7 +142,8 @@ def pretrain_loss(
         batch["text_image_index"], num_images, settings.itm_negative_prob
     )
 
-    mvm_mask = choose_mvm_mask(visual.indices, settings.mvm_sample_prob)  # (B, N)
+    has_vd = soho.dictionary is not None  # without a dictionary there is no MVM
+    mvm_mask = choose_mvm_mask(visual.indices, settings.mvm_sample_prob) if has_vd else None
     visual_embeds = soho.embed_visual(visual, mvm_mask)  # (B, N, D)
     hidden, pooled = soho.fuse(
         batch["text_ids"], batch["text_mask"], visual_embeds[rows], visual.mask[rows]
@@ -160,24 +161,31 @@ def pretrain_loss(
         F.cross_entropy(mlm_logits.float(), mlm_targets, reduction="sum"), mlm_count
     )
 
-    # MVM: masked cells of matched pairs predict their own VD word.
-    mvm_positions = mvm_mask[rows] & matched[:, None]  # (T, N)
-    mvm_targets = visual.indices[rows][mvm_positions]
-    mvm_logits = model.mvm_head(
-        hidden[:, text_len:][mvm_positions], soho.dictionary.embed, settings.mvm_temperature
-    )
-    mvm_count = int(mvm_targets.numel())
-    mvm_loss = _mean_or_zero(F.cross_entropy(mvm_logits, mvm_targets, reduction="sum"), mvm_count)
-
     itm_logits = model.itm_head(pooled).float()  # (T, 2)
     itm_loss = F.cross_entropy(itm_logits, itm_labels)
-
-    loss = (
-        settings.mlm_weight * mlm_loss
-        + settings.mvm_weight * mvm_loss
-        + settings.itm_weight * itm_loss
-    )
+    loss = settings.mlm_weight * mlm_loss + settings.itm_weight * itm_loss
     extra = {}
+    if has_vd:
+        # MVM: masked cells of matched pairs predict their own VD word.
+        mvm_positions = mvm_mask[rows] & matched[:, None]  # (T, N)
+        mvm_targets = visual.indices[rows][mvm_positions]
+        mvm_logits = model.mvm_head(
+            hidden[:, text_len:][mvm_positions], soho.dictionary.embed, settings.mvm_temperature
+        )
+        mvm_count = int(mvm_targets.numel())
+        mvm_loss = _mean_or_zero(
+            F.cross_entropy(mvm_logits, mvm_targets, reduction="sum"), mvm_count
+        )
+        loss = loss + settings.mvm_weight * mvm_loss
+        with torch.no_grad():
+            perplexity, used = vd_usage(visual.indices, soho.dictionary.size)
+            extra.update(
+                mvm_loss=mvm_loss.detach(),
+                mvm_acc=_accuracy(mvm_logits, mvm_targets),
+                mvm_count=torch.tensor(float(mvm_count)),
+                vd_perplexity=perplexity,
+                vd_used=used,
+            )
     if settings.itc_weight > 0:
         # Unmasked images and the (MLM-masked) captions, each read alone.
         itc_loss = contrastive_loss(
@@ -192,19 +200,13 @@ def pretrain_loss(
         loss = loss + settings.itc_weight * itc_loss
         extra["itc_loss"] = itc_loss.detach()
     with torch.no_grad():
-        perplexity, used = vd_usage(visual.indices, soho.dictionary.size)
         metrics = {
             "loss": loss.detach(),
             "mlm_loss": mlm_loss.detach(),
-            "mvm_loss": mvm_loss.detach(),
             "itm_loss": itm_loss.detach(),
             "mlm_acc": _accuracy(mlm_logits, mlm_targets),
-            "mvm_acc": _accuracy(mvm_logits, mvm_targets),
             "itm_acc": _accuracy(itm_logits, itm_labels),
             "mlm_count": torch.tensor(float(mlm_count)),
-            "mvm_count": torch.tensor(float(mvm_count)),
-            "vd_perplexity": perplexity,
-            "vd_used": used,
             **extra,
         }
     return loss, metrics

@@ -32,7 +32,10 @@ class SohoConfig:
     vd_decay_start: float = 0.4  # decay at update 0; ramps linearly to vd_decay
     vd_decay_warmup_steps: int = 1000
     vd_eps: float = 1e-5
-    vd_fusion: Literal["vd", "gate", "sum"] = "vd"
+    # What the transformer reads per cell: the VD word ("vd", the paper), the raw feature and its
+    # word gated ("gate", the official code) or summed, or the raw feature alone ("none": no
+    # dictionary at all, the paper's "w/o VD" ablation; it has no MVM, whose targets are VD words).
+    vd_fusion: Literal["vd", "gate", "sum", "none"] = "vd"
     # fusion transformer (a transformers.BertConfig is built from these)
     hidden_size: int = 768
     num_layers: int = 12

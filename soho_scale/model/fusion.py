@@ -56,8 +56,11 @@ class VisualEmbedding(nn.Module):
 
     def __init__(self, config: SohoConfig):
         super().__init__()
-        self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
-        nn.init.normal_(self.mask_embedding, std=0.02)
+        # What an MVM-masked cell reads; MVM needs the dictionary (vd_fusion none has neither).
+        self.mask_embedding = None
+        if config.vd_fusion != "none":
+            self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+            nn.init.normal_(self.mask_embedding, std=0.02)
         self.token_type = (
             nn.Parameter(torch.zeros(config.hidden_size)) if config.visual_token_type else None
         )

@@ -24,10 +24,10 @@ from soho_scale.model.vision import VisionEncoder, valid_grid_size
 class VisualTokens:
     """What `Soho.encode_image` returns for a batch of B images on an h x w grid (N = h*w)."""
 
-    tokens: torch.Tensor  # (B, N, D) what the transformer reads (VD words / gated / summed)
+    tokens: torch.Tensor  # (B, N, D) what the transformer reads (VD words / gated / summed / raw)
     mask: torch.Tensor  # (B, N) bool, valid cells
     grid_mask: torch.Tensor  # (B, h, w) bool, the same mask on the grid
-    indices: torch.Tensor  # (B, N) long, VD entry of each cell; -1 at padding
+    indices: torch.Tensor  # (B, N) long, VD entry of each cell; -1 at padding and without a VD
 
     def select(self, rows: torch.Tensor) -> VisualTokens:
         """The tokens of images `rows` (e.g. the image of each caption)."""
@@ -54,13 +54,17 @@ class Soho(nn.Module):
         super().__init__()
         self.config = config
         self.vision = VisionEncoder(config)
-        self.dictionary = VisualDictionary(
-            config.vd_size,
-            config.hidden_size,
-            decay=config.vd_decay,
-            decay_start=config.vd_decay_start,
-            decay_warmup_steps=config.vd_decay_warmup_steps,
-            eps=config.vd_eps,
+        self.dictionary = (
+            None
+            if config.vd_fusion == "none"
+            else VisualDictionary(
+                config.vd_size,
+                config.hidden_size,
+                decay=config.vd_decay,
+                decay_start=config.vd_decay_start,
+                decay_warmup_steps=config.vd_decay_warmup_steps,
+                eps=config.vd_eps,
+            )
         )
         self.gate = VisualGate(config.hidden_size) if config.vd_fusion == "gate" else None
         self.visual_embedding = VisualEmbedding(config)
@@ -76,6 +80,9 @@ class Soho(nn.Module):
         features, grid_mask = self.vision(images, image_sizes, image_mask)  # (B,D,h,w), (B,h,w)
         features = features.flatten(2).transpose(1, 2)  # (B, N, D)
         mask = grid_mask.flatten(1)  # (B, N)
+        if self.dictionary is None:  # no dictionary: every cell's VD entry is -1 (none)
+            indices = torch.full(mask.shape, -1, dtype=torch.long, device=features.device)
+            return VisualTokens(features, mask, grid_mask, indices)
         # Only real cells are quantised (and update the dictionary).
         words, valid_indices = self.dictionary(features[mask])  # (M, D), (M,)
         indices = torch.full(mask.shape, -1, dtype=torch.long, device=features.device)
@@ -166,7 +173,8 @@ class SohoPretrain(nn.Module):
         self.config = config
         self.soho = Soho(config)
         self.mlm_head = MLMHead(config, self.soho.fusion.word_embeddings)
-        self.mvm_head = MVMHead(config)
+        # MVM predicts VD words: a model without a dictionary has no MVM head.
+        self.mvm_head = MVMHead(config) if self.soho.dictionary is not None else None
         self.itm_head = nn.Linear(config.hidden_size, 2)
 
 
@@ -187,7 +195,9 @@ def model_info(preset: str, **overrides) -> dict:
     parts = {
         "vision": sum(p.numel() for p in model.soho.vision.parameters()),
         "fusion": sum(p.numel() for p in model.soho.fusion.parameters()),
-        "dictionary_buffers": sum(b.numel() for b in model.soho.dictionary.buffers()),
+        "dictionary_buffers": sum(
+            b.numel() for b in (model.soho.dictionary.buffers() if model.soho.dictionary else [])
+        ),
     }
     return {
         "preset": preset,

@@ -267,3 +267,21 @@ def test_bad_spec_exits_2_naming_the_key(make_job):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.cnn.lr" in lines[0] and "fast" in lines[0]
+
+
+def test_a_model_without_a_dictionary_pretrains_under_zero2(make_job, tmp_path):
+    """vd_fusion none (the sweep's no_vd variant): 2 ranks under ZeRO-2 train MLM + ITM, the CNN
+    and the transformer both move, and no MVM or dictionary metric is logged."""
+    job = make_job("no_vd", schedule__steps=2, checkpoint__interval_steps=1)
+    run_dir = str(tmp_path / "no_vd")
+    no_vd = ["model.overrides.vd_fusion=none", "objectives.mvm_weight=0"]
+    _ok(run_train(job, run_dir, 2, *no_vd))
+    lines = metrics_lines(run_dir)
+    assert [line["step"] for line in lines] == [1, 2]
+    logged = [line["metrics"] for line in lines]
+    assert all(m["loss"] == m["loss"] and m["itm_loss"] == m["itm_loss"] for m in logged)  # no NaN
+    assert not any(key.startswith(("mvm_", "vd_")) for m in logged for key in m)
+    checkpoints = sorted(glob.glob(str(tmp_path / "no_vd-ckpt" / "step_*")))
+    _both_groups_changed(checkpoints[0], checkpoints[-1])
+    weights, _ = consolidated_state_dict(checkpoints[-1])
+    assert not any("dictionary" in key or "mvm_head" in key for key in weights)

@@ -184,3 +184,24 @@ def test_contrastive_loss_prefers_the_true_pairing():
         true = loss(torch.arange(len(embeds)))
         shuffled = loss(torch.arange(len(embeds)).roll(1))
     assert true < shuffled
+
+
+def test_without_a_dictionary_the_transformer_reads_the_raw_features():
+    """vd_fusion none (the paper's "w/o VD" ablation): no dictionary, no MVM head; the visual
+    tokens are the CNN's grid features and pre-training is MLM + ITM, every parameter trained."""
+    model = _model(vd_fusion="none")
+    assert model.soho.dictionary is None and model.mvm_head is None
+    assert not any("dictionary" in name for name, _ in model.state_dict().items())
+    batch = make_batch()
+    visual = model.soho.encode_image(batch["images"], batch["image_sizes"])
+    features, grid_mask = model.soho.vision(batch["images"], batch["image_sizes"])
+    torch.testing.assert_close(visual.tokens, features.flatten(2).transpose(1, 2))
+    assert visual.mask.equal(grid_mask.flatten(1)) and (visual.indices == -1).all()
+
+    loss, metrics = pretrain_loss(model, batch, PretrainSettings(mvm_sample_prob=1.0))
+    loss.backward()
+    assert not any(key.startswith(("mvm_", "vd_")) for key in metrics)
+    assert metrics["mlm_count"] > 0 and torch.isfinite(loss)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert model_info("tiny", vd_fusion="none")["parts"]["dictionary_buffers"] == 0
