@@ -14,9 +14,11 @@ from soho_scale.launch.validate import validate_main
 from soho_scale.spec import Job, SpecError, derived, dump_job, load_job
 
 ROOT = Path(__file__).resolve().parent.parent
-# Job specs (pipeline specs under jobs/pipelines/ are another format, tested with the pipeline).
+# Job specs (pipeline and sweep specs under jobs/pipelines/ and jobs/sweeps/ are other formats).
 JOB_FILES = sorted(
-    p for p in (ROOT / "jobs").rglob("*.yaml") if "pipelines" not in p.relative_to(ROOT).parts
+    p
+    for p in (ROOT / "jobs").rglob("*.yaml")
+    if not {"pipelines", "sweeps"} & set(p.relative_to(ROOT).parts)
 )
 DEMO = ROOT / "jobs" / "demo" / "pretrain.yaml"
 PAPER = ROOT / "jobs" / "pretrain" / "soho_r101_l12_coco_vg.yaml"
@@ -279,3 +281,13 @@ def test_objectives_section_builds_the_pretrain_settings():
     objectives = load_job(DEMO).objectives
     settings = PretrainSettings(**objectives.model_dump(exclude={"mlm_probability"}))
     assert settings.mvm_sample_prob == objectives.mvm_sample_prob
+
+
+def test_mvm_needs_the_visual_dictionary():
+    no_vd = ["model.overrides.vd_fusion=none"]
+    assert spec_error(DEMO, no_vd) == (
+        "objectives.mvm_weight: masked visual modeling predicts visual dictionary words and "
+        f"model vd_fusion none has no dictionary; set objectives.mvm_weight: 0 (in {DEMO})"
+    )
+    job = load_job(DEMO, [*no_vd, "objectives.mvm_weight=0"])
+    assert job.model.config().vd_fusion == "none"

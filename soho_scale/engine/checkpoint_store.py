@@ -314,13 +314,62 @@ def remove(location: str) -> None:
 
 
 def prune(root: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` committed checkpoints, and the partial ones older
-    than the newest committed (saves that were interrupted; nothing can still be writing them,
-    since saves run in step order). Partial ones newer than it are left: the next save of that
-    step replaces them."""
+    """Delete all but the newest `keep_last` committed checkpoints and the best one (`BEST`),
+    and the partial ones older than the newest committed (saves that were interrupted; nothing
+    can still be writing them, since saves run in step order). Partial ones newer than it are
+    left: the next save of that step replaces them."""
     committed, partial = _scan(root)
     if not committed:
         return
     newest = committed[-1].step
-    for old in committed[: -max(keep_last, 1)] + [p for p in partial if p.step < newest]:
-        remove(old.location)
+    best = (read_best(root) or {}).get("step")
+    old = [c for c in committed[: -max(keep_last, 1)] if c.step != best]
+    for gone in old + [p for p in partial if p.step < newest]:
+        remove(gone.location)
+
+
+# ---- the best checkpoint of a run that evaluates while it trains (periodic_eval) ------------
+
+BEST = "best.json"  # beside the checkpoints: {step, metric, value, location}
+
+
+def write_best(root: str, record: dict[str, Any]) -> None:
+    """Record the best checkpoint so far (rank 0, after that checkpoint is committed)."""
+    body = json.dumps(record, indent=1, sort_keys=True)
+    if is_s3_url(root):
+        bucket, prefix = split_s3_url(root)
+        _client().put_object(Bucket=bucket, Key=f"{prefix}/{BEST}", Body=body.encode())
+        return
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, BEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, BEST))
+
+
+def read_best(root: str) -> dict[str, Any] | None:
+    """The best-checkpoint record under `root`, or None when the run keeps none."""
+    try:
+        if is_s3_url(root):
+            bucket, prefix = split_s3_url(root)
+            body = _client().get_object(Bucket=bucket, Key=f"{prefix}/{BEST}")["Body"].read()
+            return json.loads(body)
+        with open(os.path.join(root, BEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+    except Exception as e:  # botocore's NoSuchKey and friends
+        if type(e).__name__ in ("NoSuchKey", "ClientError"):
+            return None
+        raise
+
+
+def clear_best(root: str) -> None:
+    """Forget a best record a previous run of this checkpoint folder left (a fresh start)."""
+    if is_s3_url(root):
+        bucket, prefix = split_s3_url(root)
+        _client().delete_object(Bucket=bucket, Key=f"{prefix}/{BEST}")
+    elif os.path.exists(os.path.join(root, BEST)):
+        os.remove(os.path.join(root, BEST))

@@ -99,7 +99,7 @@ def evaluate_task(
         return evaluate_job(job, model, loader, rank, world)
     if evaluation is None:
         evaluation = build_task_evaluation(job)
-    where = next(model.parameters()).device
+    param = next(model.parameters())  # a training engine's model may be bf16 or fp16
     was_training = model.training
     model.eval()
     records: list[dict] = []
@@ -110,7 +110,7 @@ def evaluate_task(
         bar = tqdm(desc=f"eval {job.data.task}", unit="batch", dynamic_ncols=True)
     with torch.no_grad():
         for batch in loader:
-            records += evaluation.predict(model, to_device(batch, where))
+            records += evaluation.predict(model, to_device(batch, param.device, param.dtype))
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 SAFE = (
     "name",  # names the run folder by default; trains nothing
     "tracking",  # what is logged, how often, under which experiment, run name and tags
-    "eval",  # what `soho-scale eval` scores later; training never reads it
+    "eval",  # what is scored, later or while training (periodic_eval draws no training RNG)
     "schedule.steps",  # where training ends: warm-up and decay milestones are their own keys,
     "schedule.epochs",  # and the LR at a step does not depend on the end
     "checkpoint",  # where and how often it saves, how many it keeps, how it resumes

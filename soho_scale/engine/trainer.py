@@ -30,6 +30,7 @@ from soho_scale.engine.deepspeed_config import prepare_for_engine
 from soho_scale.engine.distributed import broadcast, setup_distributed, setup_logging, to_device
 from soho_scale.engine.lineage import log_new_run
 from soho_scale.engine.optimizer import apply_spec_settings, build_optimizer, lr_factor
+from soho_scale.engine.periodic_eval import PeriodicEval
 from soho_scale.engine.recorder import make_recorder
 from soho_scale.engine.resume_check import record as record_resume_changes
 from soho_scale.engine.step import build_step
@@ -123,6 +124,8 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     means = MetricMeans(engine.device)
     recorder = make_recorder(job.tracking.record_samples, run_dir, rank, step)
     progress = _progress(rank, total_steps, step)
+    resumed_at = step if resume is not None else None
+    periodic = PeriodicEval(job, run_dir, rank, world, resumed_at, tracker)
     last_metrics: dict[str, float] = {}
     preempted = False
     while step < total_steps and not preempted:
@@ -156,9 +159,15 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
                     meter.reset()
                 progress(step, last_metrics.get("loss"), last_metrics.get("samples_per_s"))
                 preempted = stop.any_rank(engine.device)
-                if preempted or step % job.checkpoint.interval_steps == 0 or step == total_steps:
+                # a stopped job saves within its grace period: no evaluation first
+                evaluated = not preempted and periodic.evaluate(
+                    engine.module.model, step, total_steps
+                )
+                every = job.checkpoint.interval_steps
+                if preempted or evaluated or step % every == 0 or step == total_steps:
                     checkpoints.run_id = tracker.run_id_now()  # at most 1 s for MLflow
                     checkpoints.save(engine, step, epoch, loader)
+                    periodic.saved(step, start_probes=not preempted)
                 if preempted or step >= total_steps:
                     break
             wait_start = time.perf_counter()
@@ -175,6 +184,7 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
         "run_id": tracker.run_id,
     }
     recorder.write()
+    periodic.finish(preempted)  # the probes still running: bounded by eval.probe_wait_s
     if rank == 0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -23,11 +23,28 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     for override in overrides:
         apply_override(data, override)
     try:
-        return Job.model_validate({**data, "overrides": list(overrides)})
+        job = Job.model_validate({**data, "overrides": list(overrides)})
     except ValidationError as e:
         culprit = _culprit(error_location(e.errors()[0]), overrides)
         suffix = f" (from override {clipped(culprit)})" if culprit else f" (in {path})"
         raise SpecError(format_spec_error(e, Job) + suffix) from None
+    _check_probes(job)
+    return job
+
+
+def _check_probes(job: Job) -> None:
+    """Each of eval.probes names a job file that loads with its overrides and evaluates on
+    something (`soho-scale eval` of it runs while the job trains)."""
+    for probe in job.eval.probes:
+        where = f"eval.probes.{probe.name}"
+        try:
+            target = load_job(probe.job, probe.overrides)
+        except SpecError as e:
+            raise SpecError(f"{where}: job {probe.job}: {e}") from None
+        if not target.eval.streams:
+            raise SpecError(f"{where}: job {probe.job} names no eval.streams to evaluate on")
+        if target.eval.probes:
+            raise SpecError(f"{where}: job {probe.job} has probes of its own; a probe has none")
 
 
 def _culprit(loc: tuple, overrides: list[str] | tuple[str, ...]) -> str | None:

@@ -31,6 +31,7 @@ from data_pipeline.urls import is_s3_url, split_s3_url
 from soho_scale.model.config import PRESETS, SohoConfig, build_config, random_cnn_problem
 from soho_scale.spec.derived import accumulation_steps
 from soho_scale.spec.errors import SpecError, describe, problem, shown
+from soho_scale.spec.eval_metrics import eval_metric_names
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # DeepSpeed fields the job owns; a template that sets one would say a number twice.
@@ -360,6 +361,16 @@ class CheckpointSpec(Section):
     save_grace_s: int = Field(180, ge=10, le=65535)  # Slurm's --signal takes at most 65535
 
 
+class ProbeSpec(Section):
+    """`soho-scale eval` of `job` on the checkpoints of the job that trains (periodic_eval)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    job: str = Field(min_length=1)  # a job YAML whose eval.streams and task define the probe
+    every_steps: int = Field(gt=0)  # a committed checkpoint at a multiple of it is probed
+    overrides: list[str] = []  # dotted overrides of the probe's job
+    nproc: int = Field(1, ge=1)  # local ranks of the probe's evaluation
+
+
 class EvalSpec(Section):
     """What `soho-scale eval` (and a pipeline's eval stage) scores a checkpoint on."""
 
@@ -373,6 +384,23 @@ class EvalSpec(Section):
     # Equal image folds whose mean is also reported (`fold_*`); null: 5 when the test set has
     # 5000 images (MSCOCO 5K -> the 1K protocol), else none.
     retrieval_folds: int | None = Field(None, ge=1)
+    # Fine-tunes: evaluate eval.streams every N steps (and at the last), checkpoint there and
+    # keep the best checkpoint by `best_metric` (null: the task's main one, EVAL_METRICS).
+    every_steps: int | None = Field(None, gt=0)
+    best_metric: str | None = None
+    # Downstream probes of the job's checkpoints, run in the background while it trains; at the
+    # end the job waits at most probe_wait_s for the ones still running.
+    probes: list[ProbeSpec] = []
+    probe_wait_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _probe_names_unique(self) -> EvalSpec:
+        # Each probe's own job file is checked by load_job (it loads job files).
+        names = [probe.name for probe in self.probes]
+        for name in names:
+            if names.count(name) > 1:
+                raise problem(f"probes.{name}", "a second probe of this name; names are unique")
+        return self
 
 
 class TrackingSpec(Section):
@@ -422,6 +450,22 @@ class Job(Section):
     overrides: list[str] = []  # the dotted overrides applied by load_job, in order
 
     @model_validator(mode="after")
+    def _evaluates_while_training(self) -> Job:
+        every, metric = self.eval.every_steps, self.eval.best_metric
+        if every is not None and (self.data.task == "pretrain" or not self.eval.streams):
+            pretrain = self.data.task == "pretrain"
+            why = "is for fine-tunes (pre-training: eval.probes)" if pretrain else ""
+            raise problem("eval.every_steps", why or "needs eval.streams to evaluate on")
+        names = eval_metric_names(self.data.task)
+        if metric is not None and metric not in names:
+            close = difflib.get_close_matches(metric, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(names)})"
+            raise problem(
+                "eval.best_metric", f"{shown(metric)} is no {self.data.task} metric{hint}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _batch_divides(self) -> Job:
         try:
             accumulation_steps(self, self.resources.nodes * self.resources.procs_per_node)
@@ -429,4 +473,19 @@ class Job(Section):
             raise problem(
                 "batch.global_batch", str(e).removeprefix("batch.global_batch: ")
             ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _mvm_has_a_dictionary(self) -> Job:
+        # Said here rather than silently dropped: the run would not be the objective it names.
+        if (
+            self.data.task == "pretrain"
+            and self.objectives.mvm_weight > 0
+            and self.model.config().vd_fusion == "none"
+        ):
+            raise problem(
+                "objectives.mvm_weight",
+                "masked visual modeling predicts visual dictionary words and "
+                "model vd_fusion none has no dictionary; set objectives.mvm_weight: 0",
+            )
         return self
