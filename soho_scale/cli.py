@@ -76,6 +76,12 @@ def _pipeline(argv: list[str]) -> int:
     return pipeline_main(argv)
 
 
+def _sweep(argv: list[str]) -> int:
+    from soho_scale.sweep import sweep_main
+
+    return sweep_main(argv)
+
+
 def _report(argv: list[str]) -> int:
     from soho_scale.report import report_main
 
@@ -95,6 +101,7 @@ COMMANDS = {
     "train": (_train, "train a job on N local ranks: soho-scale train JOB [K=V ...] [--nproc N]"),
     "eval": (_eval, "evaluate a checkpoint: eval JOB --checkpoint CKPT [--nproc N] [--out DIR]"),
     "pipeline": (_pipeline, "pre-train -> fine-tune -> eval stages, resumable: pipeline SPEC"),
+    "sweep": (_sweep, "ablations of a pipeline over seeds, compared: sweep SPEC [--only V ...]"),
     "report": (_report, "results table + chart of an experiment: report --experiment NAME"),
     "plan": (_plan, "pre-flight: derived numbers, cost, and checks of storage, MLflow, shm, GPUs"),
     "launch": (_launch, "multi-node: --hostfile F | --scheduler slurm|k8s --nodes N --out F"),

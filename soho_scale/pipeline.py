@@ -87,7 +87,9 @@ class OverrideSet(BaseModel):
     stage_overrides: dict[str, list[str]] = {}  # stage name -> overrides after the others
 
 
-def _validated(kind: type[BaseModel], path: str) -> Any:
+def read_spec_file(kind: type[BaseModel], path: str) -> Any:
+    """The spec file `path` as a `kind` (pipeline, override set, sweep); a bad one is one line
+    naming the key and the file."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     try:
@@ -102,12 +104,12 @@ def load_pipeline(
     path: str, override_set: str | None = None, run_root: str | None = None
 ) -> Pipeline:
     """The pipeline of `path`, with an override set's changes and another run root applied."""
-    pipe = _validated(Pipeline, path)
+    pipe = read_spec_file(Pipeline, path)
     if run_root:
         pipe = pipe.model_copy(update={"run_root": run_root})
     if override_set is None:
         return pipe
-    extra = _validated(OverrideSet, override_set)
+    extra = read_spec_file(OverrideSet, override_set)
     unknown = sorted(set(extra.stage_overrides) - {stage.name for stage in pipe.stages})
     if unknown:
         raise ValueError(f"stage_overrides: no stage {unknown[0]!r} in {path} (in {override_set})")
@@ -245,17 +247,22 @@ def run_stage(pipe: Pipeline, stage: Stage, hostfile: str | None = None) -> dict
 
 
 def finish_stage(pipe: Pipeline, stage: Stage, code: int, started: float) -> dict[str, Any]:
-    """After a training stage's ranks exit with `code`: export its last committed checkpoint
-    for the stages after it and mark it done, or mark its run FAILED and raise StageFailed."""
+    """After a training stage's ranks exit with `code`: export its best committed checkpoint
+    (when the job kept one, eval.every_steps) else its last, for the stages after it, and mark
+    it done; or mark its run FAILED and raise StageFailed."""
     run_dir = os.path.join(pipe.run_root, stage.name)
     if code:
         raise _failed(stage, code, os.path.join(run_dir, "stage.log"), run_dir)
-    from soho_scale.engine.checkpoint_store import committed_checkpoints
+    from soho_scale.engine.checkpoint_store import committed_checkpoints, read_best
     from soho_scale.engine.weights import export
 
-    last = committed_checkpoints(os.path.join(run_dir, "checkpoints"))[-1]
-    export(last.location, export_path(pipe.run_root, stage.name))
-    result = {"checkpoint": last.location, "step": last.step}
+    committed = committed_checkpoints(os.path.join(run_dir, "checkpoints"))
+    best = read_best(os.path.join(run_dir, "checkpoints"))
+    chosen = next((c for c in committed if best and c.step == best["step"]), committed[-1])
+    export(chosen.location, export_path(pipe.run_root, stage.name))
+    result = {"checkpoint": chosen.location, "step": chosen.step}
+    if best and chosen.step == best["step"]:
+        result.update(best_step=best["step"], best_value=best["value"])
     _write_done(run_dir, result, started)
     return result
 
@@ -313,8 +320,17 @@ def run_pipeline(
     """Run (or continue) a pipeline here (training stages across the hosts of `hostfile`, when
     given); returns the report folder (None without eval stages)."""
 
-    pipe = load_pipeline(path, override_set, run_root)
-    parent = open_parent(pipe, path)
+    return run_loaded(load_pipeline(path, override_set, run_root), path, hostfile)
+
+
+def run_loaded(
+    pipe: Pipeline, source: str, hostfile: str | None = None, tags: dict[str, str] | None = None
+) -> str | None:
+    """Run (or continue) the loaded pipeline `pipe` (read from `source`), its parent run tagged
+    with `tags`; returns the report folder (None without eval stages)."""
+    parent = open_parent(pipe, source)
+    if tags:
+        parent.set_tags(tags)
     total = len(pipe.stages)
     try:
         for i, stage in enumerate(pipe.stages, 1):
@@ -345,7 +361,8 @@ def finish_pipeline(pipe: Pipeline, parent) -> str | None:  # noqa: ANN001
     out = None
     if any(stage.eval for stage in pipe.stages):
         out = os.path.join(pipe.run_root, "report")
-        rows, files = report(pipe.experiment, out)
+        # Only this pipeline's evaluations: the experiment may hold other pipelines' (a sweep).
+        rows, files = report(pipe.experiment, out, parent_run_id=parent.run_id)
         # The final results on the parent run: pipelines compare side by side in MLflow's charts.
         parent.log_metrics(
             {

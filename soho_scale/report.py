@@ -103,13 +103,37 @@ def _newest_runs(runs: list[Any]) -> list[Any]:
     return sorted(newest.values(), key=lambda r: TASK_ORDER.index(r.data.tags["task"]))
 
 
-def collect(client, experiment: str) -> tuple[list[dict[str, Any]], dict[str, float]]:  # noqa: ANN001
-    """Rows keyed by (task, dataset, split, protocol, metric) of the newest eval runs, and the
-    chance levels of the experiment."""
+def _under(runs: list[Any], root: str) -> list[Any]:
+    """The runs of `runs` that are `root` or descend from it (an evaluation is the child of its
+    training stage's run, itself the child of the pipeline's parent run)."""
+    parent_of = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
+
+    def inside(run_id: str | None) -> bool:
+        seen = set()
+        while run_id and run_id not in seen:
+            if run_id == root:
+                return True
+            seen.add(run_id)
+            run_id = parent_of.get(run_id)
+        return False
+
+    return [r for r in runs if inside(r.info.run_id)]
+
+
+def collect(
+    client,  # noqa: ANN001
+    experiment: str,
+    parent_run_id: str | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Rows keyed by (task, dataset, split, protocol, metric) of the newest eval runs (only those
+    under the run `parent_run_id`, when given), and the chance levels of the experiment (of that
+    run)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"--experiment {experiment!r}: no such MLflow experiment")
     runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"])
+    if parent_run_id:
+        runs = _under(runs, parent_run_id)
     chance: dict[str, float] = {}
     for run in runs:
         for key, value in run.data.params.items():
@@ -256,7 +280,11 @@ def find_store(experiment: str, root: str = "runs") -> str:
     return holding[0]
 
 
-def report(experiment: str, out: str, tracking_uri: str | None = None) -> tuple[list, list[str]]:
+def report(
+    experiment: str, out: str, tracking_uri: str | None = None, parent_run_id: str | None = None
+) -> tuple[list, list[str]]:
+    """The results of `experiment` (of the pipeline whose parent run is `parent_run_id`, when
+    given) written to `out`: (rows, files)."""
     from mlflow.tracking import MlflowClient
 
     from soho_scale.engine.tracking import without_credentials
@@ -268,7 +296,7 @@ def report(experiment: str, out: str, tracking_uri: str | None = None) -> tuple[
 
     client = MlflowClient(without_credentials(uri))
     try:
-        rows, _ = collect(client, experiment)
+        rows, _ = collect(client, experiment, parent_run_id)
     except MlflowException as e:
         first = (str(e).splitlines() or [""])[0][:300]
         raise ValueError(redact(f"MLflow at {uri}: {first}")) from None

@@ -137,3 +137,24 @@ def test_report_reads_the_pipelines_own_store_by_default(tmp_path, monkeypatch):
     assert [r["value"] for r in rows] == [70.0]
     with pytest.raises(ValueError, match="pass --tracking-uri"):
         report("nowhere", str(tmp_path / "out2"))
+
+
+def test_report_of_one_pipeline_among_several_in_one_experiment(tmp_path):
+    """A sweep's pipelines share an experiment: each one's report holds its own evaluations (the
+    children of its training runs, themselves children of its parent run) only."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweep")
+    parents = []
+    for accuracy in (60.0, 70.0):
+        parent = client.create_run(experiment, run_name="pipeline").info.run_id
+        train = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+        tags = {"task": "nlvr2", "dataset": "NLVR2", "split": "dev", "mlflow.parentRunId": train}
+        run = client.create_run(experiment, tags=tags).info.run_id
+        client.log_metric(run, "dev_accuracy", accuracy)
+        parents.append(parent)
+    for parent, accuracy in zip(parents, (60.0, 70.0)):
+        rows, _ = report("sweep", str(tmp_path / parent), uri, parent_run_id=parent)
+        assert [r["value"] for r in rows] == [accuracy]
+    rows, _ = report("sweep", str(tmp_path / "all"), uri)  # no filter: the newest evaluation
+    assert len(rows) == 1

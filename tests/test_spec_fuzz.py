@@ -29,7 +29,9 @@ from soho_scale.spec.errors import path_text
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted(
-    p for p in (ROOT / "jobs").rglob("*.yaml") if "pipelines" not in p.relative_to(ROOT).parts
+    p
+    for p in (ROOT / "jobs").rglob("*.yaml")
+    if not {"pipelines", "sweeps"} & set(p.relative_to(ROOT).parts)
 )
 REQUIRED = [
     ("name",), ("model",), ("data",), ("schedule",), ("batch",), ("checkpoint",),
