@@ -93,3 +93,22 @@ def test_data_throughput_reports_every_loader(tmp_path: Path) -> None:
     assert report["ratio_storage_only"] == pytest.approx(storage, abs=0.002)
     assert set(report["meets_targets"]) == {"ratio_vs_ceiling", "ratio_vs_naive"}
     assert list(report["ratio_with_patch"]) == ["streaming_mapped_shards"]
+
+
+def test_shape_probes_read_the_visual_path(tmp_path: Path) -> None:
+    result = _run(
+        [str(REPO / "benchmarks" / "shape_probe.py"), "--checkpoint", "random", "--images", "120"],
+        tmp_path, timeout=300,
+    )  # fmt: skip
+    points = json.loads(result.stdout)["points"]
+    assert {"c3", "c5", "neck", "vd_word", "gate_tokens"} <= set(points)
+    assert all(0 <= p["shape"] <= 100 and 0 <= p["color"] <= 100 for p in points.values())
+    assert points["c3"]["shape"] > 50 and points["c3"]["color"] > 50  # chance: 33 and 20
+    result = _run(
+        [str(REPO / "benchmarks" / "shape_pretrain_proxy.py"), "--steps", "2",
+         "--probe-every", "2", "--probe-images", "60"],
+        tmp_path, timeout=300,
+    )  # fmt: skip
+    history = json.loads(result.stdout)["history"]
+    assert [h["step"] for h in history] == [2] and "gate_tokens" in history[0]["points"]
+    assert math.isfinite(history[0]["train"]["loss"])
