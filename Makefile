@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system test test-fast demo lint format ui clean
+.PHONY: setup system test test-fast demo ablation lint format ui clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/python -m soho_scale.demo
+
+# The demo's ablation (jobs/sweeps/demo_ablation.yaml): hours on 2 cores; a re-run skips what
+# finished. ONLY="base from_scratch no_vd" runs those variants.
+ablation: setup
+	$(BIN)/python -m soho_scale.demo --sweep jobs/sweeps/demo_ablation.yaml $(if $(ONLY),--only $(ONLY))
 
 lint: setup
 	$(BIN)/ruff check soho_scale data_pipeline tests benchmarks

@@ -9,10 +9,14 @@
 5. prints the results table (ours, chance, published SOHO) and ends with `report: PATH`.
 Re-running skips the stages that finished (the world and shards are rebuilt: moto keeps data in
 memory only).
+
+`make ablation` (`--sweep jobs/sweeps/demo_ablation.yaml [--only VARIANT ...]`) runs steps 1-3
+and then the sweep of the demo pipeline instead, while the shards are served.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import os
@@ -49,10 +53,21 @@ def _stream_a_few_batches(cache: str) -> None:
     print(f"  {dataset.num_samples} samples in the stream; skipped (undecodable): {loader.skipped}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m soho_scale.demo",
+        description="the demo pipeline (or, with --sweep, a sweep of it) on the synthetic world",
+    )
+    parser.add_argument(
+        "--sweep", metavar="SPEC", help="run this sweep instead (make ablation: the demo's)"
+    )
+    parser.add_argument("--only", nargs="+", metavar="VARIANT", help="with --sweep: these only")
+    args = parser.parse_args(argv)
+    if args.only and not args.sweep:
+        parser.error("--only: only with --sweep")
+
     from data_pipeline.loopback import LocalS3Server
     from data_pipeline.synthetic import convert_world, write_world
-    from soho_scale.pipeline import run_pipeline
 
     started = time.time()
     world = os.path.join(RUN_ROOT, "world")
@@ -66,6 +81,8 @@ def main() -> int:
         for name, report in reports.items():
             skipped = sum(report.get("skipped", {}).values())
             print(f"  s3://soho-demo/{name:<18} {report['written']:>5} samples, {skipped} skipped")
+        if args.sweep:  # the shards live as long as this server: the sweep runs inside it
+            return _sweep(args.sweep, args.only, started)
         print("[demo] streaming a few pre-training batches back from S3:", flush=True)
         # In a process of its own: every rank's loader later removes "stale" streaming shared
         # memory, this check's included, and this process's exit would then warn about it.
@@ -79,6 +96,8 @@ def main() -> int:
                 f"[demo] streaming the shards back failed (exit code {check.exitcode})"
             )
         print(f"[demo] pipeline {PIPELINE} (2 CPU ranks, ZeRO-2)", flush=True)
+        from soho_scale.pipeline import run_pipeline
+
         report_dir = run_pipeline(PIPELINE)
     with open(os.path.join(report_dir, "results.md")) as f:
         print(f.read())
@@ -88,6 +107,16 @@ def main() -> int:
     print("[demo] MLflow: `make ui`, then open http://127.0.0.1:5000 (experiment soho-demo)")
     print(f"report: {os.path.abspath(report_dir)}")
     return 0
+
+
+def _sweep(spec: str, only: list[str] | None, started: float) -> int:
+    from soho_scale.sweep import sweep_main
+
+    argv = [spec, *(["--only", *only] if only else [])]
+    print(f"[demo] sweep {spec}", flush=True)
+    code = sweep_main(argv)
+    print(f"[demo] sweep finished in {(time.time() - started) / 60:.1f} min (exit code {code})")
+    return code
 
 
 if __name__ == "__main__":
