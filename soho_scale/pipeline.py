@@ -273,20 +273,22 @@ def _write_done(run_dir: str, result: dict[str, Any], started: float) -> None:
         json.dump(result, f, indent=2)
 
 
-def parent_tracker(pipe: Pipeline):
+def continued_tracker(root: str, experiment: str, name: str, tags: dict[str, str]):
+    """The MLflow run tracked from the folder `root` (a pipeline's or a sweep's), continued when
+    it ran there before."""
     from soho_scale.engine.tracking import RUN_INFO, Tracker
 
-    info = os.path.join(pipe.run_root, RUN_INFO)
+    info = os.path.join(root, RUN_INFO)
     run_id = None
-    if os.path.exists(info):  # re-running the pipeline continues its parent run
+    if os.path.exists(info):
         with open(info) as f:
             run_id = json.load(f)["run_id"]
-    return Tracker(
-        pipe.run_root,
-        pipe.experiment,
-        f"pipeline-{pipe.name}",
-        {"pipeline": pipe.name},
-        run_id=run_id,
+    return Tracker(root, experiment, name, tags, run_id=run_id)
+
+
+def parent_tracker(pipe: Pipeline):
+    return continued_tracker(
+        pipe.run_root, pipe.experiment, f"pipeline-{pipe.name}", {"pipeline": pipe.name}
     )
 
 

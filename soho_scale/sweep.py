@@ -17,7 +17,6 @@ in its run root) unless MLFLOW_TRACKING_URI says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -30,6 +29,7 @@ from soho_scale.pipeline import (
     Pipeline,
     StageFailed,
     check_stage_specs,
+    continued_tracker,
     load_pipeline,
     read_spec_file,
     run_loaded,
@@ -161,15 +161,9 @@ def finished(pipe: Pipeline) -> bool:
 
 def sweep_tracker(sweep: Sweep):
     """The sweep's MLflow parent run, continued when the sweep ran before."""
-    from soho_scale.engine.tracking import RUN_INFO, Tracker
-
-    info = os.path.join(sweep.run_root, RUN_INFO)
-    run_id = None
-    if os.path.exists(info):
-        with open(info) as f:
-            run_id = json.load(f)["run_id"]
-    return Tracker(sweep.run_root, sweep.experiment, f"sweep-{sweep.name}", {"sweep": sweep.name},
-                   run_id=run_id)  # fmt: skip
+    return continued_tracker(
+        sweep.run_root, sweep.experiment, f"sweep-{sweep.name}", {"sweep": sweep.name}
+    )
 
 
 def run_sweep(

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import statistics
 from typing import Any
 
 KEY = ("task", "dataset", "split", "protocol", "metric")
@@ -42,10 +43,7 @@ def t_quantile(df: float) -> float:
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for one value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def welch_interval(base: list[float], other: list[float]) -> tuple[float, float, float]:

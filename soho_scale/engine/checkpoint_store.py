@@ -118,15 +118,52 @@ def write_manifest(
     """Commit a complete local checkpoint folder (rank 0, after all ranks finished writing and
     every node sealed its files)."""
     manifest = manifest_for(step, seal(folder) if files is None else files, extra)
-    tmp = os.path.join(folder, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, MANIFEST))
-    _fsync_folder(folder)
+    _write_json(folder, MANIFEST, manifest)
     _fsync_folder(os.path.dirname(os.path.abspath(folder)))  # the checkpoint's own entry
     return manifest
+
+
+def _write_json(location: str, name: str, record: dict[str, Any]) -> None:
+    """`record` as `<location>/<name>`: one S3 put, or locally a temporary file fsynced and
+    renamed over it (a reader never sees half of it), the folder fsynced."""
+    body = json.dumps(record, indent=1, sort_keys=True)
+    if is_s3_url(location):
+        bucket, prefix = split_s3_url(location)
+        _client().put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body.encode())
+        return
+    tmp = os.path.join(location, name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(location, name))
+    _fsync_folder(location)
+
+
+def _read_json(location: str, name: str) -> dict[str, Any] | None:
+    """`<location>/<name>` (local or S3) parsed, or None when it is missing or unreadable."""
+    try:
+        if is_s3_url(location):
+            bucket, prefix = split_s3_url(location)
+            body = _client().get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read()
+            return json.loads(body)
+        with open(os.path.join(location, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+    except Exception as e:  # botocore's NoSuchKey and friends
+        if type(e).__name__ in ("NoSuchKey", "ClientError"):
+            return None
+        raise
+
+
+def _delete(location: str, name: str) -> None:
+    """Remove `<location>/<name>` (local or S3) if it is there."""
+    if is_s3_url(location):
+        bucket, prefix = split_s3_url(location)
+        _client().delete_object(Bucket=bucket, Key=f"{prefix}/{name}")
+    elif os.path.exists(os.path.join(location, name)):
+        os.remove(os.path.join(location, name))
 
 
 def upload_files(folder: str, url: str, files: dict[str, Any]) -> None:
@@ -140,18 +177,12 @@ def upload_files(folder: str, url: str, files: dict[str, Any]) -> None:
 
 def put_manifest(url: str, manifest: dict[str, Any]) -> None:
     """Commit a remote checkpoint: the manifest is uploaded after every file it lists."""
-    bucket, prefix = split_s3_url(url)
-    body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    _client().put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=body)
+    _write_json(url, MANIFEST, manifest)
 
 
 def uncommit(location: str) -> None:
     """Remove a checkpoint's manifest (before its files are rewritten or deleted)."""
-    if is_s3_url(location):
-        bucket, prefix = split_s3_url(location)
-        _client().delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
-    elif os.path.exists(os.path.join(location, MANIFEST)):
-        os.remove(os.path.join(location, MANIFEST))
+    _delete(location, MANIFEST)
 
 
 _UNHASHED_WARNED: set[str] = set()
@@ -222,19 +253,7 @@ def download(url: str, folder: str) -> dict[str, Any]:
 
 
 def read_manifest(location: str) -> dict[str, Any] | None:
-    try:
-        if is_s3_url(location):
-            bucket, prefix = split_s3_url(location)
-            body = _client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read()
-            return json.loads(body)
-        with open(os.path.join(location, MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-    except Exception as e:  # botocore's NoSuchKey and friends
-        if type(e).__name__ in ("NoSuchKey", "ClientError"):
-            return None
-        raise
+    return _read_json(location, MANIFEST)
 
 
 def _actual_sizes(location: str) -> dict[str, int]:
@@ -335,41 +354,16 @@ BEST = "best.json"  # beside the checkpoints: {step, metric, value, location}
 
 def write_best(root: str, record: dict[str, Any]) -> None:
     """Record the best checkpoint so far (rank 0, after that checkpoint is committed)."""
-    body = json.dumps(record, indent=1, sort_keys=True)
-    if is_s3_url(root):
-        bucket, prefix = split_s3_url(root)
-        _client().put_object(Bucket=bucket, Key=f"{prefix}/{BEST}", Body=body.encode())
-        return
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, BEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, BEST))
+    if not is_s3_url(root):
+        os.makedirs(root, exist_ok=True)
+    _write_json(root, BEST, record)
 
 
 def read_best(root: str) -> dict[str, Any] | None:
     """The best-checkpoint record under `root`, or None when the run keeps none."""
-    try:
-        if is_s3_url(root):
-            bucket, prefix = split_s3_url(root)
-            body = _client().get_object(Bucket=bucket, Key=f"{prefix}/{BEST}")["Body"].read()
-            return json.loads(body)
-        with open(os.path.join(root, BEST)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-    except Exception as e:  # botocore's NoSuchKey and friends
-        if type(e).__name__ in ("NoSuchKey", "ClientError"):
-            return None
-        raise
+    return _read_json(root, BEST)
 
 
 def clear_best(root: str) -> None:
     """Forget a best record a previous run of this checkpoint folder left (a fresh start)."""
-    if is_s3_url(root):
-        bucket, prefix = split_s3_url(root)
-        _client().delete_object(Bucket=bucket, Key=f"{prefix}/{BEST}")
-    elif os.path.exists(os.path.join(root, BEST)):
-        os.remove(os.path.join(root, BEST))
+    _delete(root, BEST)

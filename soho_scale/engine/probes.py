@@ -183,7 +183,6 @@ class Probes:
         }
         self.tracker.log_metrics(numbers, step)
         open(os.path.join(folder, LOGGED), "w").close()
-        _remove(os.path.join(folder, WEIGHTS))
 
     def finish(self, preempted: bool) -> None:
         """Wait at most `eval.probe_wait_s` for the running and queued probes (none when the
