@@ -74,8 +74,10 @@ class VisualEmbedding(nn.Module):
         mvm_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, N, D), grid_mask (B, h, w) with N = h*w, mvm_mask (B, N) -> (B, N, D)."""
-        if mvm_mask is not None:
-            # MVM replaces masked cells before the position encoding is added.
+        # MVM replaces masked cells before the position encoding is added. Without a dictionary
+        # there is no MVM: the all-False masks fine-tunes pass (a zero gradient for the mask
+        # embedding, which ZeRO wants) change nothing.
+        if mvm_mask is not None and self.mask_embedding is not None:
             tokens = torch.where(mvm_mask[..., None], self.mask_embedding.to(tokens.dtype), tokens)
         position = sine_position_encoding(grid_mask, tokens.shape[-1]).flatten(1, 2)  # (B, N, D)
         x = tokens + position.to(tokens.dtype)

@@ -26,8 +26,9 @@ def _batch(statements: int = 3) -> dict[str, torch.Tensor]:
     }
 
 
-def test_pair_head_reads_both_images_and_every_parameter_learns():
-    model = NLVR2Model(build_config("tiny"))
+@pytest.mark.parametrize("vd_fusion", ["gate", "none"])  # none: the paper's "w/o VD"
+def test_pair_head_reads_both_images_and_every_parameter_learns(vd_fusion: str):
+    model = NLVR2Model(build_config("tiny", vd_fusion=vd_fusion))
     step = ClassificationStep(model)
     batch = _batch()
     loss, metrics = step(batch)

@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 SIZES = [(64, 64), (64, 80), (80, 64), (64, 64), (64, 80), (64, 64), (80, 64), (64, 64)]
 
 
-def tiny_model(seed: int = 0) -> RetrievalModel:
+def tiny_model(seed: int = 0, vd_fusion: str = "gate") -> RetrievalModel:
     torch.manual_seed(seed)
-    return RetrievalModel(build_config("tiny")).eval()
+    return RetrievalModel(build_config("tiny", vd_fusion=vd_fusion)).eval()
 
 
 def random_set(seed: int = 0, captions: int = 3, length: int = 10) -> RetrievalSet:
@@ -77,8 +77,9 @@ def test_identical_caption_of_another_image_is_not_a_negative():
     assert positives.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
 
 
-def test_step_trains_every_parameter_and_reports_metrics():
-    model = tiny_model().train()
+@pytest.mark.parametrize("vd_fusion", ["gate", "none"])
+def test_step_trains_every_parameter_and_reports_metrics(vd_fusion: str):
+    model = tiny_model(vd_fusion=vd_fusion).train()
     step = RetrievalStep(model, hard_negatives=2, itc_weight=0.5)
     data = random_set(captions=2)
     rows = [0, 1, 2, 3]  # mixed sizes, padded as collate pads them

@@ -31,8 +31,9 @@ def _batch(num_answers: int) -> dict[str, torch.Tensor]:
     }
 
 
-def test_official_head_and_loss():
-    model = VQAModel(build_config("tiny"), num_answers=7)
+@pytest.mark.parametrize("vd_fusion", ["gate", "none"])
+def test_official_head_and_loss(vd_fusion: str):
+    model = VQAModel(build_config("tiny", vd_fusion=vd_fusion), num_answers=7)
     hidden = model.config.hidden_size
     layers = [type(m).__name__ for m in model.head]
     assert layers == ["Linear", "ReLU", "Dropout", "Linear"]
