@@ -215,7 +215,7 @@ class RetrievalStep(nn.Module):
         loss = itm_loss
         metrics = {}
         if self.itc_weight > 0:
-            itc_loss = contrastive_loss(
+            itc_loss, _ = contrastive_loss(
                 soho, text_ids, text_mask, embeds, visual.mask, owner, self.itc_temperature
             )
             loss = loss + self.itc_weight * itc_loss
