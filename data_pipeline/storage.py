@@ -62,24 +62,28 @@ _CLIENT_ENV = (
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
 )
-_clients: dict[tuple[Any, ...], Any] = {}
+# A client keeps the credentials it was built with unless they refresh themselves (roles, web
+# identity); rebuilt this often, it also picks up keys rotated in a credentials file.
+CLIENT_TTL_S = 300.0
+_clients: dict[tuple[Any, ...], tuple[float, Any]] = {}
 _clients_lock = threading.Lock()
 
 
 def s3_client(timeout_s: float = 60.0, max_attempts: int = 3) -> Any:
     """A boto3 S3 client for `S3_ENDPOINT_URL` (AWS when unset), credentials from the AWS chain.
 
-    One client per process and settings: building one costs 0.1-0.3 s of CPU (botocore parses
-    its endpoint and service models each time) and a checkpoint save or resume makes dozens of
-    calls; botocore clients are thread-safe. A forked process builds its own, as its parent's
-    pooled connections are not its to use."""
+    One client per process and settings, rebuilt every `CLIENT_TTL_S`: building one costs
+    0.1-0.3 s of CPU (botocore parses its endpoint and service models each time) and a checkpoint
+    save or resume makes dozens of calls; botocore clients are thread-safe. A forked process
+    builds its own, as its parent's pooled connections are not its to use."""
     import boto3
     from botocore.config import Config
 
     key = (os.getpid(), timeout_s, max_attempts, tuple(os.environ.get(n) for n in _CLIENT_ENV))
+    now = time.monotonic()
     with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
+        built, client = _clients.get(key, (0.0, None))
+        if client is None or now - built > CLIENT_TTL_S:
             config = Config(
                 connect_timeout=timeout_s,
                 read_timeout=timeout_s,
@@ -88,7 +92,7 @@ def s3_client(timeout_s: float = 60.0, max_attempts: int = 3) -> Any:
             client = boto3.session.Session().client(
                 "s3", endpoint_url=os.environ.get(ENDPOINT_ENV) or None, config=config
             )
-            _clients[key] = client
+            _clients[key] = (now, client)
         return client
 
 
