@@ -104,7 +104,23 @@ def test_hard_itm_negatives_follow_the_similarity_and_never_pick_the_own_image()
     assert len(set(rows[labels == 0].tolist())) > 80
 
 
-def test_hard_negatives_run_itc_first_and_keep_its_loss():
+def test_hard_negatives_skip_images_with_the_same_caption_and_survive_nan():
+    index = torch.tensor([0, 1, 2, 3])
+    similarity = torch.zeros(4, 4)
+    similarity[0, 1] = 30.0  # caption 0 is most like image 1, which has the same caption
+    positives = torch.eye(4, dtype=torch.bool)
+    positives[0, 1] = positives[1, 0] = True
+    for _ in range(20):
+        rows, labels = pair_for_itm(index, 4, 0.99, similarity, positives)
+        assert not (positives[torch.arange(4), rows] & (labels == 0)).any()
+    everything = torch.ones(4, 4, dtype=torch.bool)  # every image matches: no negative exists
+    rows, labels = pair_for_itm(index, 4, 0.99, similarity, everything)
+    assert torch.equal(rows, index) and labels.all()
+    rows, labels = pair_for_itm(index, 4, 0.99, torch.full((4, 4), float("nan")))
+    assert (rows[labels == 0] != index[labels == 0]).all()
+
+
+def test_a_hard_negative_step_trains_and_logs_itc():
     model = _model()
     batch = make_batch()
     settings = PretrainSettings(itc_weight=0.5, itm_negatives="hard")
@@ -113,6 +129,8 @@ def test_hard_negatives_run_itc_first_and_keep_its_loss():
     assert metrics["itc_loss"] > 0 and torch.isfinite(loss)
     loss.backward()
     assert model.soho.vision.stem[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="itm_negatives"):
+        PretrainSettings(itm_negatives="hardest")
 
 
 def test_three_losses_fall_on_a_fixed_batch():
