@@ -61,6 +61,13 @@ _CLIENT_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
 )
 # A client keeps the credentials it was built with unless they refresh themselves (roles, web
 # identity); rebuilt this often, it also picks up keys rotated in a credentials file.
@@ -69,17 +76,28 @@ _clients: dict[tuple[Any, ...], tuple[float, Any]] = {}
 _clients_lock = threading.Lock()
 
 
+def _forget_clients_in_child() -> None:
+    # A forked process builds its own: its parent's pooled connections are not its to use, and a
+    # fork taken while another thread built a client would otherwise inherit a held lock.
+    global _clients_lock
+    _clients_lock = threading.Lock()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_forget_clients_in_child)
+
+
 def s3_client(timeout_s: float = 60.0, max_attempts: int = 3) -> Any:
     """A boto3 S3 client for `S3_ENDPOINT_URL` (AWS when unset), credentials from the AWS chain.
 
     One client per process and settings, rebuilt every `CLIENT_TTL_S`: building one costs
     0.1-0.3 s of CPU (botocore parses its endpoint and service models each time) and a checkpoint
     save or resume makes dozens of calls; botocore clients are thread-safe. A forked process
-    builds its own, as its parent's pooled connections are not its to use."""
+    starts with none."""
     import boto3
     from botocore.config import Config
 
-    key = (os.getpid(), timeout_s, max_attempts, tuple(os.environ.get(n) for n in _CLIENT_ENV))
+    key = (timeout_s, max_attempts, tuple(os.environ.get(n) for n in _CLIENT_ENV))
     now = time.monotonic()
     with _clients_lock:
         built, client = _clients.get(key, (0.0, None))

@@ -82,13 +82,18 @@ def test_one_s3_client_per_process_and_settings(monkeypatch):
     assert rotated is not client and rotated._request_signer._credentials.access_key == "rotated"
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:10")
     assert s3_client().meta.endpoint_url == "http://127.0.0.1:10"
-    # Rebuilt after CLIENT_TTL_S: keys rotated in a credentials file are picked up.
-    now = storage.time.monotonic()
+    # Rebuilt once older than CLIENT_TTL_S: keys rotated in a credentials file are picked up.
     again = s3_client()
-    monkeypatch.setattr(storage.time, "monotonic", lambda: now + storage.CLIENT_TTL_S + 1)
-    assert s3_client() is not again
+    monkeypatch.setattr(storage, "CLIENT_TTL_S", -1.0)
+    newest = s3_client()
+    assert newest is not again
+    monkeypatch.setattr(storage, "CLIENT_TTL_S", 300.0)
+    assert s3_client() is newest
     # A forked process does not use its parent's client (nor its pooled connections).
     pid = os.fork()
     if pid == 0:
-        os._exit(0 if s3_client() is not again else 1)
+        try:
+            os._exit(0 if s3_client() is not newest else 1)
+        finally:
+            os._exit(2)
     assert os.waitpid(pid, 0)[1] == 0
