@@ -19,12 +19,23 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data_pipeline.synthetic_scenes import COLORS, NUMBER_WORDS, SHAPES  # noqa: E402
+
+
+def _words(words) -> str:  # noqa: ANN001
+    return r"\b(" + "|".join(words) + r")\b"
+
 
 _WORDS = (
-    (r"\b(red|green|blue|yellow|purple)\b", "C"),
-    (r"\b(circle|square|triangle)s?\b", "S"),
-    (r"\b(left|right)\b", "X"),
-    (r"\b(one|two|three)\b", "N"),
+    (_words(COLORS), "C"),
+    (r"\b(" + "|".join(SHAPES) + r")s?\b", "S"),
+    (_words(("left", "right")), "X"),
+    (_words(NUMBER_WORDS), "N"),
 )
 
 
@@ -46,8 +57,8 @@ def by_template(dev_path: str, predictions_path: str) -> dict:
             groups.setdefault(template(record["sentence"]), []).append(right)
     shape = [x for name, hits in groups.items() if re.search(r"\bS\b", name) for x in hits]
 
-    def accuracy(hits: list[bool]) -> float:
-        return round(100 * sum(hits) / len(hits), 1) if hits else float("nan")
+    def accuracy(hits: list[bool]) -> float | None:
+        return round(100 * sum(hits) / len(hits), 1) if hits else None
 
     return {
         "pairs": sum(len(v) for v in groups.values()),
