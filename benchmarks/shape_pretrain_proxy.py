@@ -73,7 +73,7 @@ def probe(model, items: list[dict], seed: int) -> dict:  # noqa: ANN001
         for name, row in result["points"].items()
         if name in ("c3", "c4", "neck", "vd_word", "gate_tokens")
     }
-    return {"points": points, "vd_index_lookup": result["vd_index_lookup"]}
+    return {"points": points, "vd_index_lookup": result.get("vd_index_lookup")}
 
 
 def main(argv: list[str] | None = None) -> int:

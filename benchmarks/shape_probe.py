@@ -99,7 +99,7 @@ def load_model(checkpoint: str, overrides: dict) -> Soho:
     model = Soho(build_config("tiny", **preset))
     state = {k[len("soho.") :]: v for k, v in blob["state_dict"].items() if k.startswith("soho.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("gate.")]:
+    if unexpected or [k for k in missing if not k.startswith("gate.")]:  # gate: older exports
         raise ValueError(f"{checkpoint}: missing {missing}, unexpected {unexpected}")
     return model
 
@@ -134,7 +134,7 @@ def vision_points(model: Soho, images: torch.Tensor, upto_neck: bool = False) ->
         x = F.max_pool2d(x, kernel_size=vision.pool, stride=vision.pool, ceil_mode=True)
     neck = vision.neck(x)
     maps["neck"] = neck
-    if upto_neck:
+    if upto_neck or model.dictionary is None:  # vd_fusion none: the transformer reads the neck
         return maps
     b, d, h, w = neck.shape
     flat = neck.flatten(2).transpose(1, 2).reshape(-1, d)
@@ -258,6 +258,8 @@ def report(data: dict, seed: int) -> dict:
                     k: round(100.0 * sum(v) / len(v), 1) for k, v in sorted(by_size.items())
                 }
         out["points"][name] = row
+    if "vd_index" not in data["features"]:
+        return out
     index = data["features"]["vd_index"][:, 0]
     out["vd_index_lookup"] = {
         "shape": lookup_accuracy(index, data["shape"], train),

@@ -61,25 +61,47 @@ _CLIENT_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
 )
-_clients: dict[tuple[Any, ...], Any] = {}
+# A client keeps the credentials it was built with unless they refresh themselves (roles, web
+# identity); rebuilt this often, it also picks up keys rotated in a credentials file.
+CLIENT_TTL_S = 300.0
+_clients: dict[tuple[Any, ...], tuple[float, Any]] = {}
 _clients_lock = threading.Lock()
+
+
+def _forget_clients_in_child() -> None:
+    # A forked process builds its own: its parent's pooled connections are not its to use, and a
+    # fork taken while another thread built a client would otherwise inherit a held lock.
+    global _clients_lock
+    _clients_lock = threading.Lock()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_forget_clients_in_child)
 
 
 def s3_client(timeout_s: float = 60.0, max_attempts: int = 3) -> Any:
     """A boto3 S3 client for `S3_ENDPOINT_URL` (AWS when unset), credentials from the AWS chain.
 
-    One client per process and settings: building one costs 0.1-0.3 s of CPU (botocore parses
-    its endpoint and service models each time) and a checkpoint save or resume makes dozens of
-    calls; botocore clients are thread-safe. A forked process builds its own, as its parent's
-    pooled connections are not its to use."""
+    One client per process and settings, rebuilt every `CLIENT_TTL_S`: building one costs
+    0.1-0.3 s of CPU (botocore parses its endpoint and service models each time) and a checkpoint
+    save or resume makes dozens of calls; botocore clients are thread-safe. A forked process
+    starts with none."""
     import boto3
     from botocore.config import Config
 
-    key = (os.getpid(), timeout_s, max_attempts, tuple(os.environ.get(n) for n in _CLIENT_ENV))
+    key = (timeout_s, max_attempts, tuple(os.environ.get(n) for n in _CLIENT_ENV))
+    now = time.monotonic()
     with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
+        built, client = _clients.get(key, (0.0, None))
+        if client is None or now - built > CLIENT_TTL_S:
             config = Config(
                 connect_timeout=timeout_s,
                 read_timeout=timeout_s,
@@ -88,7 +110,7 @@ def s3_client(timeout_s: float = 60.0, max_attempts: int = 3) -> Any:
             client = boto3.session.Session().client(
                 "s3", endpoint_url=os.environ.get(ENDPOINT_ENV) or None, config=config
             )
-            _clients[key] = client
+            _clients[key] = (now, client)
         return client
 
 

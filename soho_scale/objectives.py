@@ -31,6 +31,12 @@ from soho_scale.model.soho import Soho, SohoPretrain
 @dataclass(frozen=True)
 class PretrainSettings:
     itm_negative_prob: float = 0.5  # share of captions re-paired with another image
+    itm_negatives: str = "random"  # "hard": the other image drawn by ITC similarity (ALBEF)
+
+    def __post_init__(self) -> None:
+        if self.itm_negatives not in ("random", "hard"):
+            raise ValueError(f"itm_negatives: {self.itm_negatives!r} is not random or hard")
+
     mvm_sample_prob: float = 0.3  # share of images that get one VD word masked (official: 1.5%)
     mvm_temperature: float = 0.07  # the official code has none (loss floor ~5.6)
     mlm_weight: float = 1.0
@@ -40,20 +46,47 @@ class PretrainSettings:
     itc_temperature: float = 0.05
 
 
+def text_positives(
+    text_ids: torch.Tensor, text_image_index: torch.Tensor, num_images: int
+) -> torch.Tensor:
+    """(T, B) bool: image b is a right match for text t (its own image, or an image that has a
+    caption identical to t: such a pair is not a negative, whatever the batch says)."""
+    same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1)  # (T, T)
+    owner = F.one_hot(text_image_index, num_images).bool()  # (T, B)
+    return (same.float() @ owner.float()) > 0
+
+
 def pair_for_itm(
-    text_image_index: torch.Tensor, num_images: int, negative_prob: float
+    text_image_index: torch.Tensor,
+    num_images: int,
+    negative_prob: float,
+    similarity: torch.Tensor | None = None,
+    positives: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the image each caption is read with: (image rows (T,), itm labels (T,), 1 = match).
 
-    A negative is a uniformly chosen *other* image of the batch, so the CNN never reruns.
+    A negative is another image of the batch, so the CNN never reruns: chosen uniformly, or,
+    given `similarity` (T, B) logits of the captions against the images, drawn with probability
+    softmax(similarity) over the images that are not `positives` (T, B; default: the caption's
+    own) (ALBEF's hard negatives: an image that already looks like the caption's, which a colour
+    alone does not tell apart). A caption every image matches stays a positive.
     """
     count = text_image_index.shape[0]
     device = text_image_index.device
     if num_images < 2:
         return text_image_index, torch.ones(count, dtype=torch.long, device=device)
     negative = torch.rand(count, device=device) < negative_prob
-    shift = torch.randint(1, num_images, (count,), device=device)  # never 0: another image
-    other = (text_image_index + shift) % num_images
+    if similarity is None:
+        shift = torch.randint(1, num_images, (count,), device=device)  # never 0: another image
+        other = (text_image_index + shift) % num_images
+    else:
+        if positives is None:
+            positives = F.one_hot(text_image_index, num_images).bool()
+        # Gumbel-max: a softmax draw without a host sync, and a NaN similarity cannot abort it.
+        gumbel = -torch.empty_like(similarity, dtype=torch.float).exponential_().log()
+        logits = similarity.detach().float().masked_fill(positives, float("-inf"))
+        other = (logits + gumbel).argmax(dim=1)
+        negative &= ~positives.all(dim=1)
     rows = torch.where(negative, other, text_image_index)
     return rows, (~negative).long()
 
@@ -104,9 +137,9 @@ def contrastive_loss(
     visual_mask: torch.Tensor,
     text_image_index: torch.Tensor,
     temperature: float,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric in-batch InfoNCE between unimodal caption (T) and image (B) features; an image
-    with several captions spreads its target evenly over them."""
+    with several captions spreads its target evenly over them. Returns (loss, the (T, B) logits)."""
     text = unimodal_features(soho, text_ids, text_mask)  # (T, D)
     image = unimodal_features(soho, visual_embeds=visual_embeds, visual_mask=visual_mask)  # (B, D)
     logits = text @ image.t() / temperature  # (T, B)
@@ -114,7 +147,7 @@ def contrastive_loss(
     targets = F.one_hot(text_image_index, image.shape[0]).t().float()  # (B, T)
     targets = targets / targets.sum(1, keepdim=True).clamp(min=1)
     image_to_text = -(targets * logits.t().log_softmax(-1)).sum(1).mean()
-    return (text_to_image + image_to_text) / 2
+    return (text_to_image + image_to_text) / 2, logits
 
 
 def _mean_or_zero(loss_sum: torch.Tensor, count: int) -> torch.Tensor:
@@ -138,8 +171,28 @@ def pretrain_loss(
     soho = model.soho
     visual = soho.encode_image(batch["images"], batch["image_sizes"])  # CNN once per image
     num_images = batch["images"].shape[0]
+
+    def itc() -> tuple[torch.Tensor, torch.Tensor]:
+        # Unmasked images and the (MLM-masked) captions, each read alone.
+        return contrastive_loss(
+            soho,
+            batch["text_ids"],
+            batch["text_mask"],
+            soho.embed_visual(visual),
+            visual.mask,
+            batch["text_image_index"],
+            settings.itc_temperature,
+        )
+
+    # Hard negatives need ITC's similarities first; otherwise ITC runs after ITM, which keeps the
+    # order of the default path's random draws, and with it the losses a checkpoint resumes into.
+    itc_loss, similarity, positives = None, None, None
+    if settings.itm_negatives == "hard":
+        itc_loss, similarity = itc()
+        unmasked = torch.where(batch["mlm_labels"] != -100, batch["mlm_labels"], batch["text_ids"])
+        positives = text_positives(unmasked, batch["text_image_index"], num_images)
     rows, itm_labels = pair_for_itm(
-        batch["text_image_index"], num_images, settings.itm_negative_prob
+        batch["text_image_index"], num_images, settings.itm_negative_prob, similarity, positives
     )
 
     has_vd = soho.dictionary is not None  # without a dictionary there is no MVM
@@ -186,17 +239,9 @@ def pretrain_loss(
                 vd_perplexity=perplexity,
                 vd_used=used,
             )
-    if settings.itc_weight > 0:
-        # Unmasked images and the (MLM-masked) captions, each read alone.
-        itc_loss = contrastive_loss(
-            soho,
-            batch["text_ids"],
-            batch["text_mask"],
-            soho.embed_visual(visual),
-            visual.mask,
-            batch["text_image_index"],
-            settings.itc_temperature,
-        )
+    if itc_loss is None and settings.itc_weight > 0:
+        itc_loss, _ = itc()
+    if itc_loss is not None:
         loss = loss + settings.itc_weight * itc_loss
         extra["itc_loss"] = itc_loss.detach()
     with torch.no_grad():

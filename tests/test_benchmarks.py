@@ -112,3 +112,30 @@ def test_shape_probes_read_the_visual_path(tmp_path: Path) -> None:
     history = json.loads(result.stdout)["history"]
     assert [h["step"] for h in history] == [2] and "gate_tokens" in history[0]["points"]
     assert math.isfinite(history[0]["train"]["loss"])
+
+
+def test_nlvr2_sentences_groups_a_run_by_template(tmp_path: Path) -> None:
+    data = tmp_path / "world" / "nlvr2" / "data"
+    data.mkdir(parents=True)
+    records = [
+        ("a", "both images contain a circle.", "True"),
+        ("b", "both images contain a square.", "False"),
+        ("c", "the left image contains a red shape.", "True"),
+        ("d", "the right image contains a blue triangle.", "False"),
+    ]
+    with open(data / "dev.json", "w") as f:
+        for identifier, sentence, label in records:
+            f.write(json.dumps({"identifier": identifier, "sentence": sentence, "label": label}))
+            f.write("\n")
+    predictions = tmp_path / "nlvr2-eval" / "eval"
+    predictions.mkdir(parents=True)
+    (predictions / "nlvr2_dev_predictions.csv").write_text("a,True\nb,True\nc,True\nd,False\n")
+    out = subprocess.run(
+        [sys.executable, "benchmarks/nlvr2_sentences.py", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    result = json.loads(out)
+    assert result["pairs"] == 4
+    assert result["shape_sentences"] == {"accuracy": pytest.approx(66.7), "n": 3}
+    assert result["templates"]["both images contain a S."] == {"accuracy": 50.0, "n": 2}
+    assert result["templates"]["the X image contains a C shape."] == {"accuracy": 100.0, "n": 1}

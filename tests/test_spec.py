@@ -283,6 +283,16 @@ def test_objectives_section_builds_the_pretrain_settings():
     assert settings.mvm_sample_prob == objectives.mvm_sample_prob
 
 
+def test_hard_itm_negatives_need_the_contrastive_term():
+    hard = ["objectives.itm_negatives=hard", "objectives.itc_weight=0"]
+    assert spec_error(DEMO, hard) == (
+        "objectives.itm_negatives: hard negatives are drawn by ITC similarity: set "
+        "itc_weight > 0 (from override objectives.itm_negatives=hard)"
+    )
+    job = load_job(DEMO, ["objectives.itm_negatives=hard"])
+    assert job.objectives.itm_negatives == "hard"
+
+
 def test_mvm_needs_the_visual_dictionary():
     no_vd = ["model.overrides.vd_fusion=none"]
     assert spec_error(DEMO, no_vd) == (

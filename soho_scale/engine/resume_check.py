@@ -23,6 +23,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
 from soho_scale.spec import Job, SpecError
 
 logger = logging.getLogger(__name__)
@@ -92,14 +95,30 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
+def _default(key: str) -> Any:
+    """The schema's default of a dotted key (_ABSENT for list items and free-form mappings)."""
+    model: Any = Job
+    for part in key.split("."):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return _ABSENT
+        model = field.annotation
+    if field.is_required() or (isinstance(model, type) and issubclass(model, BaseModel)):
+        return _ABSENT
+    return to_jsonable_python(field.get_default(call_default_factory=True))
+
+
 def spec_changes(saved: dict[str, Any], job: Job) -> list[Change]:
-    """Every key whose value differs between a saved spec and `job`, in the spec's order."""
+    """Every key whose value differs between a saved spec and `job`, in the spec's order. A key
+    the saved spec lacks (added to the schema after the checkpoint was written) at its default
+    is no change: the run computes what it did."""
     old, new = _leaves(saved), _leaves(spec_tree(job))
     keys = list(new) + [k for k in old if k not in new]
     return [
         Change(k, old.get(k, _ABSENT), new.get(k, _ABSENT))
         for k in keys
         if old.get(k, _ABSENT) != new.get(k, _ABSENT)
+        and not (k not in old and new[k] == _default(k))
     ]
 
 

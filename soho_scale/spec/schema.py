@@ -230,6 +230,15 @@ class ObjectivesSpec(Section):
     itm_weight: float = Field(1.0, ge=0)
     itc_weight: float = Field(0.0, ge=0)  # not in SOHO (ALBEF's contrastive term); 0 = paper
     itc_temperature: float = Field(0.05, gt=0)
+    itm_negatives: Literal["random", "hard"] = "random"  # hard: drawn by ITC similarity (ALBEF)
+
+    @model_validator(mode="after")
+    def _hard_negatives_need_itc(self) -> ObjectivesSpec:
+        if self.itm_negatives == "hard" and self.itc_weight == 0:
+            raise problem(
+                "itm_negatives", "hard negatives are drawn by ITC similarity: set itc_weight > 0"
+            )
+        return self
 
 
 class CnnOptimSpec(Section):

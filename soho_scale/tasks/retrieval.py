@@ -17,7 +17,7 @@ from torch import nn
 
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
-from soho_scale.objectives import contrastive_loss
+from soho_scale.objectives import contrastive_loss, text_positives
 
 # Comparisons are done on blocks of rows/columns to bound memory for 5K x 25K matrices.
 _BLOCK = 1024
@@ -101,14 +101,6 @@ class RetrievalModel(nn.Module):
         # The log-odds, not the softmax probability: the probability saturates to exactly 1.0 in
         # fp32 for confident pairs, and ties count against the model in recall_at_k.
         return logits[:, 1] - logits[:, 0]
-
-
-def text_positives(text_ids: torch.Tensor, text_image_index: torch.Tensor, num_images: int):
-    """(T, B) bool: image b is a right match for text t (its own image, or an image that has a
-    caption identical to t: such a pair is not a negative, whatever the batch says)."""
-    same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1)  # (T, T)
-    owner = F.one_hot(text_image_index, num_images).bool()  # (T, B)
-    return (same.float() @ owner.float()) > 0
 
 
 def mine_hard_negatives(
@@ -215,7 +207,7 @@ class RetrievalStep(nn.Module):
         loss = itm_loss
         metrics = {}
         if self.itc_weight > 0:
-            itc_loss = contrastive_loss(
+            itc_loss, _ = contrastive_loss(
                 soho, text_ids, text_mask, embeds, visual.mask, owner, self.itc_temperature
             )
             loss = loss + self.itc_weight * itc_loss

@@ -66,3 +66,34 @@ def test_storage_messages_mask_credentials_in_the_endpoint(monkeypatch, caplog):
     shown = f"{error.value}\n{late.value}\n{caplog.text}"
     assert "unreachable" in shown and f"127.0.0.1:{port}" in shown
     assert "probe-pw-77" not in shown and "probeuser" not in shown
+
+
+def test_one_s3_client_per_process_and_settings(monkeypatch):
+    from data_pipeline import storage
+
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    client = s3_client()
+    assert s3_client() is client
+    assert s3_client(timeout_s=1) is not client
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated")  # other credentials: another client
+    rotated = s3_client()
+    assert rotated is not client and rotated._request_signer._credentials.access_key == "rotated"
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:10")
+    assert s3_client().meta.endpoint_url == "http://127.0.0.1:10"
+    # Rebuilt once older than CLIENT_TTL_S: keys rotated in a credentials file are picked up.
+    again = s3_client()
+    monkeypatch.setattr(storage, "CLIENT_TTL_S", -1.0)
+    newest = s3_client()
+    assert newest is not again
+    monkeypatch.setattr(storage, "CLIENT_TTL_S", 300.0)
+    assert s3_client() is newest
+    # A forked process does not use its parent's client (nor its pooled connections).
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(0 if s3_client() is not newest else 1)
+        finally:
+            os._exit(2)
+    assert os.waitpid(pid, 0)[1] == 0

@@ -67,6 +67,15 @@ def test_safe_changes_and_an_unchanged_spec_resume():
     assert len(changes) == 8 and all(c.safe for c in changes)
 
 
+def test_a_key_the_checkpoint_predates_resumes_at_its_default_only():
+    # A checkpoint written before objectives.itm_negatives existed.
+    saved = _saved()
+    del saved["objectives"]["itm_negatives"]
+    assert resume_check.check(load_job(DEMO), {"spec": saved}, "ckpt") == ()
+    with pytest.raises(SpecError, match=r"objectives.itm_negatives \(absent\) -> hard"):
+        resume_check.check(load_job(DEMO, ["objectives.itm_negatives=hard"]), {"spec": saved}, "c")
+
+
 def test_every_safe_key_alone_resumes_and_every_other_section_is_refused():
     safe = [
         "schedule.steps=900",

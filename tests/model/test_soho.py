@@ -88,6 +88,51 @@ def test_itm_negatives_are_other_images_of_the_batch():
     assert 0.4 < labels.float().mean() < 0.6
 
 
+def test_hard_itm_negatives_follow_the_similarity_and_never_pick_the_own_image():
+    torch.manual_seed(0)
+    index = torch.arange(400) // 4  # 100 images, 4 captions each
+    similarity = torch.zeros(400, 100)
+    similarity[:, 7] = 30.0  # one image looks like every caption, its own captions' included
+    rows, labels = pair_for_itm(index, 100, 0.5, similarity)
+    assert torch.equal(rows == index, labels.bool())
+    negatives = rows[labels == 0]
+    # Image 7's own captions get their next most similar other images (all equal): any but 7.
+    assert (negatives[index[labels == 0] != 7] == 7).all()
+    assert (negatives[index[labels == 0] == 7] != 7).all()
+    # With no preference, any other image (the uniform draw's support).
+    rows, labels = pair_for_itm(index, 100, 0.9, torch.zeros(400, 100))
+    assert len(set(rows[labels == 0].tolist())) > 80
+
+
+def test_hard_negatives_skip_images_with_the_same_caption_and_survive_nan():
+    index = torch.tensor([0, 1, 2, 3])
+    similarity = torch.zeros(4, 4)
+    similarity[0, 1] = 30.0  # caption 0 is most like image 1, which has the same caption
+    positives = torch.eye(4, dtype=torch.bool)
+    positives[0, 1] = positives[1, 0] = True
+    for _ in range(20):
+        rows, labels = pair_for_itm(index, 4, 0.99, similarity, positives)
+        assert not (positives[torch.arange(4), rows] & (labels == 0)).any()
+    everything = torch.ones(4, 4, dtype=torch.bool)  # every image matches: no negative exists
+    rows, labels = pair_for_itm(index, 4, 0.99, similarity, everything)
+    assert torch.equal(rows, index) and labels.all()
+    rows, labels = pair_for_itm(index, 4, 0.99, torch.full((4, 4), float("nan")))
+    assert (rows[labels == 0] != index[labels == 0]).all()
+
+
+def test_a_hard_negative_step_trains_and_logs_itc():
+    model = _model()
+    batch = make_batch()
+    settings = PretrainSettings(itc_weight=0.5, itm_negatives="hard")
+    torch.manual_seed(3)
+    loss, metrics = pretrain_loss(model, batch, settings)
+    assert metrics["itc_loss"] > 0 and torch.isfinite(loss)
+    loss.backward()
+    assert model.soho.vision.stem[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="itm_negatives"):
+        PretrainSettings(itm_negatives="hardest")
+
+
 def test_three_losses_fall_on_a_fixed_batch():
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -167,7 +212,7 @@ def test_contrastive_loss_prefers_the_true_pairing():
         return contrastive_loss(
             soho, batch["text_ids"], batch["text_mask"], embeds[images], visual.mask[images],
             owner, temperature=0.05,
-        )  # fmt: skip
+        )[0]  # fmt: skip
 
     # Fit the true pairing for a few steps: its loss falls below that of a shuffled pairing.
     optimizer = torch.optim.Adam(soho.parameters(), lr=1e-3)

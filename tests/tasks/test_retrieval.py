@@ -14,13 +14,13 @@ import torch.multiprocessing as mp
 from data_pipeline.collate import pad_images
 from data_pipeline.loopback import free_port
 from soho_scale.model.config import build_config
+from soho_scale.objectives import text_positives
 from soho_scale.spec import load_job
 from soho_scale.tasks.retrieval import (
     RetrievalModel,
     RetrievalStep,
     mine_hard_negatives,
     recall_at_k,
-    text_positives,
 )
 from soho_scale.tasks.retrieval_eval import RetrievalSet, evaluate_retrieval
 
