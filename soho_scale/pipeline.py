@@ -4,7 +4,8 @@ A pipeline spec lists stages; each is a training job (`train:`) or an evaluation
 `checkpoint:` naming the stage whose weights it evaluates). A training stage can start from an
 earlier stage's weights (`init_from: STAGE`): the pipeline exports that stage's last committed
 checkpoint and passes it as `model.init_from`. Every stage runs in `<run_root>/<stage>`; a stage
-that finished leaves `stage_done.json` and is skipped when the pipeline is run again, and an
+that finished leaves `stage_done.json` (its result and the resolved spec it ran) and is skipped
+when the pipeline is run again with that spec (another is refused: `stale_problem`), and an
 interrupted training stage resumes from its own checkpoints. One MLflow parent run holds the
 pipeline; each stage's run is its child. At the end the results report is written and logged.
 """
@@ -242,7 +243,7 @@ def run_stage(pipe: Pipeline, stage: Stage, hostfile: str | None = None) -> dict
             raise _failed(stage, code, log, out)
         with open(os.path.join(out, "metrics.json")) as f:
             result = json.load(f)
-        _write_done(run_dir, result, started)
+        _write_done(pipe, stage, result, started)
     return result
 
 
@@ -263,14 +264,18 @@ def finish_stage(pipe: Pipeline, stage: Stage, code: int, started: float) -> dic
     result = {"checkpoint": chosen.location, "step": chosen.step}
     if best and chosen.step == best["step"]:
         result.update(best_step=best["step"], best_value=best["value"])
-    _write_done(run_dir, result, started)
+    _write_done(pipe, stage, result, started)
     return result
 
 
-def _write_done(run_dir: str, result: dict[str, Any], started: float) -> None:
+def _write_done(pipe: Pipeline, stage: Stage, result: dict[str, Any], started: float) -> None:
+    """Mark a stage done with its result and the resolved spec it ran (what a re-run compares)."""
+    from soho_scale.engine.resume_check import spec_tree
+
     result["seconds"] = round(time.time() - started, 1)
-    with open(os.path.join(run_dir, DONE), "w") as f:
-        json.dump(result, f, indent=2)
+    done = {**result, "spec": spec_tree(stage_job(pipe, stage))}
+    with open(os.path.join(pipe.run_root, stage.name, DONE), "w") as f:
+        json.dump(done, f, indent=2)
 
 
 def continued_tracker(root: str, experiment: str, name: str, tags: dict[str, str]):
@@ -380,16 +385,71 @@ def finish_pipeline(pipe: Pipeline, parent) -> str | None:  # noqa: ANN001
     return out
 
 
+# Spec keys whose change leaves a finished stage's result as it is: where it was logged and saved,
+# where it ran, how patiently its data was fetched. Any other change (the model, the data, the
+# steps, the evaluation...) makes it another stage, which the folder does not hold.
+KEEPS_RESULT = (
+    "name",
+    "tracking",
+    "checkpoint",
+    "resources",
+    "data.download_retry",
+    "data.download_timeout",
+    "data.download_deadline_s",
+    "data.stall_timeout_s",
+    "data.validate_hash",
+    "data.cache_dir",
+)
+
+
+def stage_job(pipe: Pipeline, stage: Stage) -> Any:
+    """The job a stage runs: its spec file with the overrides the stage runs with."""
+    from soho_scale.spec import load_job
+
+    if stage.train:
+        return load_job(stage.train, train_overrides(pipe, stage))
+    return load_job(stage.eval, eval_overrides(pipe, stage))
+
+
+def stale_problem(pipe: Pipeline, stage: Stage, job: Any) -> str | None:
+    """One line when a finished stage ran another spec than `job` (None: the same, up to
+    KEEPS_RESULT keys, or it finished before stages recorded their spec)."""
+    from soho_scale.engine.resume_check import SHOWN, spec_changes
+
+    done = os.path.join(pipe.run_root, stage.name, DONE)
+    if not os.path.exists(done):
+        return None
+    with open(done) as f:
+        saved = json.load(f).get("spec")
+    if saved is None:
+        return None
+    changes = [
+        c
+        for c in spec_changes(saved, job)
+        if not any(c.key == k or c.key.startswith((k + ".", k + "[")) for k in KEEPS_RESULT)
+    ]
+    if not changes:
+        return None
+    listed = ", ".join(str(c) for c in changes[:SHOWN])
+    more = f" (and {len(changes) - SHOWN} more)" if len(changes) > SHOWN else ""
+    return (
+        f"stages.{stage.name}: finished in {os.path.dirname(done)} with another spec: "
+        f"{listed}{more}; use another run root, or remove that folder and the later stages' "
+        "to run them again"
+    )
+
+
 def check_stage_specs(pipe: Pipeline) -> None:
-    """Every stage's job spec, with the overrides the stage runs with, loads; or one line names
-    the stage (a bad last stage fails before the first starts)."""
-    from soho_scale.spec import SpecError, load_job
+    """Every stage's job spec, with the overrides the stage runs with, loads, and every finished
+    stage ran that spec; or one line names the stage (a bad last stage fails before the first
+    starts, and a changed recipe never reuses the results of the old one)."""
+    from soho_scale.spec import SpecError
 
     for stage in pipe.stages:
         try:
-            if stage.train:
-                load_job(stage.train, train_overrides(pipe, stage))
-            else:
-                load_job(stage.eval, eval_overrides(pipe, stage))
+            job = stage_job(pipe, stage)
         except SpecError as e:
             raise ValueError(f"stages.{stage.name}: {e}") from None
+        problem = stale_problem(pipe, stage, job)
+        if problem:
+            raise ValueError(problem)

@@ -97,6 +97,44 @@ def test_only_runs_named_variants_and_rejects_unknown_ones(tmp_path, capsys):
     assert "soho-scale sweep: --only: no variant 'nope'" in capsys.readouterr().err
 
 
+def test_a_finished_stage_of_another_recipe_is_refused_not_reused(tmp_path, capsys):
+    """A stage's stage_done.json holds the resolved spec it ran: after a recipe change the sweep
+    (and a pipeline) refuses in one line rather than skip the old result as done."""
+    import json
+
+    from soho_scale.engine.resume_check import spec_tree
+    from soho_scale.pipeline import DONE, check_stage_specs, train_overrides
+
+    path = _spec(tmp_path)
+    _, pipes = plan_sweep(path)
+    pipe = pipes[0][2]
+    pretrain = pipe.stages[0]
+    done = Path(pipe.run_root) / pretrain.name / DONE
+    done.parent.mkdir(parents=True)
+
+    def finished_with(*overrides: str) -> None:
+        job = load_job(pretrain.train, [*train_overrides(pipe, pretrain), *overrides])
+        done.write_text(json.dumps({"step": 800, "spec": spec_tree(job)}))
+
+    finished_with()
+    check_stage_specs(pipe)  # the same spec: skipped as done
+    finished_with("tracking.log_every=1", "resources.procs_per_node=1")
+    check_stage_specs(pipe)  # where it logged and ran: the same result
+    done.write_text(json.dumps({"step": 800}))  # finished before stages recorded their spec
+    check_stage_specs(pipe)
+    finished_with("objectives.mvm_sample_prob=0.015")
+    with pytest.raises(ValueError) as refused:
+        check_stage_specs(pipe)
+    assert str(refused.value) == (
+        f"stages.pretrain: finished in {done.parent} with another spec: "
+        "objectives.mvm_sample_prob 0.015 -> 0.3; use another run root, or remove that folder "
+        "and the later stages' to run them again"
+    )
+    assert main(["sweep", path]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("soho-scale sweep: variants.base: stages.pretrain: finished in ")
+
+
 def test_the_shipped_sweeps_load_and_every_variant_stage_spec_validates():
     for path in sorted((ROOT / "jobs" / "sweeps").glob("*.yaml")):
         sweep, pipes = plan_sweep(str(path))  # checks every stage spec of every pipeline

@@ -1,6 +1,7 @@
 """Pipelines: stages hand checkpoints on, finished stages are skipped on a re-run, and MLflow
 holds one parent run with a child run per stage."""
 
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +43,9 @@ def test_pipeline_hands_on_weights_and_skips_finished_stages(make_job, tmp_path)
     log = (root / "again" / "stage.log").read_text()
     assert f"model.init_from={root}/pre/export/model.pt" in log
     assert "loaded" in log  # the transfer report of the hand-off
+    # Each stage records the resolved spec it ran, which a re-run compares with its own.
+    done = json.loads((root / "again" / "stage_done.json").read_text())
+    assert done["step"] == 1 and done["spec"]["schedule"]["steps"] == 1
 
     second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
