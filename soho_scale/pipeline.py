@@ -414,7 +414,7 @@ def stage_job(pipe: Pipeline, stage: Stage) -> Any:
 def stale_problem(pipe: Pipeline, stage: Stage, job: Any) -> str | None:
     """One line when a finished stage ran another spec than `job` (None: the same, up to
     KEEPS_RESULT keys, or it finished before stages recorded their spec)."""
-    from soho_scale.engine.resume_check import SHOWN, spec_changes
+    from soho_scale.engine.resume_check import listed, spec_changes
 
     done = os.path.join(pipe.run_root, stage.name, DONE)
     if not os.path.exists(done):
@@ -423,18 +423,12 @@ def stale_problem(pipe: Pipeline, stage: Stage, job: Any) -> str | None:
         saved = json.load(f).get("spec")
     if saved is None:
         return None
-    changes = [
-        c
-        for c in spec_changes(saved, job)
-        if not any(c.key == k or c.key.startswith((k + ".", k + "[")) for k in KEEPS_RESULT)
-    ]
+    changes = [c for c in spec_changes(saved, job) if not c.under(KEEPS_RESULT)]
     if not changes:
         return None
-    listed = ", ".join(str(c) for c in changes[:SHOWN])
-    more = f" (and {len(changes) - SHOWN} more)" if len(changes) > SHOWN else ""
     return (
         f"stages.{stage.name}: finished in {os.path.dirname(done)} with another spec: "
-        f"{listed}{more}; use another run root, or remove that folder and the later stages' "
+        f"{listed(changes)}; use another run root, or remove that folder and the later stages' "
         "to run them again"
     )
 

@@ -61,9 +61,13 @@ class Change:
     old: Any
     new: Any
 
+    def under(self, keys: tuple[str, ...]) -> bool:
+        """The changed key is one of `keys` or lies inside one of them (a section, a list)."""
+        return any(self.key == k or self.key.startswith((k + ".", k + "[")) for k in keys)
+
     @property
     def safe(self) -> bool:
-        return any(self.key == s or self.key.startswith((s + ".", s + "[")) for s in SAFE)
+        return self.under(SAFE)
 
     def __str__(self) -> str:
         return f"{self.key} {_show(self.old)} -> {_show(self.new)}"
@@ -122,6 +126,12 @@ def spec_changes(saved: dict[str, Any], job: Job) -> list[Change]:
     ]
 
 
+def listed(changes: list[Change]) -> str:
+    """The first SHOWN changes with both values, the rest counted: one short line."""
+    more = f" (and {len(changes) - SHOWN} more)" if len(changes) > SHOWN else ""
+    return ", ".join(str(c) for c in changes[:SHOWN]) + more
+
+
 def check(job: Job, manifest: dict[str, Any], location: str) -> tuple[Change, ...]:
     """The changes resuming `job` from the checkpoint at `location` brings; raises SpecError
     (one line) when one is not safe and the job does not set checkpoint.resume_changed."""
@@ -136,10 +146,8 @@ def check(job: Job, manifest: dict[str, Any], location: str) -> tuple[Change, ..
     changes = spec_changes(saved, job)
     unsafe = [c for c in changes if not c.safe]
     if unsafe and not job.checkpoint.resume_changed:
-        listed = ", ".join(str(c) for c in unsafe[:SHOWN])
-        more = f" (and {len(unsafe) - SHOWN} more)" if len(unsafe) > SHOWN else ""
         raise SpecError(
-            f"resume refused: spec changed since the checkpoint {location}: {listed}{more}; "
+            f"resume refused: spec changed since the checkpoint {location}: {listed(unsafe)}; "
             "set checkpoint.resume_changed=true to resume anyway"
         )
     return tuple(changes)
