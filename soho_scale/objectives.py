@@ -37,7 +37,7 @@ class PretrainSettings:
         if self.itm_negatives not in ("random", "hard"):
             raise ValueError(f"itm_negatives: {self.itm_negatives!r} is not random or hard")
 
-    mvm_sample_prob: float = 0.3  # share of images that get one VD word masked (official: 1.5%)
+    mvm_sample_prob: float = 0.015  # share of images that get one VD word masked (official code)
     mvm_temperature: float = 0.07  # the official code has none (loss floor ~5.6)
     mlm_weight: float = 1.0
     mvm_weight: float = 1.0

@@ -122,12 +122,12 @@ def test_a_finished_stage_of_another_recipe_is_refused_not_reused(tmp_path, caps
     check_stage_specs(pipe)  # where it logged and ran: the same result
     done.write_text(json.dumps({"step": 800}))  # finished before stages recorded their spec
     check_stage_specs(pipe)
-    finished_with("objectives.mvm_sample_prob=0.015")
+    finished_with("objectives.mvm_sample_prob=0.3")
     with pytest.raises(ValueError) as refused:
         check_stage_specs(pipe)
     assert str(refused.value) == (
         f"stages.pretrain: finished in {done.parent} with another spec: "
-        "objectives.mvm_sample_prob 0.015 -> 0.3; use another run root, or remove that folder "
+        "objectives.mvm_sample_prob 0.3 -> 0.015; use another run root, or remove that folder "
         "and the later stages' to run them again"
     )
     assert main(["sweep", path]) == 2

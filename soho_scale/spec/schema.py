@@ -223,7 +223,7 @@ class ObjectivesSpec(Section):
 
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     itm_negative_prob: float = Field(0.5, ge=0, lt=1)
-    mvm_sample_prob: float = Field(0.3, ge=0, le=1)  # official code: 0.015
+    mvm_sample_prob: float = Field(0.015, ge=0, le=1)  # the official code's rate
     mvm_temperature: float = Field(0.07, gt=0)  # official code: none (1.0)
     mlm_weight: float = Field(1.0, ge=0)
     mvm_weight: float = Field(1.0, ge=0)
