@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.urls import basename, is_s3_url, join_url
+from data_pipeline.urls import is_s3_url, join_url
 from soho_scale.engine import checkpoint_store as store
 from soho_scale.engine import resume_check
 from soho_scale.engine.distributed import node_index
@@ -169,29 +169,7 @@ class CheckpointManager:
     # ---- resuming ----------------------------------------------------------------------------
 
     def find(self) -> store.Committed | None:
-        """The checkpoint `checkpoint.resume` names: the newest committed one (`auto`), none
-        (`never`), or the given path, which must be committed."""
-        resume = self.job.checkpoint.resume
-        if resume == "never":
-            return None
-        if resume == "auto":
-            found = store.committed_checkpoints(self.root)
-            return found[-1] if found else None
-        location = resume.rstrip("/")
-        if not store.is_complete(location):
-            raise ValueError(
-                f"checkpoint.resume: {resume} is not a complete checkpoint (no manifest)"
-            )
-        match = store.TAG_PATTERN.match(basename(location))
-        return store.Committed(int(match.group(1)) if match else 0, basename(location), location)
-
-    def check_resume(self) -> None:
-        """Raise SpecError when resuming this job would be refused (resume_check): the launcher
-        asks before it starts any rank."""
-        found = self.find()
-        manifest = store.read_manifest(found.location) if found else None
-        if manifest is not None:
-            resume_check.check(self.job, manifest, found.location)
+        return store.resume_point(self.root, self.job.checkpoint.resume)
 
     def _stage_verified(self) -> tuple[store.Committed, str, dict[str, Any]] | None:
         """(checkpoint, local root, manifest) of the checkpoint to resume from, its files checked

@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from data_pipeline.urls import is_s3_url, join_url, split_s3_url
+from data_pipeline.urls import basename, is_s3_url, join_url, split_s3_url
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,21 @@ def _scan(root: str) -> tuple[list[Committed], list[Committed]]:
         found = Committed(int(match.group(1)), tag, join_url(root, tag))
         (committed if is_complete(found.location) else partial).append(found)
     return committed, partial
+
+
+def resume_point(root: str, resume: str) -> Committed | None:
+    """The checkpoint `checkpoint.resume` names: the newest committed one under `root` (`auto`),
+    none (`never`), or the given path, which must be committed."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = committed_checkpoints(root)
+        return found[-1] if found else None
+    location = resume.rstrip("/")
+    if not is_complete(location):
+        raise ValueError(f"checkpoint.resume: {resume} is not a complete checkpoint (no manifest)")
+    match = TAG_PATTERN.match(basename(location))
+    return Committed(int(match.group(1)) if match else 0, basename(location), location)
 
 
 def committed_checkpoints(root: str, warn: bool = True) -> list[Committed]:

@@ -14,7 +14,6 @@ only add start-up time.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
@@ -22,13 +21,6 @@ from soho_scale.launch.node import run_node
 from soho_scale.launch.rank import RANK_MODULE, eval_parser, eval_rank, rank_args
 from soho_scale.secrets import redact
 from soho_scale.spec import Job, SpecError, load_job
-
-
-def _ensure_cpu_accelerator(env: dict[str, str]) -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def refuse_unsupported_patches() -> None:
@@ -39,12 +31,16 @@ def refuse_unsupported_patches() -> None:
     streaming_shard_state.install()
 
 
-def refuse_changed_resume(job: Job, run_dir: str | None) -> None:
+def refuse_changed_resume(job: Job) -> None:
     """A resume with a spec change it may not resume with is refused here, with one line
     (SpecError), before any rank starts; the ranks check again (cluster nodes start them)."""
-    from soho_scale.engine.checkpoint import CheckpointManager
+    from soho_scale.engine import checkpoint_store as store
+    from soho_scale.engine import resume_check
 
-    CheckpointManager(job, run_dir or os.path.join("runs", job.name)).check_resume()
+    found = store.resume_point(job.checkpoint.dir, job.checkpoint.resume)
+    manifest = store.read_manifest(found.location) if found else None
+    if manifest is not None:
+        resume_check.check(job, manifest, found.location)
 
 
 def train_main(argv: list[str]) -> int:
@@ -61,16 +57,14 @@ def train_main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     job = load_job(args.job, args.overrides)  # a bad spec fails here, before any process starts
     refuse_unsupported_patches()
-    refuse_changed_resume(job, args.run_dir)
+    refuse_changed_resume(job)
     nproc = args.nproc or job.resources.procs_per_node
-    env = dict(os.environ)
-    _ensure_cpu_accelerator(env)
     if args.master_port is None:
         from data_pipeline.loopback import free_port
 
         args.master_port = free_port()
     ranks = rank_args(args.job, args.overrides, args.run_dir)
-    return run_node(ranks, 1, 0, nproc, "127.0.0.1", args.master_port, environ=env, own_group=True)
+    return run_node(ranks, 1, 0, nproc, "127.0.0.1", args.master_port, own_group=True)
 
 
 # ---- soho-scale eval: its parent process imports no torch (it only validates and launches)
