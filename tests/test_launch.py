@@ -3,6 +3,8 @@ the local launchers' commands (tests/test_layering.py keeps the package out of i
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from soho_scale.launch import rank
@@ -41,3 +43,32 @@ def test_eval_rank_user_error_is_one_line_and_status_2(capsys):
     code = rank.main(["eval", "missing.yaml", "--checkpoint", "c.pt"])
     assert code == 2
     assert capsys.readouterr().err == "error: missing.yaml: no such job file\n"
+
+
+def test_train_checks_a_changed_resume_before_the_ranks_without_importing_torch(tmp_path):
+    # The parent of `soho-scale train` only validates and launches: the ranks import torch and
+    # DeepSpeed anyway, so the parent's own import of them would only add start-up time.
+    code = f"""
+import sys
+from soho_scale.engine import checkpoint_store as store
+from soho_scale.engine.resume_check import spec_tree
+from soho_scale.launch.local import refuse_changed_resume
+from soho_scale.spec import SpecError, load_job
+ckpt = ["checkpoint.dir={tmp_path}"]
+folder = {str(tmp_path)!r} + "/" + store.tag_for(4)
+__import__("os").makedirs(folder)
+saved = spec_tree(load_job("jobs/demo/pretrain.yaml", [*ckpt, "objectives.mlm_probability=0.3"]))
+store.write_manifest(folder, 4, {{"spec": saved}})
+refuse_changed_resume(load_job("jobs/demo/pretrain.yaml", [*ckpt, "objectives.mlm_probability=0.3"]))
+try:
+    refuse_changed_resume(load_job("jobs/demo/pretrain.yaml", ckpt))
+except SpecError as e:
+    print(e)
+print("torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    refusal, imported = out.stdout.strip().splitlines()
+    assert refusal.startswith("resume refused: spec changed since the checkpoint ")
+    assert "objectives.mlm_probability 0.3 -> 0.15" in refusal
+    assert imported == "False"
