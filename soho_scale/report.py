@@ -145,7 +145,8 @@ def collect(
         for r in runs
     )
     for run in _newest_runs(runs):
-        task, dataset, split = (run.data.tags[k] for k in ("task", "dataset", "split"))
+        task, split = run.data.tags["task"], run.data.tags["split"]
+        dataset = run.data.tags.get("dataset", "unknown")  # evaluated by an older soho_scale
         submission = run.data.tags.get("submission", "") if split.startswith("test") else ""
         if task == "vqa" and not split.startswith("test") and vqa_dev_submitted:
             continue  # the test-dev row holds the submission; val is not that protocol

@@ -158,3 +158,17 @@ def test_report_of_one_pipeline_among_several_in_one_experiment(tmp_path):
         assert [r["value"] for r in rows] == [accuracy]
     rows, _ = report("sweep", str(tmp_path / "all"), uri)  # no filter: the newest evaluation
     assert len(rows) == 1
+
+
+def test_an_evaluation_an_older_version_logged_without_a_dataset_tag_is_reported(tmp_path):
+    # A run folder evaluated before evaluations tagged their dataset (a re-run of `make demo`
+    # whose stages are all done reports them again).
+    uri = _store(tmp_path, [("nlvr2", "NLVR2", "dev", {"accuracy": 70.0}, {})])
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("exp").experiment_id
+    old = client.create_run(experiment, tags={"task": "vqa", "split": "val2014"}).info.run_id
+    client.log_metric(old, "val2014_vqa_accuracy", 51.0)
+    report("exp", str(tmp_path / "out"), tracking_uri=uri)
+    by_key = _rows(tmp_path)
+    assert float(by_key["vqa", "unknown", "val2014", "test-dev", "vqa_accuracy"]["value"]) == 51.0
+    assert float(by_key["nlvr2", "NLVR2", "dev", "dev", "accuracy"]["value"]) == 70.0
