@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def model_factory(channels_last: bool = args.channels_last) -> torch.nn.Module:
         torch.manual_seed(0)
-        step = PretrainStep(SohoPretrain(config), PretrainSettings(mvm_sample_prob=0.3))
+        step = PretrainStep(SohoPretrain(config), PretrainSettings())
         if channels_last:  # 4-D weights only; the transformer is unaffected
             step.to(memory_format=torch.channels_last)
         return step

@@ -3,7 +3,7 @@
 1. starts a local S3 API server (moto) on loopback and uses a local MLflow store (sqlite);
 2. writes the synthetic vision-language world in the datasets' official formats;
 3. converts it to MDS shards on the S3 server with the real converters, and streams a few
-   pre-training batches back (shapes and counts printed);
+   pre-training epoch back (the first batches' shapes and the counts printed);
 4. runs jobs/pipelines/demo.yaml: 2 CPU ranks, DeepSpeed ZeRO-2 pre-training of the tiny model,
    then VQA, NLVR2, retrieval and SNLI-VE fine-tuning and evaluation;
 5. prints the results table (ours, chance, published SOHO) and ends with `report: PATH`.
@@ -27,7 +27,7 @@ PIPELINE = "jobs/pipelines/demo.yaml"
 RUN_ROOT = "runs/demo"
 
 
-def _stream_a_few_batches(cache: str) -> None:
+def _stream_back(cache: str) -> None:
     from data_pipeline.loader import build_loader
     from data_pipeline.samples import SampleProcessor
     from data_pipeline.streaming import StreamSource, build_dataset
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         # In a process of its own: every rank's loader later removes "stale" streaming shared
         # memory, this check's included, and this process's exit would then warn about it.
         check = multiprocessing.get_context("spawn").Process(
-            target=_stream_a_few_batches, args=(os.path.join(RUN_ROOT, "stream_check_cache"),)
+            target=_stream_back, args=(os.path.join(RUN_ROOT, "stream_check_cache"),)
         )
         check.start()
         check.join()

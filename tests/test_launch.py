@@ -47,28 +47,44 @@ def test_eval_rank_user_error_is_one_line_and_status_2(capsys):
 
 def test_train_checks_a_changed_resume_before_the_ranks_without_importing_torch(tmp_path):
     # The parent of `soho-scale train` only validates and launches: the ranks import torch and
-    # DeepSpeed anyway, so the parent's own import of them would only add start-up time.
+    # DeepSpeed anyway, so the parent's own import of them would only add start-up time. The node
+    # launcher is replaced by a recorder: what is checked is the parent's path up to the ranks.
     code = f"""
-import sys
+import os, sys
 from soho_scale.engine import checkpoint_store as store
 from soho_scale.engine.resume_check import spec_tree
-from soho_scale.launch.local import refuse_changed_resume
-from soho_scale.spec import SpecError, load_job
-ckpt = ["checkpoint.dir={tmp_path}"]
-folder = {str(tmp_path)!r} + "/" + store.tag_for(4)
-__import__("os").makedirs(folder)
-saved = spec_tree(load_job("jobs/demo/pretrain.yaml", [*ckpt, "objectives.mlm_probability=0.3"]))
-store.write_manifest(folder, 4, {{"spec": saved}})
-refuse_changed_resume(load_job("jobs/demo/pretrain.yaml", [*ckpt, "objectives.mlm_probability=0.3"]))
+from soho_scale.launch import local
+from soho_scale.spec import load_job
+local.run_node = lambda *a, **k: print("ranks started", "torch" in sys.modules) or 0
+ckpt = "checkpoint.dir={tmp_path}"
+folder = os.path.join({str(tmp_path)!r}, store.tag_for(4))
+os.makedirs(folder)
+saved = load_job("jobs/demo/pretrain.yaml", [ckpt, "objectives.mlm_probability=0.3"])
+store.write_manifest(folder, 4, {{"spec": spec_tree(saved)}})
+local.train_main(["jobs/demo/pretrain.yaml", ckpt, "objectives.mlm_probability=0.3"])
 try:
-    refuse_changed_resume(load_job("jobs/demo/pretrain.yaml", ckpt))
-except SpecError as e:
-    print(e)
+    local.train_main(["jobs/demo/pretrain.yaml", ckpt])
+except Exception as e:
+    print(type(e).__name__ + ":", e)
 print("torch" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    refusal, imported = out.stdout.strip().splitlines()
-    assert refusal.startswith("resume refused: spec changed since the checkpoint ")
+    started, refusal, imported = out.stdout.strip().splitlines()
+    assert started == "ranks started False"  # the same spec resumes
+    assert refusal.startswith("SpecError: resume refused: spec changed since the checkpoint ")
     assert "objectives.mlm_probability 0.3 -> 0.15" in refusal
     assert imported == "False"
+
+
+def test_a_rank_imports_no_deepspeed_before_it_picks_the_accelerator():
+    # setup_distributed sets DS_ACCELERATOR=cpu on a machine without CUDA before it imports
+    # DeepSpeed, which picks its accelerator once, at import.
+    code = (
+        "import sys\n"
+        "import soho_scale.launch.rank, soho_scale.engine.trainer, soho_scale.engine.evaluate\n"
+        "print('deepspeed' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

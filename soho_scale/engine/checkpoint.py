@@ -169,6 +169,7 @@ class CheckpointManager:
     # ---- resuming ----------------------------------------------------------------------------
 
     def find(self) -> store.Committed | None:
+        """The checkpoint `checkpoint.resume` names (`checkpoint_store.resume_point`)."""
         return store.resume_point(self.root, self.job.checkpoint.resume)
 
     def _stage_verified(self) -> tuple[store.Committed, str, dict[str, Any]] | None:

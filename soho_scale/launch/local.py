@@ -6,9 +6,9 @@ for N local ranks, each running `python -m soho_scale.launch.rank train JOB [ove
 exits with that status.
 `soho-scale eval`: torchrun for N local ranks, each running
 `python -m soho_scale.launch.rank eval ...`, or the evaluation in this process for one rank.
-The spec is validated before anything starts. The parent imports neither DeepSpeed nor the
-model, and `eval` no torch either: the ranks import them anyway, so the parent's imports would
-only add start-up time.
+The spec is validated before anything starts. The parent imports neither torch, DeepSpeed nor
+the model (a one-rank `eval` runs in it): the ranks import them anyway, so the parent's imports
+would only add start-up time.
 """
 
 from __future__ import annotations
