@@ -3,13 +3,12 @@ the local launchers' commands (tests/test_layering.py keeps the package out of i
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from soho_scale.launch import rank
 from soho_scale.launch.hostfile import runner_command
 from soho_scale.launch.local import eval_launcher_command
+from tests.fresh_python import printed_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = "jobs/demo/pretrain.yaml"
@@ -68,9 +67,7 @@ except Exception as e:
     print(type(e).__name__ + ":", e)
 print("torch" in sys.modules)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    started, refusal, imported = out.stdout.strip().splitlines()
+    started, refusal, imported = printed_lines(code)
     assert started == "ranks started False"  # the same spec resumes
     assert refusal.startswith("SpecError: resume refused: spec changed since the checkpoint ")
     assert "objectives.mlm_probability 0.3 -> 0.15" in refusal
@@ -85,6 +82,4 @@ def test_a_rank_imports_no_deepspeed_before_it_picks_the_accelerator():
         "import soho_scale.launch.rank, soho_scale.engine.trainer, soho_scale.engine.evaluate\n"
         "print('deepspeed' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "False"
+    assert printed_lines(code) == ["False"]
