@@ -90,13 +90,17 @@ def chance_params(chance: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _dataset(tags: dict[str, str]) -> str:
+    return tags.get("dataset", "unknown")  # an evaluation by an older soho_scale has no tag
+
+
 def _newest_runs(runs: list[Any]) -> list[Any]:
     """The newest eval run per (task, dataset, split): COCO and Flickr30K never collide."""
     newest: dict[tuple[str, str, str], Any] = {}
     for run in runs:  # newest first
         tags = run.data.tags
         task, split = tags.get("task"), tags.get("split")
-        key = (task, tags.get("dataset", "unknown"), split)
+        key = (task, _dataset(tags), split)
         if task in TASK_METRICS and split and key not in newest:
             if run.data.metrics or tags.get("submission"):
                 newest[key] = run
@@ -146,7 +150,7 @@ def collect(
     )
     for run in _newest_runs(runs):
         task, split = run.data.tags["task"], run.data.tags["split"]
-        dataset = run.data.tags.get("dataset", "unknown")  # evaluated by an older soho_scale
+        dataset = _dataset(run.data.tags)
         submission = run.data.tags.get("submission", "") if split.startswith("test") else ""
         if task == "vqa" and not split.startswith("test") and vqa_dev_submitted:
             continue  # the test-dev row holds the submission; val is not that protocol
