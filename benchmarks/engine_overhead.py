@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline.collate import pad_images
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_JOB = REPO / "jobs" / "demo" / "pretrain.yaml"
 ALL_VARIANTS = ("ddp", "ddp_sgdadamw", "zero0", "zero1", "zero2", "zero3")
@@ -44,7 +46,8 @@ TARGETS = {"zero1_vs_ddp": 1.05, "zero2_vs_ddp": 1.10, "zero3_state_vs_zero0": 0
 def generated_batch(
     images: int, height: int, width: int, captions: int, length: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    """A pre-training batch in the documented format; real sizes vary inside the padded size."""
+    """A pre-training batch in the documented format, padded as collate pads (to multiples of
+    32); real sizes vary up to `height` x `width`."""
     g = torch.Generator().manual_seed(seed)
     sizes = torch.stack(
         [
@@ -53,10 +56,13 @@ def generated_batch(
         ],
         dim=1,
     )
-    sizes[0] = torch.tensor([height, width])  # the padded size is the batch max
-    pixels = torch.zeros(images, 3, height, width)
-    for i, (h, w) in enumerate(sizes.tolist()):
-        pixels[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+    sizes[0] = torch.tensor([height, width])  # the largest image
+    pixels, sizes = pad_images(
+        [
+            torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+            for h, w in sizes.tolist()
+        ]
+    )
     count = images * captions
     text_ids = torch.randint(1000, 3000, (count, length), generator=g)
     text_ids[:, 0], text_ids[:, -1] = 101, 102

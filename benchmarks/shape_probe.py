@@ -68,7 +68,7 @@ def shape_centres(scene: Scene, rng: random.Random) -> list[tuple[float, float]]
 
 
 def probe_set(n_images: int, seed: int, transform: ImageTransform) -> list[dict]:
-    """Images (normalised tensors) with one record per shape: labels and centre in output pixels."""
+    """Images (uint8 tensors) with one record per shape: labels and centre in output pixels."""
     rng = random.Random(seed)
     items = []
     for _ in range(n_images):
@@ -126,7 +126,8 @@ def vision_points(model: Soho, images: torch.Tensor, upto_neck: bool = False) ->
     """Feature maps (B, C, h, w) at each probe point for a batch of same-size images."""
     vision = model.vision
     maps = {}
-    x = vision.stem(images)
+    sizes = torch.tensor([list(images.shape[2:])]).expand(len(images), 2)
+    x = vision.stem(vision.pixels(images, sizes))  # uint8 -> normalised, as the encoder does
     for name, stage in zip(("c2", "c3", "c4", "c5"), vision.stages):
         x = stage(x)
         maps[name] = x

@@ -19,7 +19,7 @@ import torch
 from data_pipeline.collate import COLLATE_BY_TASK
 from data_pipeline.errors import DataError
 from data_pipeline.masking import mask_captions
-from data_pipeline.transforms import ImageDecodeError, ImageTransform, TextTransform
+from data_pipeline.transforms import ImageDecodeError, ImageTransform, TextTransform, blank_image
 
 TASKS = tuple(COLLATE_BY_TASK)
 
@@ -45,7 +45,7 @@ class SampleProcessor:
             return [self.image(raw[c]) for c in columns], True
         except ImageDecodeError:
             side = self.image.square_size or self.image.min_size
-            return [torch.zeros(3, side, side) for _ in columns], False
+            return [blank_image(side, side) for _ in columns], False
 
     def pick_captions(self, captions: list[str], epoch: int, sample_id: int) -> list[str]:
         """`captions_per_image` captions, a pure function of (seed, epoch, sample id)."""

@@ -1,6 +1,9 @@
 """Vision encoder: a torchvision ResNet trunk to C5, then SOHO's neck (max-pool, 1x1 conv, BN).
 
-Whole images in, a grid of features and an exact per-image validity mask out. Images of
+Whole images in, a grid of features and an exact per-image validity mask out. Images arrive as
+uint8 pixels (the loader ships a quarter of float32's bytes and skips a float pass per pixel) and
+are ImageNet-normalised here, on the model's device, in the layout the convolutions run in
+(`channels_last`); float images are taken as already normalised. Images of
 different sizes are padded to the batch maximum; a feature cell is valid when the first pixel
 of its stride-aligned window lies inside the image's real size. (The official code built this
 mask from the padded height for both axes, so landscape images attended to padding and portrait
@@ -19,6 +22,9 @@ from torchvision.ops import FrozenBatchNorm2d
 from soho_scale.model.config import SohoConfig
 
 C5_STRIDE = 32
+# The statistics the torchvision ImageNet weights were trained with.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
 
 # name -> (block, layers). resnet10 is the tiny preset's trunk: one block per stage.
 _RESNETS = {
@@ -55,6 +61,23 @@ def grid_mask(image_sizes: torch.Tensor, grid_h: int, grid_w: int, pool: int) ->
     )
 
 
+def normalize_pixels(
+    images: torch.Tensor, image_sizes: torch.Tensor, memory_format: torch.memory_format
+) -> torch.Tensor:
+    """(B, 3, H, W) uint8 padded bottom/right -> float32 ImageNet-normalised in `memory_format`,
+    0 outside each image's real size (the value a normalised image is padded with)."""
+    mean = images.new_tensor(PIXEL_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = images.new_tensor(PIXEL_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    # The same fp32 operations, in the same order, as normalising each image on its own.
+    pixels = images.to(torch.float32, memory_format=memory_format).div_(255.0)
+    pixels = pixels.sub_(mean).div_(std)
+    sizes = image_sizes.to(images.device)
+    rows = torch.arange(images.shape[2], device=images.device)[None, :, None]
+    cols = torch.arange(images.shape[3], device=images.device)[None, None, :]
+    inside = (rows < sizes[:, 0, None, None]) & (cols < sizes[:, 1, None, None])  # (B, H, W)
+    return pixels.masked_fill_(~inside[:, None], 0.0)
+
+
 class VisionEncoder(nn.Module):
     """ResNet trunk (C5) + neck. forward(images, image_sizes) -> (features (B,D,h,w), mask (B,h,w))."""
 
@@ -74,7 +97,15 @@ class VisionEncoder(nn.Module):
         )
         self.frozen_stages = config.frozen_stages
         self.activation_checkpointing = config.activation_checkpointing
+        # NHWC activations: cuDNN's fast layout for bf16/fp16 convolutions. Only the input is
+        # converted: each convolution then runs NHWC with the NCHW weights (converted per call)
+        # and returns weight gradients in the parameters' own layout, which keeps ZeRO's flat
+        # parameter and gradient views valid. None: on for CUDA inputs.
+        self.channels_last: bool | None = None
         self._freeze()
+        if config.compile:
+            for module in (self.stem, *self.stages):
+                module.compile()
 
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
@@ -109,6 +140,16 @@ class VisionEncoder(nn.Module):
                 f"backbone weights do not fit: missing {missing}, unexpected {unexpected}"
             )
 
+    def pixels(self, images: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """What the stem reads: normalised (uint8 input), in the weights' dtype and the layout
+        the convolutions run in."""
+        nhwc = images.is_cuda if self.channels_last is None else self.channels_last
+        memory_format = torch.channels_last if nhwc else torch.contiguous_format
+        dtype = self.stem[0].weight.dtype  # bf16 under DeepSpeed; fp32 under autocast
+        if images.dtype == torch.uint8:
+            return normalize_pixels(images, image_sizes, memory_format).to(dtype)
+        return images.to(dtype).contiguous(memory_format=memory_format)
+
     def forward(
         self,
         images: torch.Tensor,
@@ -121,7 +162,7 @@ class VisionEncoder(nn.Module):
                 image_sizes = images.new_tensor([height, width], dtype=torch.long).expand(batch, 2)
             else:
                 image_sizes = image_sizes_from_mask(image_mask)
-        x = self.stem(images)
+        x = self.stem(self.pixels(images, image_sizes))
         for stage in self.stages:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False)

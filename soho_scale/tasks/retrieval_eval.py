@@ -38,7 +38,7 @@ KS = (1, 5, 10)
 class RetrievalSet:
     """A retrieval test split: images and the captions that belong to them."""
 
-    images: Sequence[torch.Tensor]  # image i: (3, h_i, w_i) normalised (may decode lazily)
+    images: Sequence[torch.Tensor]  # image i: (3, h_i, w_i) uint8 (may decode lazily)
     image_sizes: torch.Tensor  # (I, 2) long (h, w) of each image as `images[i]` returns it
     text_ids: torch.Tensor  # (T, L) long
     text_mask: torch.Tensor  # (T, L) long
@@ -133,8 +133,8 @@ def plan_image_batches(image_sizes: torch.Tensor, batch_size: int) -> list[list[
 
 
 @torch.no_grad()
-def _encode(model: nn.Module, data: RetrievalSet, batch: list[int], device, dtype):  # noqa: ANN001, ANN202
-    images = torch.stack([data.images[i] for i in batch]).to(device, dtype)
+def _encode(model: nn.Module, data: RetrievalSet, batch: list[int], device):  # noqa: ANN001, ANN202
+    images = torch.stack([data.images[i] for i in batch]).to(device)  # the model normalises
     visual = model.soho.encode_image(images, data.image_sizes[batch].to(device))
     return model.soho.embed_visual(visual), visual.mask  # (b, N, D), (b, N)
 
@@ -286,7 +286,7 @@ def evaluate_retrieval(
 @torch.no_grad()
 def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch) -> dict:  # noqa: ANN001
     param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    device = param.device
     num_images, num_texts = len(data.image_sizes), len(data.text_to_image)
     text_ids, text_mask = data.text_ids.to(device), data.text_mask.to(device)
     batches = plan_image_batches(data.image_sizes, image_batch)
@@ -296,7 +296,7 @@ def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch)
     if folds > 1:
         groups += _folds(data, folds)
 
-    encoded = [_encode(model, data, batch, device, dtype) for batch in mine]
+    encoded = [_encode(model, data, batch, device) for batch in mine]
     sim = candidates = None
     if mode == "two_stage":
         features = [

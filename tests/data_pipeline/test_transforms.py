@@ -32,11 +32,10 @@ def test_soho_size_short_side_and_long_cap():
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_image_transform_keeps_aspect_and_normalises(fmt):
+def test_image_transform_keeps_aspect_and_pixels(fmt):
     out = ImageTransform(64, 96)(encode(150, 100, fmt))
-    assert out.shape == (3, 64, 96) and out.dtype == torch.float32
-    # Pure red pixel -> (1 - mean) / std on the red channel, about 2.2.
-    assert abs(out[0].mean().item() - (200 / 255 - 0.485) / 0.229) < 0.1
+    assert out.shape == (3, 64, 96) and out.dtype == torch.uint8  # the model normalises
+    assert abs(out[0].float().mean().item() - 200) < 3
 
 
 def test_large_jpeg_draft_decode_gives_the_requested_size():

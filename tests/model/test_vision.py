@@ -1,9 +1,23 @@
-"""Vision encoder: grid shapes and exact per-image masks in mixed landscape/portrait batches."""
+"""Vision encoder: grid shapes and exact per-image masks in mixed landscape/portrait batches;
+uint8 pixels normalised on the model; NHWC input."""
 
+import copy
+
+import pytest
 import torch
 
 from soho_scale.model.config import build_config
-from soho_scale.model.vision import VisionEncoder, grid_mask, image_sizes_from_mask
+from soho_scale.model.precision import cast_to_precision
+from soho_scale.model.soho import SohoPretrain
+from soho_scale.model.vision import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    VisionEncoder,
+    grid_mask,
+    image_sizes_from_mask,
+)
+from soho_scale.objectives import PretrainSettings, pretrain_loss
+from tests.model.helpers import make_batch
 
 
 def _encoder(**overrides) -> VisionEncoder:
@@ -72,3 +86,65 @@ def test_activation_checkpointing_gives_same_gradients():
         features.sum().backward()
         grads.append(encoder.stages[2][0].conv1.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_uint8_pixels_are_normalised_as_each_image_alone_with_zero_padding():
+    encoder = _encoder()
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([[40, 64], [64, 24]])
+    pixels = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    reference = torch.zeros(2, 3, 64, 64)  # what the loader shipped before: float, padded with 0
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        pixels[i, :, :h, :w] = image
+        reference[i, :, :h, :w] = image.float().div_(255.0).sub_(mean).div_(std)
+    assert torch.equal(encoder.pixels(pixels, sizes), reference)
+    assert torch.equal(encoder(pixels, sizes)[0], encoder(reference, sizes)[0])
+
+
+def test_channels_last_input_gives_the_same_loss_and_gradients_in_the_weights_layout():
+    # The switch GPUs get by default: NHWC activations, NCHW weights (ZeRO's flat views need
+    # the parameters' own layout, gradients included).
+    torch.manual_seed(0)
+    base = SohoPretrain(build_config("tiny", pool=2)).train()
+    runs = {}
+    for nhwc in (False, True):
+        model = copy.deepcopy(base)
+        model.soho.vision.channels_last = nhwc
+        torch.manual_seed(1)  # the objective's draws
+        loss, _ = pretrain_loss(model, make_batch(), PretrainSettings(mvm_sample_prob=1.0))
+        loss.backward()
+        runs[nhwc] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+        convs = [p for p in model.soho.vision.parameters() if p.dim() == 4]
+        assert all(p.is_contiguous() and p.grad.is_contiguous() for p in convs)
+    assert torch.allclose(runs[True][0], runs[False][0], rtol=1e-5)
+    for name, grad in runs[False][1].items():
+        if grad is not None:  # fp32, summed in another order (0.2% at most here)
+            assert (runs[True][1][name] - grad).norm() <= 1e-2 * grad.norm(), name
+    assert base.soho.vision.channels_last is None  # auto: CUDA inputs only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_input_goes_nhwc_by_default_and_bf16_losses_agree():
+    torch.manual_seed(0)
+    base = cast_to_precision(
+        SohoPretrain(build_config("tiny", pool=2)).cuda().train(), torch.bfloat16
+    )
+    batch = {k: v.cuda() for k, v in make_batch().items()}
+    assert base.soho.vision.pixels(batch["images"], batch["image_sizes"]).is_contiguous(
+        memory_format=torch.channels_last
+    )
+    losses = {}
+    for nhwc in (None, False):  # None: the default, NHWC on CUDA
+        model = copy.deepcopy(base)
+        model.soho.vision.channels_last = nhwc
+        torch.manual_seed(1)
+        loss, _ = pretrain_loss(model, batch, PretrainSettings(mvm_sample_prob=1.0))
+        loss.backward()
+        losses[nhwc] = float(loss)
+        convs = [p for p in model.soho.vision.parameters() if p.dim() == 4 and p.requires_grad]
+        assert all(p.grad.is_contiguous() for p in convs)  # the weights' layout: ZeRO's views
+    assert losses[None] == pytest.approx(losses[False], rel=2e-2)
