@@ -45,6 +45,7 @@ SAFE = (
     "data.validate_hash",
     "data.cache_dir",
     "resources",  # placement: another world size loads a converted (universal) checkpoint
+    "model.overrides.compile",  # the same computation, compiled
 )
 SHOWN = 8  # changed keys named in the refusal; the rest are counted
 VALUE_CHARS = 60  # a value longer than this is cut in the one-line message

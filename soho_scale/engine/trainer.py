@@ -5,7 +5,7 @@ the same code runs on CPU over gloo and on GPUs over NCCL.
 
 What the loop calls lives beside it: `step` (the module DeepSpeed wraps), `data` (the loader),
 `checkpoint` (save, commit, find, stage, load), `tracking` (MLflow), `telemetry` (throughput,
-MFU), `lineage` (what the run records about itself), `recorder` (the resume tests' record).
+MFU), `phases` (where a step's time goes), `lineage` (what the run records about itself), `recorder` (the resume tests' record).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from soho_scale.engine.distributed import broadcast, setup_distributed, setup_lo
 from soho_scale.engine.lineage import log_new_run
 from soho_scale.engine.optimizer import apply_spec_settings, build_optimizer, lr_factor
 from soho_scale.engine.periodic_eval import PeriodicEval
+from soho_scale.engine.phases import PhaseClock
 from soho_scale.engine.recorder import make_recorder
 from soho_scale.engine.resume_check import record as record_resume_changes
 from soho_scale.engine.step import build_step
@@ -72,6 +73,8 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     step_module = build_step(job, initial_weights=resume is None)
     if torch.cuda.is_available():  # NCCL broadcasts device tensors only
         step_module.to(torch.device("cuda", torch.cuda.current_device()))
+        # cuDNN times its algorithms once per new input shape and keeps the fastest.
+        torch.backends.cudnn.benchmark = True
     for buffer in step_module.buffers():
         dist.broadcast(buffer, src=0)
     seed_everything(job.seed + rank)
@@ -122,6 +125,7 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     peak = peak_flops(job.precision, job.resources.peak_flops)
     meter = Throughput()
     means = MetricMeans(engine.device)
+    clock = PhaseClock(engine.device).attach(engine.module.model)
     recorder = make_recorder(job.tracking.record_samples, run_dir, rank, step)
     progress = _progress(rank, total_steps, step)
     resumed_at = step if resume is not None else None
@@ -135,11 +139,15 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
             recorder.batch(batch)
             tokens = int(batch["text_mask"].sum())  # counted on the host: no device sync
             batch = to_device(batch, engine.device, dtype)
-            loss, metrics = engine(batch)
+            with clock.span("forward"):
+                loss, metrics = engine(batch)
             means.add(metrics)
-            engine.backward(loss)
+            with clock.span("backward"):
+                engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
+            with clock.span("optimizer"):
+                engine.step()
+            clock.step_done()
             mlm_positions = int(metrics.get("mlm_count", 0))
             meter.add(
                 batch["images"].shape[0],
@@ -155,6 +163,7 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
                     last_metrics = _step_metrics(
                         engine, means.mean_over_ranks(skipped), meter, world, peak
                     )
+                    last_metrics.update(clock.collect())  # rank 0's
                     tracker.log_metrics(last_metrics, step)
                     meter.reset()
                 progress(step, last_metrics.get("loss"), last_metrics.get("samples_per_s"))

@@ -189,6 +189,10 @@ class FusionEncoder(nn.Module):
             self.bert.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        if config.compile:
+            layers = self.pre_norm.layers if self.pre_norm is not None else self.bert.encoder.layer
+            for layer in layers:
+                layer.compile()
 
     @property
     def word_embeddings(self) -> nn.Embedding:

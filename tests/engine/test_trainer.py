@@ -105,6 +105,8 @@ def test_zero2_trains_logs_and_resumes_exactly_after_sigkill(make_job, tmp_path,
         "vd_perplexity",
         "vd_used",
         "skipped_samples",
+        *(f"phase_{p}_ms" for p in ("backbone", "neck_vd", "transformer", "heads", "forward")),
+        *(f"phase_{p}_ms" for p in ("forward_other", "backward", "optimizer")),
     ):
         assert key in metrics, key
     assert any(key.startswith("system/cpu_utilization") for key in metrics)  # MLflow's sampler

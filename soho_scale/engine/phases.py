@@ -1,0 +1,106 @@
+"""Where a training step's time goes: the model's parts (backbone, neck + visual dictionary,
+transformer, heads) timed by forward hooks, and the loop's phases (forward, backward, optimizer)
+by spans around them. The trainer logs the means per step as `phase_<name>_ms` at every log
+point; benchmarks/gpu_pretrain.py prints them.
+
+On CUDA the marks are events recorded on the current stream: no host sync per step; they are
+read at log time, after the one sync the log point makes anyway. Each part's time is then the
+device time from its first kernel's queue position to its last one's end. On CPU, where
+operations run as they are called, the marks are the host clock. `forward_other` is the forward
+outside the timed parts (the objective's own work). The parts are timed inside the loop's spans
+only (an evaluation between steps is not a step's time); with activation checkpointing, the
+recomputed forwards run inside backward and count in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+# Part -> the model's modules (paths below `.model`) whose forwards it sums; heads: every other
+# child of the model (pre-training's MLM/MVM/ITM heads, a task's classifier).
+PARTS = {
+    "backbone": ("soho.vision.stem", "soho.vision.stages"),
+    "neck_vd": ("soho.vision.neck", "soho.dictionary", "soho.gate", "soho.visual_embedding"),
+    "transformer": ("soho.fusion",),
+}
+
+
+class PhaseClock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object, object]] = []  # (phase, start, end)
+        self.steps = 0
+        self.hooks: list = []
+        self.active = False  # inside a span
+
+    def _now(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @contextlib.contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        start = self._now()
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+        self.marks.append((name, start, self._now()))
+
+    def attach(self, model: nn.Module) -> PhaseClock:
+        """Time the parts of `model` (a `SohoPretrain` or a task model: `.soho` plus heads)."""
+        modules = dict(model.named_modules())
+        parts = {name: [modules[p] for p in paths if p in modules] for name, paths in PARTS.items()}
+        parts["heads"] = [child for name, child in model.named_children() if name != "soho"]
+        for name, members in parts.items():
+            for module in members:
+                self._hook(module, name)
+        return self
+
+    def _hook(self, module: nn.Module, name: str) -> None:
+        started: list[object] = []
+
+        def before(*_: object) -> None:
+            if self.active:
+                started.append(self._now())
+
+        def after(*_: object) -> None:
+            if started:  # a forward that raised left no start behind
+                self.marks.append((name, started.pop(), self._now()))
+
+        self.hooks += [
+            module.register_forward_pre_hook(before),
+            module.register_forward_hook(after),
+        ]
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def collect(self) -> dict[str, float]:
+        """Mean milliseconds per step of each phase since the last call: `phase_<name>_ms`."""
+        if not self.marks or not self.steps:
+            return {}
+        if self.cuda:
+            self.marks[-1][2].synchronize()  # recorded last: every earlier mark is done too
+        totals: dict[str, float] = {}
+        for name, start, end in self.marks:
+            elapsed = start.elapsed_time(end) if self.cuda else 1000 * (end - start)
+            totals[name] = totals.get(name, 0.0) + elapsed
+        if "forward" in totals:
+            parts = sum(totals.get(p, 0.0) for p in (*PARTS, "heads"))
+            totals["forward_other"] = max(totals["forward"] - parts, 0.0)
+        steps, self.marks, self.steps = self.steps, [], 0
+        return {f"phase_{name}_ms": value / steps for name, value in totals.items()}
+
+    def detach(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
