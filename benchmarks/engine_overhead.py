@@ -46,8 +46,8 @@ TARGETS = {"zero1_vs_ddp": 1.05, "zero2_vs_ddp": 1.10, "zero3_state_vs_zero0": 0
 def generated_batch(
     images: int, height: int, width: int, captions: int, length: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    """A pre-training batch in the documented format, padded as collate pads (to multiples of
-    32); real sizes vary up to `height` x `width`."""
+    """A pre-training batch in the documented format, padded by collate's `pad_images`; real
+    sizes vary up to `height` x `width`."""
     g = torch.Generator().manual_seed(seed)
     sizes = torch.stack(
         [

@@ -1,12 +1,12 @@
 """Batch collation: per-sample dicts from data_pipeline.streaming -> one dict of tensors.
 
 Every batch key, for every task (B = image samples in the batch, T = text rows, L = max_len,
-H/W = largest image height/width in the batch, rounded up to a multiple of `PAD_MULTIPLE`):
+H/W = largest image height/width in the batch):
 
 | key | dtype | shape | tasks | meaning |
 |---|---|---|---|---|
 | sample_ids | long | (B,) | all | dataset index of each sample (exactly-once checks, MLM seeds) |
-| images | uint8 | (B, 3, H, W) | all but nlvr2 | RGB, zero-padded bottom/right to H, W: the largest height and width in the batch rounded up to a multiple of 32 (the model normalises) |
+| images | uint8 | (B, 3, H, W) | all but nlvr2 | RGB, zero-padded bottom/right (the model normalises) |
 | images | uint8 | (2B, 3, H, W) | nlvr2 | rows 2i and 2i+1: left and right image of statement i |
 | image_sizes | long | (B, 2) or (2B, 2) | all | real (height, width) of each image row before padding |
 | text_ids | long | (T, L) | all | token ids ([CLS] ... [SEP] [PAD]...); MLM-masked in pretrain |
@@ -31,20 +31,12 @@ from typing import Any
 
 import torch
 
-# Batches are padded to multiples of the CNN's stride, as the official code pads each image
-# (mmdet's `Pad`, size_divisor 32): the feature grid is the same (one C5 cell per 32 pixels,
-# rounded up), and cuDNN's autotuning and compiled graphs meet a few dozen batch shapes instead
-# of one per distinct largest image size.
-PAD_MULTIPLE = 32
 
-
-def pad_images(
-    images: Sequence[torch.Tensor], multiple: int = PAD_MULTIPLE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, h_i, w_i) tensors -> (N, 3, H, W) of their dtype, zero-padded bottom/right to the
-    largest size rounded up to `multiple`, (N, 2) real sizes."""
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, h_i, w_i) tensors -> (N, 3, H, W) of their dtype, zero-padded bottom/right, (N, 2)
+    real sizes."""
     sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.long)
-    height, width = (-(-int(v) // multiple) * multiple for v in sizes.max(dim=0).values)
+    height, width = (int(v) for v in sizes.max(dim=0).values)
     batch = torch.zeros(len(images), 3, height, width, dtype=images[0].dtype)
     for row, im in enumerate(images):
         batch[row, :, : im.shape[1], : im.shape[2]] = im
