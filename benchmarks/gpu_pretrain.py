@@ -1,13 +1,21 @@
-"""Pre-training throughput and MFU on one accelerator; writes one JSON file (and prints it).
+"""Pre-training throughput, MFU and where the step's time goes, on one accelerator; writes one
+JSON file (and prints it).
 
 Modes, each skipped with a reason when what it needs is not importable:
-- torch_in_memory: the real model + objective (`PretrainStep`) and the trainer's optimizer
-  (`build_optimizer`: SGD for the CNN, AdamW for the rest) in plain PyTorch, bf16 autocast over
-  fp32 weights, on generated batches held in memory. Needs torch, torchvision, transformers only.
-- torch_streamed: the same loop fed by data_pipeline's streaming loader from local MDS shards of
-  generated JPEGs (needs mosaicml-streaming and the bundled tokenizer).
-- deepspeed_in_memory: the trainer's engine path (`prepare_for_engine` on the production
-  pre-training job, `deepspeed.initialize`, engine(batch) / backward / step; needs deepspeed).
+- trainer: `soho-scale train` itself (one rank, DeepSpeed ZeRO-2 from the production pre-training
+  job) on MDS shards of generated JPEGs at the padded size, streamed through the job's loader;
+  the figures are those the run logs for its timed steps (samples/s, MFU, data wait, peak memory,
+  the phase split of soho_scale.engine.phases). Needs deepspeed and mosaicml-streaming.
+- torch_in_memory: the same model + objective (`PretrainStep`) and optimizer (`build_optimizer`)
+  in plain PyTorch, bf16 autocast over fp32 weights, on generated uint8 batches of the same size
+  held in memory: the baseline, with the trainer's speed settings (cuDNN autotuning; NHWC input
+  on CUDA). Also one step's FLOPs as torch's FlopCounterMode counts them, against the FLOP model
+  MFU uses, and (CUDA) the host syncs one step makes (`torch.cuda.set_sync_debug_mode`).
+- torch_in_memory_nchw / torch_in_memory_nhwc_weights: the baseline with NCHW input, and with
+  NHWC weights as well (which ZeRO's flat parameter buffer cannot keep).
+- torch_streamed: the baseline fed by data_pipeline's loader from the same kind of shards.
+- trainer_compiled / torch_in_memory_compiled: trainer and baseline with `model.overrides.compile`
+  (torch.compile of the CNN's stages and the transformer's layers); warm-up includes compiling.
 
 MFU = 3 x forward FLOPs (telemetry.FlopModel, from each batch's real padded size and its MLM
 positions) / time / peak. Timed steps run after warm-up, between two device synchronisations.
@@ -23,15 +31,18 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_overhead import generated_batch  # noqa: E402 - sibling script, not a package
@@ -52,16 +63,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict:
-    """Move tensors; floating ones (images) take the engine's compute dtype, as the trainer does."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if dtype != torch.float32 and value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
+def to_device(batch: dict[str, Any], device: torch.device) -> dict:
+    """Tensors to the device as they are: uint8 images are normalised there by the model."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
 
 
 def in_memory_batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
@@ -98,68 +105,53 @@ class Measure:
         }
 
 
-def phased_step(device, phases, forward, backward, update) -> tuple[torch.Tensor, dict]:  # noqa: ANN001
-    """One training step: forward() -> (loss, metrics), backward(loss), update(). With a
-    `phases` dict, each phase is timed between device synchronisations and appended to it."""
-    marks = [time.perf_counter()]
-
-    def mark() -> None:
-        if phases is not None:
-            synchronize(device)
-            marks.append(time.perf_counter())
-
-    loss, metrics = forward()
-    mark()
-    backward(loss)
-    mark()
-    update()
-    mark()
-    if phases is not None:
-        for name, a, b in zip(("forward", "backward", "optimizer"), marks, marks[1:]):
-            phases.setdefault(name, []).append(b - a)
-    return loss, metrics
-
-
 def torch_loop(args, device, step_module, batches, flop_model, data_wait=None) -> dict:  # noqa: ANN001
     """Plain PyTorch: autocast forward, backward, clip, the trainer's optimizer."""
     from soho_scale.engine.optimizer import build_optimizer
+    from soho_scale.engine.phases import PhaseClock
 
     optimizer = build_optimizer(step_module, OPTIM)
     params = [p for p in step_module.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    clock = PhaseClock(device).attach(step_module.model)
 
-    def forward(batch: dict) -> tuple[torch.Tensor, dict]:
-        with autocast:
-            return step_module(batch)
+    def step(batch: dict) -> tuple[torch.Tensor, dict]:
+        with clock.span("forward"), autocast:
+            loss, metrics = step_module(batch)
+        with clock.span("backward"):
+            loss.backward()
+        with clock.span("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, OPTIM.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        clock.step_done()
+        return loss, metrics
 
-    def update() -> None:
-        torch.nn.utils.clip_grad_norm_(params, OPTIM.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def step(batch: dict, phases: dict | None = None) -> tuple[torch.Tensor, dict]:
-        return phased_step(device, phases, lambda: forward(batch), torch.Tensor.backward, update)
-
-    return run_timed(args, device, step, batches, flop_model, data_wait)
-
-
-def run_timed(args, device, step, batches, flop_model, data_wait=None) -> dict:  # noqa: ANN001
     source = iter(batches)
 
     def next_batch() -> dict:
         start = time.perf_counter()
-        batch = to_device(next(source), device, torch.float32)
-        if args.channels_last:
-            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        batch = to_device(next(source), device)
         if data_wait is not None:
             data_wait.append(time.perf_counter() - start)
         return batch
 
     for _ in range(args.warmup):
         step(next_batch())
+    out = {}
+    if args.count_flops:  # one step, untimed: what torch counts against what MFU assumes
+        batch = next_batch()
+        with FlopCounterMode(display=False) as counter:
+            _, metrics = step(batch)
+        out["flop_counter_tflops_per_step"] = counter.get_total_flops() / 1e12
+        mlm = int(metrics.get("mlm_count", 0))
+        out["flop_model_tflops_per_step"] = 3 * flop_model.forward_flops(batch, mlm) / 1e12
+    if device.type == "cuda":
+        out["host_syncs_per_step"] = host_syncs(lambda: step(next_batch()))
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    clock.collect()
     if data_wait is not None:
         data_wait.clear()
     measure = Measure(flop_model)
@@ -170,18 +162,29 @@ def run_timed(args, device, step, batches, flop_model, data_wait=None) -> dict: 
         measure.add(batch, metrics)
     synchronize(device)
     elapsed = time.perf_counter() - start
-    out = measure.result(elapsed, args.steps, args.peak_flops)
-    phases: dict[str, list[float]] = {}
-    for _ in range(args.breakdown_steps):  # separate steps: a sync after each phase
-        step(next_batch(), phases)
-    if phases:
-        out["breakdown_ms"] = {k: 1000 * sum(v) / len(v) for k, v in phases.items()}
+    out.update(measure.result(elapsed, args.steps, args.peak_flops))
+    out.update(clock.collect())
     if data_wait is not None:
-        out["data_wait_fraction"] = sum(data_wait[: args.steps]) / elapsed
+        out["data_wait_fraction"] = sum(data_wait) / elapsed
     out["loss_last"] = float(loss.detach().float())
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+def host_syncs(run_step) -> dict:  # noqa: ANN001
+    """The host syncs one step makes: count and where (torch warns at each in "warn" mode)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = [
+        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    ]
+    return {"count": len(sites), "sites": sorted(set(sites))}
 
 
 def cycle(items: list) -> Any:
@@ -189,10 +192,16 @@ def cycle(items: list) -> Any:
         yield from items
 
 
-def mode_torch_in_memory(args, device, model_factory, flop_model) -> dict:  # noqa: ANN001
-    step_module = model_factory().to(device)
-    batches = cycle(in_memory_batches(args))
-    return torch_loop(args, device, step_module, batches, flop_model)
+def mode_torch(layout: str | None, compiled: bool = False):  # noqa: ANN201
+    """The plain-torch baseline on in-memory batches; `layout`: None (the trainer's: NHWC input
+    on CUDA), "nchw", or "nhwc_weights" (NHWC input and weights); `compiled`: model.compile."""
+
+    def run(args, device, model_factory, flop_model) -> dict:  # noqa: ANN001
+        step_module = model_factory(layout, compiled).to(device)
+        batches = cycle(in_memory_batches(args))
+        return torch_loop(args, device, step_module, batches, flop_model)
+
+    return run
 
 
 def write_shards(folder: str, count: int, height: int, width: int) -> None:
@@ -227,7 +236,7 @@ def mode_torch_streamed(args, device, model_factory, flop_model) -> dict:  # noq
     from soho_scale.pretrained import BUNDLED_BERT, resolve_pretrained
 
     os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-    total = (args.warmup + args.steps + args.breakdown_steps) * args.micro_batch
+    total = (args.warmup + args.steps + 2) * args.micro_batch  # + the FLOP count and sync steps
     with tempfile.TemporaryDirectory() as tmp:
         shards = os.path.join(tmp, "shards")
         write_shards(shards, total, args.height, args.width)
@@ -242,55 +251,112 @@ def mode_torch_streamed(args, device, model_factory, flop_model) -> dict:  # noq
             [shards], processor, os.path.join(tmp, "cache"), args.micro_batch, shuffle=False
         )
         loader = build_loader(dataset, args.micro_batch, num_workers=args.workers)
-        step_module = model_factory().to(device)
+        step_module = model_factory(None, False).to(device)
         waits: list[float] = []
         out = torch_loop(args, device, step_module, iter(loader), flop_model, waits)
         out["workers"] = args.workers
         return out
 
 
-def mode_deepspeed_in_memory(args, device, model_factory, flop_model) -> dict:  # noqa: ANN001
-    if importlib.util.find_spec("deepspeed") is None:
-        return {"skipped": "deepspeed is not importable"}
-    # ZeRO flattens parameters into one buffer with plain views: NHWC weights cannot go in.
-    args = argparse.Namespace(**{**vars(args), "channels_last": False})
-    import deepspeed
+def random_trunk_weights(preset: str, path: str) -> str:
+    """A weights file of the preset's CNN at torchvision's random initialisation: the job's
+    `cnn_init` (ImageNet weights are not on a machine without network; speed is the same)."""
+    from soho_scale.model.config import build_config
+    from soho_scale.model.vision import _RESNETS
 
-    from soho_scale.engine.deepspeed_config import prepare_for_engine
-    from soho_scale.engine.distributed import setup_distributed
-    from soho_scale.engine.optimizer import build_optimizer
-    from soho_scale.spec import load_job
+    block, layers = _RESNETS[build_config(preset).backbone]
+    from torchvision.models.resnet import ResNet
 
-    job = load_job(
-        PRETRAIN_JOB,
-        [
-            f"precision={args.precision}",
-            f"deepspeed.zero_stage={args.zero_stage}",
-            f"batch.micro_batch_per_rank={args.micro_batch}",
-            f"batch.global_batch={args.micro_batch}",
-            "resources.procs_per_node=1",
-        ],
+    torch.save(ResNet(block, layers).state_dict(), path)
+    return path
+
+
+def trainer_job(args, tmp: str, shards: str, compiled: bool) -> str:  # noqa: ANN001
+    """The production pre-training job at this benchmark's sizes, on `shards`, as a file."""
+    import yaml
+
+    from soho_scale.pretrained import BUNDLED_BERT
+    from soho_scale.spec.yaml_file import read_job_file
+
+    job = read_job_file(str(PRETRAIN_JOB))
+    short, long = sorted((args.height, args.width))
+    overrides = job["model"]["overrides"]
+    overrides.update(init_from=None, cnn_init=random_trunk_weights(args.preset, f"{tmp}/cnn.pt"))
+    overrides["compile"] = compiled
+    job["model"]["preset"] = args.preset
+    job["data"].update(
+        streams=[{"remote": shards}], workers=args.workers, captions_per_image=args.captions
     )
-    setup_distributed()
-    step_module = model_factory(False)  # not build_step: init_from needs the BERT download
-    config, dtype = prepare_for_engine(step_module, job, 1)  # cast + config, as the trainer does
-    engine, _, _, _ = deepspeed.initialize(
-        model=step_module, optimizer=build_optimizer(step_module, job.optim), config=config
-    )
+    job["data"]["image"].update(min_size=short, max_size=long)
+    job["data"]["text"].update(max_len=args.text_len)
+    job["data"]["text"]["tokenizer"] = BUNDLED_BERT  # offline: the bundled BERT vocabulary
+    job["precision"] = args.precision
+    job["deepspeed"]["zero_stage"] = args.zero_stage
+    # Logged at the end of warm-up and at the end: the last log covers the timed steps only.
+    job["schedule"].update(steps=args.warmup + args.steps, epochs=None, decay_epochs=[])
+    job["batch"] = {"micro_batch_per_rank": args.micro_batch, "global_batch": args.micro_batch}
+    job["checkpoint"].update(dir=f"{tmp}/checkpoints", interval_steps=10**6, keep_last=1)
+    job["tracking"].update(log_every=args.warmup)
+    job["resources"] = {"nodes": 1, "procs_per_node": 1, "peak_flops": args.peak_flops}
+    path = f"{tmp}/job.yaml"
+    with open(path, "w") as f:
+        yaml.safe_dump(job, f, sort_keys=False)
+    return path
 
-    def step(batch: dict, phases: dict | None = None) -> tuple[torch.Tensor, dict]:
-        batch = to_device(batch, device, dtype)
-        return phased_step(device, phases, lambda: engine(batch), engine.backward, engine.step)
 
-    out = run_timed(args, device, step, cycle(in_memory_batches(args)), flop_model)
-    out["zero_stage"] = args.zero_stage
+def mode_trainer(compiled: bool):  # noqa: ANN201
+    """`soho-scale train` itself; `compiled`: with model.overrides.compile."""
+    return lambda args, device, model_factory, flop_model: run_trainer(args, device, compiled)
+
+
+def run_trainer(args, device, compiled: bool) -> dict:  # noqa: ANN001
+    missing = [m for m in ("deepspeed", "streaming", "yaml", "pydantic") if not importable(m)]
+    if missing:
+        return {"skipped": f"not importable: {', '.join(missing)}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = os.path.join(tmp, "shards")
+        write_shards(
+            shards, (args.warmup + args.steps + 1) * args.micro_batch, args.height, args.width
+        )
+        run_dir = os.path.join(tmp, "run")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
+        if device.type == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        command = [sys.executable, "-m", "soho_scale.cli", "train", trainer_job(args, tmp, shards, compiled),
+                   "--nproc", "1", "--run-dir", run_dir]  # fmt: skip
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=args.trainer_timeout
+        )
+        summary = os.path.join(run_dir, "summary.json")
+        if done.returncode != 0 or not os.path.exists(summary):
+            return {
+                "error": f"soho-scale train exited {done.returncode}",
+                "trace": done.stderr[-4000:],
+            }
+        with open(summary) as f:
+            final = json.load(f)["final_metrics"]
+    keys = ("samples_per_s", "mfu", "data_wait_fraction", "peak_memory_gb", "loss")
+    out = {k: final[k] for k in keys if k in final}
+    out.update({k: v for k, v in final.items() if k.startswith("phase_")})
+    out.update(workers=args.workers, zero_stage=args.zero_stage)
     return out
 
 
-MODES = {
-    "torch_in_memory": mode_torch_in_memory,
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+MODES = {  # in the order they run: what the GPU issue needs first
+    "trainer": mode_trainer(False),
+    "torch_in_memory": mode_torch(None),
+    "torch_in_memory_nchw": mode_torch("nchw"),
+    "torch_in_memory_nhwc_weights": mode_torch("nhwc_weights"),
+    "trainer_compiled": mode_trainer(True),
+    "torch_in_memory_compiled": mode_torch(None, compiled=True),
     "torch_streamed": mode_torch_streamed,
-    "deepspeed_in_memory": mode_deepspeed_in_memory,
 }
 
 
@@ -309,15 +375,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--breakdown-steps", type=int, default=3, help="steps timed per phase")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak, FLOP/s")
-    parser.add_argument("--zero-stage", type=int, default=2, help="for deepspeed_in_memory")
-    parser.add_argument("--workers", type=int, default=8, help="loader workers (streamed)")
+    parser.add_argument("--zero-stage", type=int, default=2, help="for the trainer")
+    parser.add_argument("--workers", type=int, default=8, help="loader workers (streamed modes)")
+    parser.add_argument("--trainer-timeout", type=int, default=900, help="seconds")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument(
-        "--channels-last", action="store_true", help="NHWC CNN weights and images (torch modes)"
-    )
+        "--count-flops", action=argparse.BooleanOptionalAction, default=True,
+        help="count one step's FLOPs with FlopCounterMode (torch modes)",
+    )  # fmt: skip
     parser.add_argument("--out", default=default_output())
     args = parser.parse_args(argv)
     args.height, args.width = map(int, args.image_size.lower().split("x"))
@@ -333,8 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    missing = [m for m in ("torchvision", "transformers") if importlib.util.find_spec(m) is None]
+        torch.backends.cudnn.benchmark = True  # as the trainer
+    missing = [m for m in ("torchvision", "transformers") if not importable(m)]
     if missing:
         sys.exit(f"gpu_pretrain: {', '.join(missing)} not importable; the model needs them")
     from soho_scale.engine.step import PretrainStep
@@ -345,10 +411,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     config = build_config(args.preset)
 
-    def model_factory(channels_last: bool = args.channels_last) -> torch.nn.Module:
+    def model_factory(layout: str | None, compiled: bool) -> torch.nn.Module:
         torch.manual_seed(0)
-        step = PretrainStep(SohoPretrain(config), PretrainSettings())
-        if channels_last:  # 4-D weights only; the transformer is unaffected
+        model = SohoPretrain(build_config(args.preset, compile=compiled))
+        step = PretrainStep(model, PretrainSettings())
+        if layout is not None:
+            step.model.soho.vision.channels_last = layout == "nhwc_weights"
+        if layout == "nhwc_weights":  # 4-D weights only; the transformer is unaffected
             step.to(memory_format=torch.channels_last)
         return step
 
@@ -362,8 +431,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(f"gpu_pretrain: {name}: {json.dumps(results[name])[:300]}", file=sys.stderr)
+        report = write_report(args, device, results)  # after each mode: a timeout keeps them
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}))
+    return report
+
+
+def write_report(args: argparse.Namespace, device: torch.device, results: dict) -> dict:
+    base = results.get("torch_in_memory", {}).get("samples_per_s")
+    ratios = {
+        f"{name}_vs_torch_in_memory": r["samples_per_s"] / base
+        for name, r in results.items()
+        if base and name != "torch_in_memory" and r.get("samples_per_s")
+    }
     report = {
         "results": results,
+        "ratios": ratios,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "config": {
             **{k: v for k, v in vars(args).items() if k not in ("height", "width")},
@@ -374,7 +456,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    print(json.dumps({k: v for k, v in report.items() if k != "config"}))
     return report
 
 
