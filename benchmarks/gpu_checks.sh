@@ -11,8 +11,9 @@
 #             scaling) -> $OUT/train_<precision>.json (the run's summary.json, metrics, exit code).
 #             Without mlflow the tracker keeps metrics.jsonl (one warning); with it, sqlite.
 #   pretrain  benchmarks/gpu_pretrain.sh (r101-l12, 600x1000, bf16: `soho-scale train` on streamed
-#             MDS shards under ZeRO-2 with its phase split, and the plain-torch baseline in three
-#             layouts and streamed) -> $OUT/gpu_pretrain.json
+#             MDS shards under ZeRO-2 with its phase split, the plain-torch baseline in three
+#             layouts, both again with model.overrides.compile, the baseline streamed; the JSON
+#             is rewritten after each mode) -> $OUT/gpu_pretrain.json
 # The run stays inside GPU_CHECKS_BUDGET_S seconds (default 540): each step's timeout is cut
 # to what is left, and a step with under 20 s left is skipped (recorded as such).
 # Everything goes to $OUT (default $TMPDIR/gpu_checks_out): gpu_checks.log, gpu_pretrain.json,
@@ -121,7 +122,7 @@ run_pretrain() {
       --modes trainer,torch_in_memory,torch_streamed
   else
     PYTHON="$PY" bash benchmarks/gpu_pretrain.sh --micro-batch "${GPU_PRETRAIN_MB:-24}" \
-      --steps 12 --warmup 3 --workers 12
+      --steps 12 --warmup 3 --workers 12 --trainer-timeout 200
   fi
 }
 

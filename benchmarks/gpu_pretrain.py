@@ -4,8 +4,9 @@ JSON file (and prints it).
 Modes, each skipped with a reason when what it needs is not importable:
 - trainer: `soho-scale train` itself (one rank, DeepSpeed ZeRO-2 from the production pre-training
   job) on MDS shards of generated JPEGs at the padded size, streamed through the job's loader;
-  the figures are those the run logs for its timed steps (samples/s, MFU, data wait, peak memory,
-  the phase split of soho_scale.engine.phases). Needs deepspeed and mosaicml-streaming.
+  it runs 2 x --steps steps, logging after each half: the figures are those of the second half
+  (samples/s, MFU, data wait, peak memory, the phase split of soho_scale.engine.phases). Needs
+  deepspeed and mosaicml-streaming.
 - torch_in_memory: the same model + objective (`PretrainStep`) and optimizer (`build_optimizer`)
   in plain PyTorch, bf16 autocast over fp32 weights, on generated uint8 batches of the same size
   held in memory: the baseline, with the trainer's speed settings (cuDNN autotuning; NHWC input
@@ -31,6 +32,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,9 +74,12 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict:
 
 
 def in_memory_batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
-    """Four generated batches (real sizes vary inside the padded size), cycled by the modes."""
+    """Four generated batches, cycled by the modes: padded to the full size and to 32 pixels less
+    each way, in turn (real sizes vary inside), as batches of different largest images come:
+    cuDNN autotunes both and a compiled model meets a second shape within warm-up."""
+    sizes = [(args.height, args.width), (args.height - 32, args.width - 32)]
     return [
-        generated_batch(args.micro_batch, args.height, args.width, args.captions, args.text_len, i)
+        generated_batch(args.micro_batch, *sizes[i % 2], args.captions, args.text_len, i)
         for i in range(4)
     ]
 
@@ -197,6 +202,8 @@ def mode_torch(layout: str | None, compiled: bool = False):  # noqa: ANN201
     on CUDA), "nchw", or "nhwc_weights" (NHWC input and weights); `compiled`: model.compile."""
 
     def run(args, device, model_factory, flop_model) -> dict:  # noqa: ANN001
+        if compiled:  # compiled graphs may run under FlopCounterMode uncounted
+            args = argparse.Namespace(**{**vars(args), "count_flops": False})
         step_module = model_factory(layout, compiled).to(device)
         batches = cycle(in_memory_batches(args))
         return torch_loop(args, device, step_module, batches, flop_model)
@@ -293,10 +300,12 @@ def trainer_job(args, tmp: str, shards: str, compiled: bool) -> str:  # noqa: AN
     job["precision"] = args.precision
     job["deepspeed"]["zero_stage"] = args.zero_stage
     # Logged at the end of warm-up and at the end: the last log covers the timed steps only.
-    job["schedule"].update(steps=args.warmup + args.steps, epochs=None, decay_epochs=[])
+    # Two log points: after `steps` warm-up steps (compiling, shard downloads), and after
+    # `steps` timed ones: the last log covers exactly the timed steps.
+    job["schedule"].update(steps=2 * args.steps, epochs=None, decay_epochs=[])
     job["batch"] = {"micro_batch_per_rank": args.micro_batch, "global_batch": args.micro_batch}
     job["checkpoint"].update(dir=f"{tmp}/checkpoints", interval_steps=10**6, keep_last=1)
-    job["tracking"].update(log_every=args.warmup)
+    job["tracking"].update(log_every=args.steps)
     job["resources"] = {"nodes": 1, "procs_per_node": 1, "peak_flops": args.peak_flops}
     path = f"{tmp}/job.yaml"
     with open(path, "w") as f:
@@ -315,9 +324,7 @@ def run_trainer(args, device, compiled: bool) -> dict:  # noqa: ANN001
         return {"skipped": f"not importable: {', '.join(missing)}"}
     with tempfile.TemporaryDirectory() as tmp:
         shards = os.path.join(tmp, "shards")
-        write_shards(
-            shards, (args.warmup + args.steps + 1) * args.micro_batch, args.height, args.width
-        )
+        write_shards(shards, (2 * args.steps + 1) * args.micro_batch, args.height, args.width)
         run_dir = os.path.join(tmp, "run")
         env = {
             **os.environ,
@@ -327,15 +334,23 @@ def run_trainer(args, device, compiled: bool) -> dict:  # noqa: ANN001
             env["CUDA_VISIBLE_DEVICES"] = ""
         command = [sys.executable, "-m", "soho_scale.cli", "train", trainer_job(args, tmp, shards, compiled),
                    "--nproc", "1", "--run-dir", run_dir]  # fmt: skip
-        done = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=args.trainer_timeout
-        )
+        # Its own process group: a timeout kills the ranks too (they hold the GPU).
+        with subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        ) as proc:  # fmt: skip
+            try:
+                _, stderr = proc.communicate(timeout=args.trainer_timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                _, stderr = proc.communicate()
+                return {
+                    "error": f"timed out after {args.trainer_timeout} s",
+                    "trace": stderr[-4000:],
+                }
         summary = os.path.join(run_dir, "summary.json")
-        if done.returncode != 0 or not os.path.exists(summary):
-            return {
-                "error": f"soho-scale train exited {done.returncode}",
-                "trace": done.stderr[-4000:],
-            }
+        if proc.returncode != 0 or not os.path.exists(summary):
+            return {"error": f"soho-scale train exited {proc.returncode}", "trace": stderr[-4000:]}
         with open(summary) as f:
             final = json.load(f)["final_metrics"]
     keys = ("samples_per_s", "mfu", "data_wait_fraction", "peak_memory_gb", "loss")
@@ -378,7 +393,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak, FLOP/s")
     parser.add_argument("--zero-stage", type=int, default=2, help="for the trainer")
     parser.add_argument("--workers", type=int, default=8, help="loader workers (streamed modes)")
-    parser.add_argument("--trainer-timeout", type=int, default=900, help="seconds")
+    parser.add_argument("--trainer-timeout", type=int, default=600, help="seconds per trainer run")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument(
         "--count-flops", action=argparse.BooleanOptionalAction, default=True,

@@ -73,8 +73,9 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     step_module = build_step(job, initial_weights=resume is None)
     if torch.cuda.is_available():  # NCCL broadcasts device tensors only
         step_module.to(torch.device("cuda", torch.cuda.current_device()))
-        # cuDNN times its algorithms once per new input shape and keeps the fastest.
-        torch.backends.cudnn.benchmark = True
+    # cuDNN times its algorithms once per new input shape and keeps the fastest: training's
+    # batches come in a few hundred padded shapes over a run.
+    autotune = torch.backends.cudnn.benchmark = torch.cuda.is_available()
     for buffer in step_module.buffers():
         dist.broadcast(buffer, src=0)
     seed_everything(job.seed + rank)
@@ -147,7 +148,6 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
             boundary = engine.is_gradient_accumulation_boundary()
             with clock.span("optimizer"):
                 engine.step()
-            clock.step_done()
             mlm_positions = int(metrics.get("mlm_count", 0))
             meter.add(
                 batch["images"].shape[0],
@@ -157,6 +157,7 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
             )
             if boundary:
                 step += 1
+                clock.step_done()
                 recorder.step(loss)
                 if step % job.tracking.log_every == 0 or step == total_steps:
                     skipped = {"skipped_samples": loader.skipped}  # every rank's: summed
@@ -169,9 +170,11 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
                 progress(step, last_metrics.get("loss"), last_metrics.get("samples_per_s"))
                 preempted = stop.any_rank(engine.device)
                 # a stopped job saves within its grace period: no evaluation first
+                torch.backends.cudnn.benchmark = False  # evaluation meets a shape per image size
                 evaluated = not preempted and periodic.evaluate(
                     engine.module.model, step, total_steps
                 )
+                torch.backends.cudnn.benchmark = autotune
                 every = job.checkpoint.interval_steps
                 if preempted or evaluated or step % every == 0 or step == total_steps:
                     checkpoints.run_id = tracker.run_id_now()  # at most 1 s for MLflow

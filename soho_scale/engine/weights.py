@@ -86,11 +86,12 @@ def consolidated_state_dict(location: str) -> tuple[dict[str, torch.Tensor], dic
 
 def export(location: str, out: str, config=None, task: str = "pretrain") -> dict:  # noqa: ANN001
     state, manifest = consolidated_state_dict(location)
+    config = dataclasses.asdict(config) if config is not None else manifest.get("model_config")
+    if config:  # how the run was sped up is not part of the model a user rebuilds
+        config = {**config, "compile": False}
     blob = {
         "state_dict": state,
-        "config": dataclasses.asdict(config)
-        if config is not None
-        else manifest.get("model_config"),
+        "config": config,
         "task": manifest.get("task", task),
         "step": manifest["step"],
         "source": location,

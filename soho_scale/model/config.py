@@ -54,9 +54,9 @@ class SohoConfig:
     init_from: str | None = None  # HF hub id or local dir with BERT weights
     # memory
     activation_checkpointing: bool = False
-    # speed: torch.compile (inductor) of the CNN's stem and stages and of each transformer layer,
-    # the modules in place (weights keep their names). The first batches of a shape compile;
-    # from the second shape on, one graph with dynamic sizes serves every shape.
+    # speed: torch.compile (inductor) of the CNN's stem and stages and of the transformer's
+    # layers, in place (weights keep their names). The first batches compile; from the second
+    # batch shape on, one graph with dynamic sizes serves every shape. ZeRO 0-2 only.
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -189,10 +189,8 @@ class FusionEncoder(nn.Module):
             self.bert.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        if config.compile:
-            layers = self.pre_norm.layers if self.pre_norm is not None else self.bert.encoder.layer
-            for layer in layers:
-                layer.compile()
+        if config.compile:  # the layers as one compiled module, with no hooks inside
+            (self.pre_norm if self.pre_norm is not None else self.bert.encoder).compile()
 
     @property
     def word_embeddings(self) -> nn.Embedding:

@@ -12,6 +12,8 @@ images lost real tokens.)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,13 +63,20 @@ def grid_mask(image_sizes: torch.Tensor, grid_h: int, grid_w: int, pool: int) ->
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as (1, 3, 1, 1) fp32 on `device`, made once per device: building them from
+    Python numbers on a GPU is a blocking copy, which would stall every forward."""
+    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return mean, torch.tensor(PIXEL_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
 def normalize_pixels(
     images: torch.Tensor, image_sizes: torch.Tensor, memory_format: torch.memory_format
 ) -> torch.Tensor:
     """(B, 3, H, W) uint8 padded bottom/right -> float32 ImageNet-normalised in `memory_format`,
     0 outside each image's real size (the value a normalised image is padded with)."""
-    mean = images.new_tensor(PIXEL_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = images.new_tensor(PIXEL_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std = _pixel_stats(images.device)
     # The same fp32 operations, in the same order, as normalising each image on its own.
     pixels = images.to(torch.float32, memory_format=memory_format).div_(255.0)
     pixels = pixels.sub_(mean).div_(std)
@@ -103,9 +112,9 @@ class VisionEncoder(nn.Module):
         # parameter and gradient views valid. None: on for CUDA inputs.
         self.channels_last: bool | None = None
         self._freeze()
-        if config.compile:
-            for module in (self.stem, *self.stages):
-                module.compile()
+        # The stem and stages compiled as one function of their own (dynamo's recompile limit
+        # counts per function), with no hooks inside (soho_scale.engine.phases times around it).
+        self._compiled_trunk = torch.compile(self._trunk) if config.compile else None
 
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
@@ -150,6 +159,15 @@ class VisionEncoder(nn.Module):
             return normalize_pixels(images, image_sizes, memory_format).to(dtype)
         return images.to(dtype).contiguous(memory_format=memory_format)
 
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return x  # (B, C, H/32, W/32)
+
     def forward(
         self,
         images: torch.Tensor,
@@ -162,12 +180,7 @@ class VisionEncoder(nn.Module):
                 image_sizes = images.new_tensor([height, width], dtype=torch.long).expand(batch, 2)
             else:
                 image_sizes = image_sizes_from_mask(image_mask)
-        x = self.stem(self.pixels(images, image_sizes))
-        for stage in self.stages:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)  # (B, C, H/32, W/32) after the last stage
+        x = (self._compiled_trunk or self._trunk)(self.pixels(images, image_sizes))
         if self.pool > 1:
             x = F.max_pool2d(x, kernel_size=self.pool, stride=self.pool, ceil_mode=True)
         features = self.neck(x)  # (B, D, h, w)

@@ -479,22 +479,21 @@ class Job(Section):
         try:
             accumulation_steps(self, self.resources.nodes * self.resources.procs_per_node)
         except SpecError as e:
-            raise problem(
-                "batch.global_batch", str(e).removeprefix("batch.global_batch: ")
-            ) from None
+            why = str(e).removeprefix("batch.global_batch: ")
+            raise problem("batch.global_batch", why) from None
         return self
 
     @model_validator(mode="after")
-    def _mvm_has_a_dictionary(self) -> Job:
+    def _model_fits(self) -> Job:
+        config = self.model.config()
         # Said here rather than silently dropped: the run would not be the objective it names.
-        if (
-            self.data.task == "pretrain"
-            and self.objectives.mvm_weight > 0
-            and self.model.config().vd_fusion == "none"
-        ):
+        mvm = self.data.task == "pretrain" and self.objectives.mvm_weight > 0
+        if mvm and config.vd_fusion == "none":
             raise problem(
                 "objectives.mvm_weight",
                 "masked visual modeling predicts visual dictionary words and "
                 "model vd_fusion none has no dictionary; set objectives.mvm_weight: 0",
             )
+        if config.compile and self.deepspeed.zero_stage == 3:  # its hooks gather in each module
+            raise problem("model.overrides.compile", "is for ZeRO 0-2; deepspeed.zero_stage is 3")
         return self

@@ -17,6 +17,7 @@ def engine_steps(_: int, out: str, overrides: list[str]) -> None:
     from soho_scale.engine.deepspeed_config import prepare_for_engine
     from soho_scale.engine.distributed import setup_distributed, to_device
     from soho_scale.engine.optimizer import build_optimizer
+    from soho_scale.engine.phases import PhaseClock
     from soho_scale.engine.step import build_step
     from soho_scale.spec import load_job
     from tests.model.helpers import make_batch
@@ -34,12 +35,15 @@ def engine_steps(_: int, out: str, overrides: list[str]) -> None:
         model=step, optimizer=build_optimizer(step, job.optim), config=config
     )
     batch = to_device(make_batch(), engine.device, dtype)
+    clock = PhaseClock(engine.device).attach(engine.module.model)  # as train() times its steps
     losses = []
     torch.manual_seed(1)  # dropout and the objective's sampling: the same in every run
     for _ in range(3):
-        loss, _ = engine(batch)
+        with clock.span("forward"):
+            loss, _ = engine(batch)
         engine.backward(loss)
         engine.step()
+        clock.step_done()
         losses.append(float(loss))
     dictionary = engine.module.model.soho.dictionary
     optimizer = engine.optimizer
@@ -50,4 +54,4 @@ def engine_steps(_: int, out: str, overrides: list[str]) -> None:
     ]  # fmt: skip
     torch.save({"losses": losses, "vd_dtype": str(dictionary.embed.dtype),
                 "param_dtype": str(next(engine.module.parameters()).dtype),
-                "fp32_is_the_partition": shared}, out)  # fmt: skip
+                "fp32_is_the_partition": shared, "phases": clock.collect()}, out)  # fmt: skip
