@@ -16,7 +16,7 @@ Modes, each skipped with a reason when what it needs is not importable:
   NHWC weights as well (which ZeRO's flat parameter buffer cannot keep).
 - torch_streamed: the baseline fed by data_pipeline's loader from the same kind of shards.
 - trainer_compiled / torch_in_memory_compiled: trainer and baseline with `model.overrides.compile`
-  (torch.compile of the CNN's stages and the transformer's layers); warm-up includes compiling.
+  (torch.compile of the CNN's trunk and the transformer's layers); warm-up includes compiling.
 
 MFU = 3 x forward FLOPs (telemetry.FlopModel, from each batch's real padded size and its MLM
 positions) / time / peak. Timed steps run after warm-up, between two device synchronisations.
@@ -199,7 +199,8 @@ def cycle(items: list) -> Any:
 
 def mode_torch(layout: str | None, compiled: bool = False):  # noqa: ANN201
     """The plain-torch baseline on in-memory batches; `layout`: None (the trainer's: NHWC input
-    on CUDA), "nchw", or "nhwc_weights" (NHWC input and weights); `compiled`: model.compile."""
+    on CUDA), "nchw", or "nhwc_weights" (NHWC input and weights); `compiled`: the model's
+    `compile` option."""
 
     def run(args, device, model_factory, flop_model) -> dict:  # noqa: ANN001
         if compiled:  # compiled graphs may run under FlopCounterMode uncounted

@@ -169,12 +169,14 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
                     meter.reset()
                 progress(step, last_metrics.get("loss"), last_metrics.get("samples_per_s"))
                 preempted = stop.any_rank(engine.device)
-                # a stopped job saves within its grace period: no evaluation first
                 torch.backends.cudnn.benchmark = False  # evaluation meets a shape per image size
-                evaluated = not preempted and periodic.evaluate(
-                    engine.module.model, step, total_steps
-                )
-                torch.backends.cudnn.benchmark = autotune
+                try:
+                    # a stopped job saves within its grace period: no evaluation first
+                    evaluated = not preempted and periodic.evaluate(
+                        engine.module.model, step, total_steps
+                    )
+                finally:
+                    torch.backends.cudnn.benchmark = autotune
                 every = job.checkpoint.interval_steps
                 if preempted or evaluated or step % every == 0 or step == total_steps:
                     checkpoints.run_id = tracker.run_id_now()  # at most 1 s for MLflow

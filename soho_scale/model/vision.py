@@ -112,9 +112,7 @@ class VisionEncoder(nn.Module):
         # parameter and gradient views valid. None: on for CUDA inputs.
         self.channels_last: bool | None = None
         self._freeze()
-        # The stem and stages compiled as one function of their own (dynamo's recompile limit
-        # counts per function), with no hooks inside (soho_scale.engine.phases times around it).
-        self._compiled_trunk = torch.compile(self._trunk) if config.compile else None
+        self.compiled = config.compile
 
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
@@ -180,7 +178,8 @@ class VisionEncoder(nn.Module):
                 image_sizes = images.new_tensor([height, width], dtype=torch.long).expand(batch, 2)
             else:
                 image_sizes = image_sizes_from_mask(image_mask)
-        x = (self._compiled_trunk or self._trunk)(self.pixels(images, image_sizes))
+        trunk = _compiled_trunk() if self.compiled else VisionEncoder._trunk
+        x = trunk(self, self.pixels(images, image_sizes))
         if self.pool > 1:
             x = F.max_pool2d(x, kernel_size=self.pool, stride=self.pool, ceil_mode=True)
         features = self.neck(x)  # (B, D, h, w)
@@ -188,3 +187,11 @@ class VisionEncoder(nn.Module):
             image_sizes.to(features.device), features.shape[2], features.shape[3], self.pool
         )
         return features, mask
+
+
+@functools.cache
+def _compiled_trunk():  # noqa: ANN202
+    """`VisionEncoder._trunk` compiled, made at first use: a function of its own (dynamo's
+    recompile limit counts per function), holding no module (a copied or pickled encoder keeps
+    its own weights), with no hooks inside (soho_scale.engine.phases times around it)."""
+    return torch.compile(VisionEncoder._trunk)

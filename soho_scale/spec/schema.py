@@ -494,6 +494,7 @@ class Job(Section):
                 "masked visual modeling predicts visual dictionary words and "
                 "model vd_fusion none has no dictionary; set objectives.mvm_weight: 0",
             )
-        if config.compile and self.deepspeed.zero_stage == 3:  # its hooks gather in each module
-            raise problem("model.overrides.compile", "is for ZeRO 0-2; deepspeed.zero_stage is 3")
+        if config.compile and (self.deepspeed.zero_stage == 3 or config.bn_policy == "sync"):
+            why = "zero_stage is 3" if self.deepspeed.zero_stage == 3 else "bn_policy is sync"
+            raise problem("model.overrides.compile", f"is for ZeRO 0-2 and unsynced BN; {why}")
         return self

@@ -1,7 +1,7 @@
 """`model.overrides.compile` (torch.compile of the CNN's trunk and the transformer's layers)
 under the trainer's DeepSpeed engine: the same losses as eager within rounding, weights under
-their own names, resuming with the switch flipped is allowed (the same computation), ZeRO-3 is
-refused."""
+their own names, resuming with the switch flipped is allowed (the same computation), ZeRO-3 and
+synchronised BatchNorm are refused."""
 
 import pytest
 import torch
@@ -40,6 +40,8 @@ def test_compiled_modules_keep_their_weight_names_and_resume_is_safe():
     assert not Change("model.overrides.pool", 1, 2).safe
 
 
-def test_compile_under_zero3_is_refused_before_anything_starts():
+def test_compile_under_zero3_or_synced_batchnorm_is_refused_before_anything_starts():
     with pytest.raises(SpecError, match=r"model\.overrides\.compile.*zero_stage is 3"):
         load_job(DEMO_JOB, ["model.overrides.compile=true", "deepspeed.zero_stage=3"])
+    with pytest.raises(SpecError, match=r"model\.overrides\.compile.*bn_policy is sync"):
+        load_job(DEMO_JOB, ["model.overrides.compile=true", "model.overrides.bn_policy=sync"])
