@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import itertools
 import json
 import os
 import signal
@@ -60,19 +61,6 @@ OPTIM = SimpleNamespace(
 )
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict:
-    """Tensors to the device as they are: uint8 images are normalised there by the model."""
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
-
-
 def in_memory_batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
     """Four generated batches, cycled by the modes: padded to the full size and to 32 pixels less
     each way, in turn (real sizes vary inside), as batches of different largest images come:
@@ -84,43 +72,27 @@ def in_memory_batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]
     ]
 
 
-class Measure:
-    """Per-step FLOPs and sample counts between two synchronisations."""
-
-    def __init__(self, flop_model: Any) -> None:
-        self.flop_model = flop_model
-        self.images = self.texts = 0
-        self.flops = 0.0
-
-    def add(self, batch: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
-        self.images += batch["images"].shape[0]
-        self.texts += batch["text_ids"].shape[0]
-        mlm = int(metrics["mlm_count"]) if "mlm_count" in metrics else 0
-        self.flops += self.flop_model.forward_flops(batch, mlm)
-
-    def result(self, elapsed: float, steps: int, peak: float) -> dict[str, float]:
-        achieved = 3 * self.flops / elapsed
-        return {
-            "samples_per_s": self.images / elapsed,
-            "texts_per_s": self.texts / elapsed,
-            "step_s": elapsed / steps,
-            "train_tflops_per_s": achieved / 1e12,
-            "mfu": achieved / peak,
-            "forward_gflops_per_step": self.flops / steps / 1e9,
-        }
-
-
-def torch_loop(args, device, step_module, batches, flop_model, data_wait=None) -> dict:  # noqa: ANN001
-    """Plain PyTorch: autocast forward, backward, clip, the trainer's optimizer."""
+def torch_loop(args, device, step_module, batches, flop_model) -> dict:  # noqa: ANN001
+    """Plain PyTorch: autocast forward, backward, clip, the trainer's optimizer; measured with
+    the trainer's own meter (samples/s, MFU, data wait, peak memory) and phase clock."""
+    from soho_scale.engine.distributed import to_device
     from soho_scale.engine.optimizer import build_optimizer
     from soho_scale.engine.phases import PhaseClock
+    from soho_scale.engine.telemetry import Throughput
 
     optimizer = build_optimizer(step_module, OPTIM)
     params = [p for p in step_module.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     clock = PhaseClock(device).attach(step_module.model)
+    meter = Throughput()
+    source = iter(batches)
 
-    def step(batch: dict) -> tuple[torch.Tensor, dict]:
+    def step() -> tuple[torch.Tensor, dict]:
+        wait_start = time.perf_counter()
+        batch = next(source)
+        tokens = int(batch["text_mask"].sum())  # counted on the host, as the trainer does
+        batch = to_device(batch, device)
+        wait = time.perf_counter() - wait_start
         with clock.span("forward"), autocast:
             loss, metrics = step_module(batch)
         with clock.span("backward"):
@@ -130,50 +102,32 @@ def torch_loop(args, device, step_module, batches, flop_model, data_wait=None) -
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         clock.step_done()
+        flops = flop_model.forward_flops(batch, int(metrics.get("mlm_count", 0)))
+        meter.add(batch["images"].shape[0], tokens, flops, wait)
         return loss, metrics
 
-    source = iter(batches)
-
-    def next_batch() -> dict:
-        start = time.perf_counter()
-        batch = to_device(next(source), device)
-        if data_wait is not None:
-            data_wait.append(time.perf_counter() - start)
-        return batch
-
     for _ in range(args.warmup):
-        step(next_batch())
+        step()
     out = {}
     if args.count_flops:  # one step, untimed: what torch counts against what MFU assumes
-        batch = next_batch()
+        meter.reset()
         with FlopCounterMode(display=False) as counter:
-            _, metrics = step(batch)
+            step()
         out["flop_counter_tflops_per_step"] = counter.get_total_flops() / 1e12
-        mlm = int(metrics.get("mlm_count", 0))
-        out["flop_model_tflops_per_step"] = 3 * flop_model.forward_flops(batch, mlm) / 1e12
+        out["flop_model_tflops_per_step"] = 3 * meter.flops / 1e12
     if device.type == "cuda":
-        out["host_syncs_per_step"] = host_syncs(lambda: step(next_batch()))
-    synchronize(device)
-    if device.type == "cuda":
+        out["host_syncs_per_step"] = host_syncs(step)
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     clock.collect()
-    if data_wait is not None:
-        data_wait.clear()
-    measure = Measure(flop_model)
-    start = time.perf_counter()
+    meter.reset()
     for _ in range(args.steps):
-        batch = next_batch()
-        loss, metrics = step(batch)
-        measure.add(batch, metrics)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
-    out.update(measure.result(elapsed, args.steps, args.peak_flops))
-    out.update(clock.collect())
-    if data_wait is not None:
-        out["data_wait_fraction"] = sum(data_wait) / elapsed
-    out["loss_last"] = float(loss.detach().float())
+        loss, _ = step()
     if device.type == "cuda":
-        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.synchronize(device)
+    out.update(meter.summary(1, args.peak_flops))
+    out.update(clock.collect())
+    out["loss_last"] = float(loss.detach().float())
     return out
 
 
@@ -192,11 +146,6 @@ def host_syncs(run_step) -> dict:  # noqa: ANN001
     return {"count": len(sites), "sites": sorted(set(sites))}
 
 
-def cycle(items: list) -> Any:
-    while True:
-        yield from items
-
-
 def mode_torch(layout: str | None, compiled: bool = False):  # noqa: ANN201
     """The plain-torch baseline on in-memory batches; `layout`: None (the trainer's: NHWC input
     on CUDA), "nchw", or "nhwc_weights" (NHWC input and weights); `compiled`: the model's
@@ -206,7 +155,7 @@ def mode_torch(layout: str | None, compiled: bool = False):  # noqa: ANN201
         if compiled:  # compiled graphs may run under FlopCounterMode uncounted
             args = argparse.Namespace(**{**vars(args), "count_flops": False})
         step_module = model_factory(layout, compiled).to(device)
-        batches = cycle(in_memory_batches(args))
+        batches = itertools.cycle(in_memory_batches(args))
         return torch_loop(args, device, step_module, batches, flop_model)
 
     return run
@@ -234,9 +183,8 @@ def write_shards(folder: str, count: int, height: int, width: int) -> None:
 
 
 def mode_torch_streamed(args, device, model_factory, flop_model) -> dict:  # noqa: ANN001
-    for module in ("streaming", "data_pipeline.streaming"):
-        if importlib.util.find_spec(module.split(".")[0]) is None:
-            return {"skipped": f"{module} is not importable"}
+    if not importable("streaming"):
+        return {"skipped": "streaming is not importable"}
     from data_pipeline.loader import build_loader
     from data_pipeline.samples import SampleProcessor
     from data_pipeline.streaming import build_dataset
@@ -260,8 +208,7 @@ def mode_torch_streamed(args, device, model_factory, flop_model) -> dict:  # noq
         )
         loader = build_loader(dataset, args.micro_batch, num_workers=args.workers)
         step_module = model_factory(None, False).to(device)
-        waits: list[float] = []
-        out = torch_loop(args, device, step_module, iter(loader), flop_model, waits)
+        out = torch_loop(args, device, step_module, iter(loader), flop_model)
         out["workers"] = args.workers
         return out
 

@@ -18,6 +18,8 @@ import logging
 import os
 from typing import Any
 
+import torch
+
 from data_pipeline.urls import join_url
 from soho_scale.engine import checkpoint_store as store
 from soho_scale.engine.checkpoint import rng_state, set_rng_state
@@ -30,13 +32,17 @@ logger = logging.getLogger("soho_scale.train")
 
 
 @contextlib.contextmanager
-def training_rng_kept():
-    """The process's RNG states (Python, numpy, torch, CUDA) as they were before the block."""
-    state = rng_state()
+def training_state_kept():
+    """The process's RNG states (Python, numpy, torch, CUDA) as they were before the block, and
+    cuDNN's autotuning off inside it: evaluation meets one shape per image size, each of which
+    would be timed once and never again."""
+    state, autotune = rng_state(), torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
         set_rng_state(state)
+        torch.backends.cudnn.benchmark = autotune
 
 
 def best_metric(job: Job) -> str:
@@ -97,7 +103,7 @@ class PeriodicEval:
             return False
         from soho_scale.engine.evaluate import evaluate_task
 
-        with training_rng_kept():
+        with training_state_kept():
             loader, evaluation = self._data()
             metrics, _ = evaluate_task(self.job, model, loader, self.rank, self.world, evaluation)
         split = self.job.eval.split

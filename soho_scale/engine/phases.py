@@ -83,12 +83,13 @@ class PhaseClock:
                 started.append(self._now())
 
         def after(*_: object) -> None:
-            if started:  # a forward that raised left no start behind
+            if started:
                 self.marks.append((name, started.pop(), self._now()))
 
+        # always_call: a forward that raises still closes its mark (no stale start left over)
         self.hooks += [
             module.register_forward_pre_hook(before),
-            module.register_forward_hook(after),
+            module.register_forward_hook(after, always_call=True),
         ]
 
     def step_done(self) -> None:

@@ -5,7 +5,8 @@ the same code runs on CPU over gloo and on GPUs over NCCL.
 
 What the loop calls lives beside it: `step` (the module DeepSpeed wraps), `data` (the loader),
 `checkpoint` (save, commit, find, stage, load), `tracking` (MLflow), `telemetry` (throughput,
-MFU), `phases` (where a step's time goes), `lineage` (what the run records about itself), `recorder` (the resume tests' record).
+MFU), `phases` (where a step's time goes), `lineage` (what the run records about itself),
+`recorder` (the resume tests' record).
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     if torch.cuda.is_available():  # NCCL broadcasts device tensors only
         step_module.to(torch.device("cuda", torch.cuda.current_device()))
     # cuDNN times its algorithms once per new input shape and keeps the fastest: training's
-    # batches come in a few hundred padded shapes over a run.
-    autotune = torch.backends.cudnn.benchmark = torch.cuda.is_available()
+    # batches come in a few hundred padded shapes over a run (evaluation turns it off).
+    torch.backends.cudnn.benchmark = torch.cuda.is_available()
     for buffer in step_module.buffers():
         dist.broadcast(buffer, src=0)
     seed_everything(job.seed + rank)
@@ -169,14 +170,10 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
                     meter.reset()
                 progress(step, last_metrics.get("loss"), last_metrics.get("samples_per_s"))
                 preempted = stop.any_rank(engine.device)
-                torch.backends.cudnn.benchmark = False  # evaluation meets a shape per image size
-                try:
-                    # a stopped job saves within its grace period: no evaluation first
-                    evaluated = not preempted and periodic.evaluate(
-                        engine.module.model, step, total_steps
-                    )
-                finally:
-                    torch.backends.cudnn.benchmark = autotune
+                # a stopped job saves within its grace period: no evaluation first
+                evaluated = not preempted and periodic.evaluate(
+                    engine.module.model, step, total_steps
+                )
                 every = job.checkpoint.interval_steps
                 if preempted or evaluated or step % every == 0 or step == total_steps:
                     checkpoints.run_id = tracker.run_id_now()  # at most 1 s for MLflow

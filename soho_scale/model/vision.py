@@ -74,16 +74,16 @@ def _pixel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def normalize_pixels(
     images: torch.Tensor, image_sizes: torch.Tensor, memory_format: torch.memory_format
 ) -> torch.Tensor:
-    """(B, 3, H, W) uint8 padded bottom/right -> float32 ImageNet-normalised in `memory_format`,
-    0 outside each image's real size (the value a normalised image is padded with)."""
+    """(B, 3, H, W) uint8 padded bottom/right, (B, 2) real sizes on the same device -> float32
+    ImageNet-normalised in `memory_format`, 0 outside each image's real size (the value a
+    normalised image is padded with)."""
     mean, std = _pixel_stats(images.device)
     # The same fp32 operations, in the same order, as normalising each image on its own.
     pixels = images.to(torch.float32, memory_format=memory_format).div_(255.0)
     pixels = pixels.sub_(mean).div_(std)
-    sizes = image_sizes.to(images.device)
     rows = torch.arange(images.shape[2], device=images.device)[None, :, None]
     cols = torch.arange(images.shape[3], device=images.device)[None, None, :]
-    inside = (rows < sizes[:, 0, None, None]) & (cols < sizes[:, 1, None, None])  # (B, H, W)
+    inside = (rows < image_sizes[:, 0, None, None]) & (cols < image_sizes[:, 1, None, None])
     return pixels.masked_fill_(~inside[:, None], 0.0)
 
 
@@ -148,8 +148,8 @@ class VisionEncoder(nn.Module):
             )
 
     def pixels(self, images: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """What the stem reads: normalised (uint8 input), in the weights' dtype and the layout
-        the convolutions run in."""
+        """What the stem reads: normalised (uint8 input; `image_sizes` on its device), in the
+        weights' dtype and the layout the convolutions run in."""
         nhwc = images.is_cuda if self.channels_last is None else self.channels_last
         memory_format = torch.channels_last if nhwc else torch.contiguous_format
         dtype = self.stem[0].weight.dtype  # bf16 under DeepSpeed; fp32 under autocast
@@ -178,14 +178,13 @@ class VisionEncoder(nn.Module):
                 image_sizes = images.new_tensor([height, width], dtype=torch.long).expand(batch, 2)
             else:
                 image_sizes = image_sizes_from_mask(image_mask)
+        image_sizes = image_sizes.to(images.device)  # a no-op when the batch moved as a whole
         trunk = _compiled_trunk() if self.compiled else VisionEncoder._trunk
         x = trunk(self, self.pixels(images, image_sizes))
         if self.pool > 1:
             x = F.max_pool2d(x, kernel_size=self.pool, stride=self.pool, ceil_mode=True)
         features = self.neck(x)  # (B, D, h, w)
-        mask = grid_mask(
-            image_sizes.to(features.device), features.shape[2], features.shape[3], self.pool
-        )
+        mask = grid_mask(image_sizes, features.shape[2], features.shape[3], self.pool)
         return features, mask
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from soho_scale.engine import checkpoint_store as store
-from soho_scale.engine.periodic_eval import PeriodicEval, better, training_rng_kept
+from soho_scale.engine.periodic_eval import PeriodicEval, better, training_state_kept
 from soho_scale.engine.probes import probe_command, probe_env
 from soho_scale.engine.tracking import PARENT_ENV
 from soho_scale.spec import SpecError, load_job
@@ -118,19 +118,22 @@ def test_a_fresh_run_forgets_an_old_record_and_a_resumed_one_keeps_it(tmp_path):
     assert store.read_best(str(root)) is None
 
 
-def test_an_evaluation_leaves_the_training_rng_streams_as_they_were():
+def test_an_evaluation_leaves_the_training_rng_streams_and_autotuning_as_they_were(monkeypatch):
     def draw() -> tuple:
         return random.random(), float(np.random.rand()), float(torch.rand(()))
 
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as a GPU run trains
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     expected = draw()
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
-    with training_rng_kept():
+    with training_state_kept():
         # what an evaluation draws: a loader's worker seed, dropout, sampling
         iter(torch.utils.data.DataLoader(list(range(4))))
         torch.nn.functional.dropout(torch.ones(8), 0.5)
         draw()
+        assert not torch.backends.cudnn.benchmark  # a shape per image size: no autotuning
     assert draw() == expected
+    assert torch.backends.cudnn.benchmark
 
 
 def test_a_probe_runs_outside_the_training_group_and_tracks_into_its_own_store(
