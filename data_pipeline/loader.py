@@ -13,9 +13,12 @@ global batch and `num_canonical_nodes` stay fixed. It also
 from __future__ import annotations
 
 import atexit
+import contextlib
+import itertools
 import multiprocessing
+import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -38,10 +41,15 @@ class WorkerInit:
     the files of a process that dies.
     """
 
-    def __init__(self, fn: Any = None) -> None:
+    def __init__(self, fn: Any = None, ignored_signals: Iterable[int] = ()) -> None:
         self.fn = fn
+        self.ignored_signals = tuple(ignored_signals)
 
     def __call__(self, worker_id: int) -> None:
+        for sig in self.ignored_signals:
+            signal.signal(sig, signal.SIG_IGN)
+        # Blocked since the fork (`SohoLoader.__iter__`); ignored now, so a pending one is dropped.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.ignored_signals)
         torch.multiprocessing.set_sharing_strategy("file_system")
         if self.fn is not None:
             self.fn(worker_id)
@@ -50,7 +58,15 @@ class WorkerInit:
 class SohoLoader(StreamingDataLoader):
     """StreamingDataLoader that counts fallback samples, turns stalls and worker errors into
     DataError and hands batches over by shared-memory file name (`WorkerInit`, whatever
-    `worker_init_fn` is set)."""
+    `worker_init_fn` is set).
+
+    `worker_ignored_signals`: signals the workers ignore from their first instruction. A
+    scheduler signals every process of a job, and the process that iterates decides when to
+    stop; a worker that died of the signal would fail that process's next batch. torch's worker
+    start installs a SIGTERM handler that re-raises it with the default action, so ignoring it in
+    `worker_init_fn` alone leaves a window at every epoch's worker start: the signals stay
+    blocked from the fork until `WorkerInit` ignores them.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -67,11 +83,30 @@ class SohoLoader(StreamingDataLoader):
 
     @worker_init_fn.setter
     def worker_init_fn(self, fn: Any) -> None:
-        self._worker_init = fn if isinstance(fn, WorkerInit) else WorkerInit(fn)
+        if not isinstance(fn, WorkerInit):
+            fn = WorkerInit(fn, self.worker_ignored_signals)
+        self._worker_init = fn
+
+    @property
+    def worker_ignored_signals(self) -> tuple[int, ...]:
+        init = getattr(self, "_worker_init", None)  # DataLoader.__init__ sets worker_init_fn
+        return init.ignored_signals if init is not None else ()
+
+    @worker_ignored_signals.setter
+    def worker_ignored_signals(self, signals: Iterable[int]) -> None:
+        self._worker_init.ignored_signals = tuple(signals)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
-            for batch in super().__iter__():
+            batches = super().__iter__()
+            # The workers start with the first batch and inherit this thread's signal mask; this
+            # process gets the signals that came meanwhile when its mask comes back.
+            blocked = self.worker_ignored_signals if self.num_workers > 0 else ()
+            with _signals_blocked(blocked):
+                first = next(batches, None)
+            if first is None:
+                return
+            for batch in itertools.chain((first,), batches):
                 self.skipped += int((~batch["sample_valid"]).sum())
                 yield batch
         except Exception as e:
@@ -96,6 +131,18 @@ class SohoLoader(StreamingDataLoader):
             f"data loader stalled for {self.timeout:.0f} s (stuck: {where}); check the storage "
             "endpoint and that every shard exists"
         )
+
+
+@contextlib.contextmanager
+def _signals_blocked(signals: tuple[int, ...]) -> Iterator[None]:
+    if not signals:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 _kill_at_exit: list[bool] = []

@@ -24,7 +24,7 @@ from data_pipeline.urls import join_url
 from soho_scale.engine import checkpoint_store as store
 from soho_scale.engine.checkpoint import rng_state, set_rng_state
 from soho_scale.engine.probes import Probes
-from soho_scale.engine.stop import ignore_stop_signals
+from soho_scale.engine.stop import SIGNALS as STOP_SIGNALS
 from soho_scale.spec import Job
 from soho_scale.spec.eval_metrics import default_best_metric
 
@@ -92,7 +92,7 @@ class PeriodicEval:
             keep = getattr(self._evaluation, "keep_columns", ())
             batch = self.job.batch.micro_batch_per_rank
             _, self._loader = build_eval_loader(self.job, self._cache, batch, keep)
-            self._loader.worker_init_fn = ignore_stop_signals  # as the training loader's
+            self._loader.worker_ignored_signals = STOP_SIGNALS  # as the training loader's
         return self._loader, self._evaluation
 
     def evaluate(self, model: Any, step: int, total_steps: int) -> bool:

@@ -44,8 +44,8 @@ class StopFlag:
 
 
 def ignore_stop_signals(*_: object) -> None:
-    """For a rank's helper processes (loader workers, the universal-checkpoint conversion): a
-    scheduler signals every process of the job, and the rank, not its helpers, decides when to
-    stop, after saving a checkpoint."""
+    """For a rank's helper processes (the universal-checkpoint conversion; loader workers get
+    `SIGNALS` as their `worker_ignored_signals`): a scheduler signals every process of the job,
+    and the rank, not its helpers, decides when to stop, after saving a checkpoint."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -36,7 +36,8 @@ from soho_scale.engine.phases import PhaseClock
 from soho_scale.engine.recorder import make_recorder
 from soho_scale.engine.resume_check import record as record_resume_changes
 from soho_scale.engine.step import build_step
-from soho_scale.engine.stop import StopFlag, ignore_stop_signals
+from soho_scale.engine.stop import SIGNALS as STOP_SIGNALS
+from soho_scale.engine.stop import StopFlag
 from soho_scale.engine.telemetry import FlopModel, MetricMeans, Throughput, peak_flops
 from soho_scale.engine.tracking import make_tracker, recorded_run_id
 from soho_scale.spec import Job, derived, dump_job
@@ -87,7 +88,7 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     # Worker seeds from the loader's own generator: the global RNG (checkpointed) is not touched,
     # so a resumed run draws exactly what the uninterrupted one drew.
     loader.generator = torch.Generator().manual_seed(job.seed + 1000 * rank)
-    loader.worker_init_fn = ignore_stop_signals
+    loader.worker_ignored_signals = STOP_SIGNALS
     numbers = derived(job, num_samples=dataset.num_samples, world_size=world)
     total_steps = numbers["total_steps"]
     schedule = functools.partial(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import tempfile
+import threading
 
 import pytest
 import torch
@@ -38,6 +40,50 @@ def test_loader_workers_hand_batches_over_by_name_and_run_the_set_init_fn():
     [batch] = list(loader)
     assert batch["by_name"].tolist() == [True] and batch["tag"] == ["set in worker 0"]
     assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"  # parent unchanged
+
+
+def _children() -> set[int]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.add(int(pid))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+def test_workers_outlive_stop_signals_from_their_fork_on():
+    # A scheduler signals every process of a job, so also loader workers that are just starting
+    # (every epoch starts new ones). SIGTERM to every new child of this process, without pause,
+    # while six epochs go by: none may die of it, and this process's mask comes back as it was.
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's StopFlag
+    others, done = _children(), threading.Event()
+
+    def storm() -> None:
+        while not done.is_set():
+            for pid in _children() - others:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    sender = threading.Thread(target=storm, daemon=True)
+    try:
+        loader = SohoLoader(_WorkerFacts(), batch_size=1, num_workers=2)
+        loader.worker_init_fn = _tag_worker
+        loader.worker_ignored_signals = stops
+        sender.start()
+        for _ in range(6):
+            batches = list(loader)
+            assert [b["tag"] for b in batches] == [["set in worker 0"], ["set in worker 1"]]
+    finally:
+        done.set()
+        sender.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert not set(stops) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
 def test_one_process_epoch_exactly_once_with_workers(s3, tmp_path):
