@@ -63,9 +63,12 @@ class SohoLoader(StreamingDataLoader):
     `worker_ignored_signals`: signals the workers ignore from their first instruction. A
     scheduler signals every process of a job, and the process that iterates decides when to
     stop; a worker that died of the signal would fail that process's next batch. torch's worker
-    start installs a SIGTERM handler that re-raises it with the default action, so ignoring it in
-    `worker_init_fn` alone leaves a window at every epoch's worker start: the signals stay
-    blocked from the fork until `WorkerInit` ignores them.
+    start installs a SIGTERM handler that re-raises it with the default action (unless the
+    parent sent it), so ignoring it in `worker_init_fn` alone leaves a window at every epoch's
+    worker start: the signals stay blocked from the fork until `WorkerInit` ignores them. The
+    iterating thread gets them once the first batch is in (a caller without its own handler
+    sees Ctrl-C then). Workers are forked (`build_loader`): a fork server would fork them from
+    a thread that does not block the signals.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -76,32 +79,23 @@ class SohoLoader(StreamingDataLoader):
                 torch_shm_batch_files.remove_orphans()
             _kill_workers_at_exit()
         self.skipped = 0
+        self.worker_ignored_signals: tuple[int, ...] = ()
 
+    # DataLoader.__init__ sets worker_init_fn; an iterator reads it once, when it starts.
     @property
     def worker_init_fn(self) -> WorkerInit:
-        return self._worker_init
+        return WorkerInit(self._init_fn, getattr(self, "worker_ignored_signals", ()))
 
     @worker_init_fn.setter
     def worker_init_fn(self, fn: Any) -> None:
-        if not isinstance(fn, WorkerInit):
-            fn = WorkerInit(fn, self.worker_ignored_signals)
-        self._worker_init = fn
-
-    @property
-    def worker_ignored_signals(self) -> tuple[int, ...]:
-        init = getattr(self, "_worker_init", None)  # DataLoader.__init__ sets worker_init_fn
-        return init.ignored_signals if init is not None else ()
-
-    @worker_ignored_signals.setter
-    def worker_ignored_signals(self, signals: Iterable[int]) -> None:
-        self._worker_init.ignored_signals = tuple(signals)
+        self._init_fn = fn.fn if isinstance(fn, WorkerInit) else fn
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
             batches = super().__iter__()
             # The workers start with the first batch and inherit this thread's signal mask; this
             # process gets the signals that came meanwhile when its mask comes back.
-            blocked = self.worker_ignored_signals if self.num_workers > 0 else ()
+            blocked = tuple(self.worker_ignored_signals) if self.num_workers > 0 else ()
             with _signals_blocked(blocked):
                 first = next(batches, None)
             if first is None:
@@ -197,5 +191,6 @@ def build_loader(
         drop_last=False,
         timeout=stall_timeout_s if num_workers > 0 else 0,
         persistent_workers=persistent_workers and num_workers > 0,
+        multiprocessing_context="fork" if num_workers > 0 else None,
         prefetch_factor=settings.PREFETCH_FACTOR if num_workers > 0 else None,
     )

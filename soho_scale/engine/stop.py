@@ -43,7 +43,7 @@ class StopFlag:
         return bool(flag.item())
 
 
-def ignore_stop_signals(*_: object) -> None:
+def ignore_stop_signals() -> None:
     """For a rank's helper processes (the universal-checkpoint conversion; loader workers get
     `SIGNALS` as their `worker_ignored_signals`): a scheduler signals every process of the job,
     and the rank, not its helpers, decides when to stop, after saving a checkpoint."""
