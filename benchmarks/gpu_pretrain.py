@@ -162,8 +162,10 @@ def mode_torch(layout: str | None, compiled: bool = False):  # noqa: ANN201
 
 
 def write_shards(folder: str, count: int, height: int, width: int) -> None:
+    """Pre-training shards as `soho-scale data convert` writes them (data_pipeline.shards)."""
     from PIL import Image
-    from streaming import MDSWriter
+
+    from data_pipeline.shards import ShardWriter
 
     generator = torch.Generator().manual_seed(0)
     encoded = []
@@ -173,13 +175,12 @@ def write_shards(folder: str, count: int, height: int, width: int) -> None:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=90)
         encoded.append(buffer.getvalue())
-    columns = {"source": "str", "split": "str", "image_id": "str", "image": "bytes",
-               "captions": "json"}  # fmt: skip
-    with MDSWriter(out=folder, columns=columns, hashes=["sha1", "xxh64"]) as writer:
+    columns = {"image": "bytes", "captions": "json"}
+    with ShardWriter(folder, columns, source="bench", split="train") as writer:
         for i in range(count):
             captions = [f"a generated picture number {i} with shapes {k}" for k in range(5)]
-            writer.write({"source": "bench", "split": "train", "image_id": str(i),
-                          "image": encoded[i % len(encoded)], "captions": captions})  # fmt: skip
+            writer.write({"image_id": str(i), "image": encoded[i % len(encoded)],
+                          "captions": captions})  # fmt: skip
 
 
 def mode_torch_streamed(args, device, model_factory, flop_model) -> dict:  # noqa: ANN001
@@ -247,7 +248,6 @@ def trainer_job(args, tmp: str, shards: str, compiled: bool) -> str:  # noqa: AN
     job["data"]["text"]["tokenizer"] = BUNDLED_BERT  # offline: the bundled BERT vocabulary
     job["precision"] = args.precision
     job["deepspeed"]["zero_stage"] = args.zero_stage
-    # Logged at the end of warm-up and at the end: the last log covers the timed steps only.
     # Two log points: after `steps` warm-up steps (compiling, shard downloads), and after
     # `steps` timed ones: the last log covers exactly the timed steps.
     job["schedule"].update(steps=2 * args.steps, epochs=None, decay_epochs=[])

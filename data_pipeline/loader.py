@@ -72,6 +72,7 @@ class SohoLoader(StreamingDataLoader):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.worker_ignored_signals: tuple[int, ...] = ()
         super().__init__(*args, **kwargs)
         if self.num_workers > 0:
             check_worker_tempdir()
@@ -79,12 +80,10 @@ class SohoLoader(StreamingDataLoader):
                 torch_shm_batch_files.remove_orphans()
             _kill_workers_at_exit()
         self.skipped = 0
-        self.worker_ignored_signals: tuple[int, ...] = ()
 
-    # DataLoader.__init__ sets worker_init_fn; an iterator reads it once, when it starts.
     @property
-    def worker_init_fn(self) -> WorkerInit:
-        return WorkerInit(self._init_fn, getattr(self, "worker_ignored_signals", ()))
+    def worker_init_fn(self) -> WorkerInit:  # read once per iterator, when its workers start
+        return WorkerInit(self._init_fn, self.worker_ignored_signals)
 
     @worker_init_fn.setter
     def worker_init_fn(self, fn: Any) -> None:
@@ -95,7 +94,7 @@ class SohoLoader(StreamingDataLoader):
             batches = super().__iter__()
             # The workers start with the first batch and inherit this thread's signal mask; this
             # process gets the signals that came meanwhile when its mask comes back.
-            blocked = tuple(self.worker_ignored_signals) if self.num_workers > 0 else ()
+            blocked = self.worker_ignored_signals if self.num_workers > 0 else ()
             with _signals_blocked(blocked):
                 first = next(batches, None)
             if first is None:
@@ -129,9 +128,6 @@ class SohoLoader(StreamingDataLoader):
 
 @contextlib.contextmanager
 def _signals_blocked(signals: tuple[int, ...]) -> Iterator[None]:
-    if not signals:
-        yield
-        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
