@@ -39,6 +39,17 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
+def _exclude_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="KARPATHY_JSON",
+        help="dataset_coco.json / dataset_flickr30k.json (repeatable): leave out the images of "
+        "their val and test splits, as SOHO's in-domain data does",
+    )
+
+
 def _add_synthetic(subparsers: Any) -> None:
     parser = subparsers.add_parser("synthetic", help="write the synthetic world (official formats)")
     parser.add_argument("--out", required=True, help="folder to write the world into")
@@ -71,25 +82,28 @@ def _add_convert(subparsers: Any) -> None:
         from data_pipeline.sources.coco import convert_coco
 
         return convert_coco(
-            args.captions, args.images, args.out, args.split, **_writer_options(args)
-        )
+            args.captions, args.images, args.out, args.split, args.exclude,
+            **_writer_options(args),
+        )  # fmt: skip
 
     p = source("coco", "COCO captions_*.json + images", coco)
     p.add_argument("--captions", required=True, help="annotations/captions_train2014.json")
     p.add_argument("--images", required=True, help="folder of the split's images")
+    _exclude_flag(p)
 
     def vg(args: argparse.Namespace) -> Any:
         from data_pipeline.sources.vg import convert_vg
 
         return convert_vg(
             args.regions, args.image_data, args.images, args.out, args.split or "train",
-            **_writer_options(args),
+            args.exclude, **_writer_options(args),
         )  # fmt: skip
 
     p = source("vg", "Visual Genome region descriptions", vg)
     p.add_argument("--regions", required=True, help="region_descriptions.json")
     p.add_argument("--image-data", required=True, help="image_data.json")
     p.add_argument("--images", required=True, help="folder holding VG_100K/ and VG_100K_2/")
+    _exclude_flag(p)
 
     def vqa(args: argparse.Namespace) -> Any:
         from data_pipeline.shards import read_json

@@ -20,6 +20,7 @@ from data_pipeline.shards import (
     read_json,
     split_from_filename,
 )
+from data_pipeline.sources.held_out import held_out_images, record_exclusion
 
 COLUMNS = {"image": "bytes", "captions": "json"}
 # COCO_train2014_000000000009.jpg -> 9 (VQA and the Karpathy file name images this way too).
@@ -59,12 +60,14 @@ def convert_coco(
     images_dir: str,
     out: str,
     split: str | None = None,
+    exclude: list[str] | None = None,
     **writer_options: Any,
 ) -> dict[str, Any]:
     """Write one sample per image with all its captions; returns the conversion report.
 
     `empty_caption` in the report counts captions dropped; an image left with no caption is
-    skipped as `no_caption`.
+    skipped as `no_caption`, one of a downstream val/test split of the Karpathy files in
+    `exclude` as `held_out_downstream` (`data_pipeline.sources.held_out`).
     """
     data = read_json(captions_file)
     images = field(data, "images", captions_file, kind=LIST)
@@ -75,16 +78,20 @@ def convert_coco(
         check_record(a, captions_file, f"annotations[{i}]", {"image_id": INT, "caption": STR})
     require_folder(images_dir, "--images")
     split = split or split_from_filename(captions_file, prefix="captions_")
+    held_out = held_out_images(exclude or [])
 
     with ShardWriter(out, COLUMNS, "coco", split, **writer_options) as writer:
         by_image = group_captions(annotations, writer.skipped)
 
         def build(image: dict) -> dict[str, Any]:
+            if ("coco", image["id"]) in held_out:
+                raise SkipSample("held_out_downstream")
             texts = by_image.get(image["id"])
             if not texts:
                 raise SkipSample("no_caption")
             image_bytes = read_image(images_dir, image["file_name"])
             return {"image_id": str(image["id"]), "image": image_bytes, "captions": texts}
 
+        record_exclusion(writer, exclude)
         writer.convert(images, build)
     return writer.report()

@@ -21,6 +21,7 @@ from data_pipeline.shards import (
     read_json,
 )
 from data_pipeline.sources.coco import require_folder
+from data_pipeline.sources.held_out import held_out_images, record_exclusion, vg_image_keys
 
 COLUMNS = {"image": "bytes", "captions": "json"}
 # The VG download unpacks into two folders; accept either layout under --images.
@@ -42,8 +43,12 @@ def convert_vg(
     images_dir: str,
     out: str,
     split: str = "train",
+    exclude: list[str] | None = None,
     **writer_options: Any,
 ) -> dict[str, Any]:
+    """One sample per image with its phrases. An image that is also one of a downstream val/test
+    split of the Karpathy files in `exclude` (its `coco_id` / `flickr_id` in `image_data.json`)
+    is skipped as `held_out_downstream` (`data_pipeline.sources.held_out`)."""
     regions = read_json(regions_file)
     image_data = read_json(image_data_file)
     for path, data in ((regions_file, regions), (image_data_file, image_data)):
@@ -60,8 +65,17 @@ def convert_vg(
         check_record(record, image_data_file, f"[{i}]", {key: INT}, {"url": STR})
         records[record[key]] = record
     require_folder(images_dir, "--images")
+    held_out = held_out_images(exclude or [])
+    if held_out and not any("coco_id" in r or "flickr_id" in r for r in records.values()):
+        raise DataError(
+            f"{image_data_file}: no record has coco_id or flickr_id, so --exclude cannot find "
+            "the held-out images; use the image_data.json of Visual Genome v1.2"
+        )
 
     def build(entry: dict) -> dict[str, Any]:
+        record = records.get(entry["id"], {})
+        if any(key in held_out for key in vg_image_keys(record)):
+            raise SkipSample("held_out_downstream")
         phrases: list[str] = []
         for region in entry["regions"]:
             phrase = str(region["phrase"]).strip()
@@ -72,9 +86,10 @@ def convert_vg(
         if not phrases:
             raise SkipSample("no_caption")
         image_id = entry["id"]
-        image = read_image(images_dir, _image_path(images_dir, records.get(image_id, {}), image_id))
+        image = read_image(images_dir, _image_path(images_dir, record, image_id))
         return {"image_id": str(image_id), "image": image, "captions": phrases}
 
     with ShardWriter(out, COLUMNS, "vg", split, **writer_options) as writer:
+        record_exclusion(writer, exclude)
         writer.convert(regions, build)
     return writer.report()
