@@ -298,6 +298,7 @@ def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch)
 
     encoded = [_encode(model, data, batch, device) for batch in mine]
     sim = candidates = None
+    masks: list[tuple[torch.Tensor, torch.Tensor]] = []
     if mode == "two_stage":
         features = [
             unimodal_features(model.soho, visual_embeds=e, visual_mask=m) for e, m in encoded
@@ -314,8 +315,10 @@ def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch)
         ])  # fmt: skip
         sim = image_features @ text_features.t()  # (I, T)
         candidates = torch.zeros_like(sim, dtype=torch.bool)
-        for images, texts in groups:
-            per_text, per_image = _top_k_masks(sim[images][:, texts], k)
+        # Ranking reuses these masks: top-k picks among tied scores differently on CPU and CUDA,
+        # and a pair chosen there but never scored would rank by a missing ITM score.
+        masks = [_top_k_masks(sim[images][:, texts], k) for images, texts in groups]
+        for (images, texts), (per_text, per_image) in zip(groups, masks):
             candidates[images[:, None], texts[None, :]] |= per_text | per_image
 
     rows = [
@@ -342,7 +345,7 @@ def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch)
         scores = itm[images][:, texts].cpu()
         if mode == "two_stage":
             sub_sim = sim[images][:, texts].cpu()
-            per_text, per_image = _top_k_masks(sub_sim, k)
+            per_text, per_image = (mask.cpu() for mask in masks[g])
             text_side = recall_at_k(_reranked(scores, sub_sim, per_text), owner, KS)
             image_side = recall_at_k(_reranked(scores, sub_sim, per_image), owner, KS)
             recall = {**{f"tr_r{n}": image_side[f"tr_r{n}"] for n in KS},

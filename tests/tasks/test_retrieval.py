@@ -159,6 +159,31 @@ def test_two_stage_with_every_candidate_equals_exact():
     assert few["pairs_scored"] < exact["pairs_scored"]
 
 
+def test_two_stage_ranks_with_the_candidates_it_scored(monkeypatch: pytest.MonkeyPatch):
+    """Top-k among tied scores picks differently on CPU and CUDA: the final ranking must use the
+    very masks the ITM scoring used, not a recomputation (which here picks other ties)."""
+    from soho_scale.tasks import retrieval_eval
+
+    model, data = tiny_model(), random_set()
+    first_choice = retrieval_eval._top_k_masks
+    calls: list[int] = []
+
+    def other_tie_choice_after_scoring(sim: torch.Tensor, k: int):  # noqa: ANN202
+        calls.append(k)
+        if len(calls) == 1:
+            return first_choice(sim, k)
+        # Another device's choice among equals: the lowest k of each column and row.
+        return first_choice(-sim, k)
+
+    monkeypatch.setattr(retrieval_eval, "_top_k_masks", other_tie_choice_after_scoring)
+    result = evaluate_retrieval(model, data, mode="two_stage", k=2, return_scores=True)
+    monkeypatch.undo()
+    expected = evaluate_retrieval(model, data, mode="two_stage", k=2, return_scores=True)
+    assert not result["scores"].isnan().any()
+    torch.testing.assert_close(result["scores"], expected["scores"], rtol=0, atol=0)
+    assert result["tr_r1"] == expected["tr_r1"] and result["ir_r5"] == expected["ir_r5"]
+
+
 def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
