@@ -258,6 +258,7 @@ class ShardWriter:
         self.out = out
         self.source = source
         self.split = split
+        self.records = 0  # given to `convert`: written + skipped samples
         self.written = 0
         self.skipped: Counter[str] = Counter()
         self.extras: dict[str, Any] = {}
@@ -293,6 +294,7 @@ class ShardWriter:
     def convert(self, records: Iterable[Any], build: Callable[[Any], dict[str, Any]]) -> None:
         """Write `build(record)` for each record; a `SkipSample` is counted, not raised."""
         for record in records:
+            self.records += 1
             try:
                 sample = build(record)
             except SkipSample as e:
@@ -306,6 +308,7 @@ class ShardWriter:
 
     def report(self) -> dict[str, Any]:
         return {
+            "records": self.records,
             "written": self.written,
             "skipped": dict(sorted(self.skipped.items())),
             "source": self.source,

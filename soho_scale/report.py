@@ -52,7 +52,8 @@ def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[st
     test-dev2015 / test2015 are the server's test-dev / test-std (a submission file), and its
     val accuracy stands in the test-dev row; NLVR2 test1 is test-P; SNLI-VE dev is its val;
     retrieval evaluated in five folds (`fold_`, `eval.retrieval_folds`) is MSCOCO's 5K protocol,
-    the folds' mean its 1K one; otherwise the whole set is a 1K protocol."""
+    the folds' mean its 1K one; otherwise the whole set is the 5K protocol when it is the 5K test
+    set (an image lost at conversion included), else a 1K one."""
     if task == "vqa":
         if "test-dev" in split:
             return [("test-dev", "")]
@@ -63,7 +64,8 @@ def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[st
         return [("val" if split in ("dev", "val") else split, "")]
     if f"{split}_fold_tr_r1" in metrics:  # MSCOCO's 5K test set and its five 1K folds
         return [("5K", ""), ("1K", "fold_")]
-    return [("1K", "")]
+    images = metrics.get(f"{split}_num_images", 0) + metrics.get(f"{split}_num_images_skipped", 0)
+    return [("5K" if images >= 5000 else "1K", "")]
 
 
 def chance_params(chance: dict[str, Any]) -> dict[str, float]:

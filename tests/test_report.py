@@ -125,6 +125,15 @@ def test_every_published_protocol_is_its_own_row(tmp_path):
     assert len(markdown.splitlines()) == 2 + len(by_key)
 
 
+def test_whole_5k_test_set_is_the_5k_protocol_also_short_of_an_image(tmp_path):
+    """`eval.retrieval_folds: 1` on the 5K test set, one image lost at conversion: its numbers
+    sit beside the paper's 5K ones, not the 1K ones."""
+    whole = {**{m: 40.0 for m in RETRIEVAL_METRICS}, "num_images": 4999, "num_images_skipped": 1}
+    uri = _store(tmp_path, [("retrieval", "MSCOCO", "test", whole, {})])
+    report("exp", str(tmp_path / "out"), tracking_uri=uri)
+    assert {k[3] for k in _rows(tmp_path)} == {"5K"}
+
+
 def test_report_reads_the_pipelines_own_store_by_default(tmp_path, monkeypatch):
     run_root = tmp_path / "runs" / "pipe"
     run_root.mkdir(parents=True)

@@ -96,7 +96,8 @@ def evaluate_task(
     if job.data.task == "retrieval":  # all image x text pairs: its own protocol
         from soho_scale.tasks.retrieval_eval import evaluate_job
 
-        return evaluate_job(job, model, loader, rank, world)
+        converted = eval_conversion_report(job).get("records")  # images before any was skipped
+        return evaluate_job(job, model, loader, rank, world, converted_images=converted)
     if evaluation is None:
         evaluation = build_task_evaluation(job)
     param = next(model.parameters())  # a training engine's model may be bf16 or fp16
@@ -149,18 +150,25 @@ def dataset_sha256(records: list[dict[str, Any]]) -> str:
     return hashlib.sha256("".join(r["index_sha256"] for r in records).encode()).hexdigest()
 
 
-def eval_dataset(job: Job) -> str:
-    """The published dataset the first eval stream was converted from ("MSCOCO", "NLVR2", ...),
-    from its conversion_report.json; "unknown" for shards written without one."""
+def eval_conversion_report(job: Job) -> dict[str, Any]:
+    """The first eval stream's conversion_report.json; {} for shards written without one."""
     from data_pipeline.errors import DataError
     from data_pipeline.shards import REPORT_NAME
-    from data_pipeline.sources import dataset_name
 
     try:
         report = json.loads(read_bytes(join_url(job.eval.streams[0].remote, REPORT_NAME)))
     except (DataError, ValueError, IndexError):
-        return "unknown"
-    return dataset_name(report)
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def eval_dataset(job: Job) -> str:
+    """The published dataset the first eval stream was converted from ("MSCOCO", "NLVR2", ...);
+    "unknown" for shards written without a conversion report."""
+    from data_pipeline.sources import dataset_name
+
+    report = eval_conversion_report(job)
+    return dataset_name(report) if report else "unknown"
 
 
 def parent_run(checkpoint: str, source: str | None = None) -> dict[str, str]:

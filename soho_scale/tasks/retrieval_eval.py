@@ -18,6 +18,7 @@ Under ZeRO-3 ranks would need equal forward counts: evaluate a consolidated (exp
 from __future__ import annotations
 
 import io
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch import nn
 from soho_scale.objectives import unimodal_features
 from soho_scale.tasks.retrieval import recall_at_k
 
+logger = logging.getLogger(__name__)
 KS = (1, 5, 10)
 
 
@@ -178,15 +180,15 @@ def _log_odds(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
 
 
 def _folds(data: RetrievalSet, folds: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(image indices, text indices) of each fold: contiguous image blocks, their texts."""
+    """(image indices, text indices) of each fold: contiguous image blocks (as equal as the
+    count allows: a split that lost an image at conversion has one short fold), their texts."""
     num_images = len(data.image_sizes)
-    if folds < 1 or num_images % folds:
-        raise ValueError(f"retrieval: {num_images} images do not split into {folds} equal folds")
-    size = num_images // folds
+    if not 1 <= folds <= num_images:
+        raise ValueError(f"retrieval: {num_images} images do not split into {folds} folds")
     out = []
-    for f in range(folds):
-        images = torch.arange(f * size, (f + 1) * size)
-        texts = (data.text_to_image >= f * size) & (data.text_to_image < (f + 1) * size)
+    for images in torch.arange(num_images).tensor_split(folds):
+        first, end = int(images[0]), int(images[-1]) + 1
+        texts = (data.text_to_image >= first) & (data.text_to_image < end)
         out.append((images, texts.nonzero().squeeze(1)))
     return out
 
@@ -363,15 +365,35 @@ def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch)
     return result
 
 
-def evaluate_job(job: Any, model: nn.Module, loader: Any, rank: int, world: int):  # noqa: ANN201
+def evaluate_job(  # noqa: ANN201
+    job: Any,
+    model: nn.Module,
+    loader: Any,
+    rank: int,
+    world: int,
+    converted_images: int | None = None,
+):
     """`soho-scale eval` for retrieval: every rank reads the whole test split (bytes and captions)
     from the eval loader's dataset, then each of `eval.retrieval_modes` runs distributed. MSCOCO 5K
-    also reports the 1K protocol (mean over 5 folds). Returns (metrics, predictions=[])."""
+    also reports the 1K protocol (mean over 5 folds). Returns (metrics, predictions=[]).
+
+    `converted_images`: how many images the split had before the conversion skipped any (its
+    report). The 5K test set with an image lost at conversion is still the 5K protocol, in
+    folds of 1000 images but the short one; the count of lost images goes with the metrics.
+    """
     dataset = loader.dataset
     samples = (dataset.raw_sample(i) for i in range(dataset.num_samples))
     processor = dataset.processor  # the job's transforms (soho_scale.tasks.sample_processor)
     data = retrieval_set_from_samples(samples, processor.image, processor.text)
-    folds = job.eval.retrieval_folds or (5 if len(data.images) >= 5000 else 1)
+    present = len(data.images)
+    split_images = max(present, converted_images or 0)
+    folds = job.eval.retrieval_folds or (5 if split_images >= 5000 else 1)
+    if present < split_images:
+        logger.warning(
+            "retrieval: %d of the split's %d images were skipped at conversion (its "
+            "conversion_report.json); recall is over the %d left",
+            split_images - present, split_images, present,
+        )  # fmt: skip
     numbers: dict[str, float] = {}
     for mode in job.eval.retrieval_modes:
         metrics = evaluate_retrieval(
@@ -382,4 +404,5 @@ def evaluate_job(job: Any, model: nn.Module, loader: Any, rank: int, world: int)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 keep = key.startswith(("first_stage_", "num_"))
                 numbers[key if keep else prefix + key] = float(value)
+    numbers["num_images_skipped"] = float(split_images - present)
     return numbers, []

@@ -145,6 +145,38 @@ def test_folds_average_the_blocks_of_the_full_matrix():
         assert result[f"fold_{key}"] == pytest.approx((folds[0][key] + folds[1][key]) / 2)
 
 
+def test_folds_of_a_count_they_do_not_divide_are_contiguous_and_nearly_equal(caplog, monkeypatch):
+    """The 5K test set short of an image (lost at conversion) still gets five folds: 8 images in
+    5 -> blocks of 2, 2, 2, 1, 1; the metrics say how many images the split lost."""
+    from types import SimpleNamespace
+
+    from soho_scale.tasks import retrieval_eval
+
+    model, data = tiny_model(), random_set(captions=2)
+    result = evaluate_retrieval(model, data, folds=5, return_scores=True)
+    scores, owner = result["scores"], data.text_to_image
+    blocks = [(0, 2), (2, 4), (4, 6), (6, 7), (7, 8)]
+    folds = []
+    for first, end in blocks:
+        texts = (owner >= first) & (owner < end)
+        folds.append(recall_at_k(scores[first:end][:, texts], owner[texts] - first))
+    for key in folds[0]:
+        assert result[f"fold_{key}"] == pytest.approx(sum(f[key] for f in folds) / 5)
+
+    # evaluate_job's own part: which protocol, what it says; the set it reads is `data`
+    monkeypatch.setattr(retrieval_eval, "retrieval_set_from_samples", lambda *args: data)
+    split = SimpleNamespace(num_samples=0, processor=SimpleNamespace(image=None, text=None))
+    job = SimpleNamespace(eval=SimpleNamespace(retrieval_folds=None, retrieval_modes=["exact"],
+                                               retrieval_k=4))  # fmt: skip
+    loader = SimpleNamespace(dataset=split)
+    with caplog.at_level("WARNING"):
+        numbers, _ = retrieval_eval.evaluate_job(job, model, loader, 0, 1, converted_images=5000)
+    assert "fold_tr_r1" in numbers and numbers["num_images_skipped"] == 4992
+    assert "4992 of the split's 5000 images were skipped" in caplog.text
+    numbers, _ = retrieval_eval.evaluate_job(job, model, loader, 0, 1, converted_images=None)
+    assert "fold_tr_r1" not in numbers and numbers["num_images_skipped"] == 0
+
+
 def test_two_stage_with_every_candidate_equals_exact():
     model, data = tiny_model(), random_set()
     exact = evaluate_retrieval(model, data, return_scores=True)
