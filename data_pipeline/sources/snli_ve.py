@@ -1,7 +1,8 @@
 """SNLI-VE (`snli_ve_{train,dev,test}.jsonl` + Flickr30K images) -> MDS shards.
 
 One sample per (image premise, text hypothesis) pair; labels 0 entailment, 1 neutral,
-2 contradiction. Note the dataset's own spelling of the image field: "Flikr30kID".
+2 contradiction. The image field: "Flikr30kID" ("<id>.jpg", the released files' spelling) or
+"Flickr30K_ID" ("<id>", what the dataset's generator script writes).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from data_pipeline.sources.coco import require_folder
 
 COLUMNS = {"image": "bytes", "pair_id": "str", "hypothesis": "str", "label": "int"}
 LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
+IMAGE_FIELDS = ("Flikr30kID", "Flickr30K_ID")  # the first is named when neither is there
+
+
+def _image_field(record: dict) -> str:
+    return IMAGE_FIELDS[1] if IMAGE_FIELDS[1] in record else IMAGE_FIELDS[0]
 
 
 def convert_snli_ve(
@@ -34,9 +40,11 @@ def convert_snli_ve(
     **writer_options: Any,
 ) -> dict[str, Any]:
     records = read_json_lines(jsonl_file)
-    required = {"Flikr30kID": INT_OR_STR, "sentence2": STR, "gold_label": STR, "pairID": STR}
+    required = {"sentence2": STR, "gold_label": STR, "pairID": STR}
     for i, record in enumerate(records):
-        check_record(record, jsonl_file, f"line {i + 1}", required)
+        check_record(
+            record, jsonl_file, f"line {i + 1}", {**required, _image_field(record): INT_OR_STR}
+        )
     require_folder(images_dir, "--images")
     split = split or split_from_filename(jsonl_file, prefix="snli_ve_")
     read_cached = lru_cache(maxsize=16)(read_image)  # hypotheses about one image are adjacent
@@ -48,7 +56,7 @@ def convert_snli_ve(
         hypothesis = str(record["sentence2"]).strip()
         if not hypothesis:
             raise SkipSample("empty_sentence")
-        name = str(record["Flikr30kID"])
+        name = str(record[_image_field(record)])
         if not os.path.splitext(name)[1]:
             name += ".jpg"
         return {

@@ -136,6 +136,23 @@ def test_snli_ve_karpathy_and_vg_shards(synthetic_world: Path, synthetic_shards:
     assert len(vg) == 100 and all(len(set(s["captions"])) == len(s["captions"]) for s in vg)
 
 
+def test_snli_ve_reads_the_generator_scripts_image_field(
+    synthetic_world: Path, synthetic_shards: Path, tmp_path: Path
+) -> None:
+    """The SNLI-VE generator writes "Flickr30K_ID" without ".jpg"; the released files
+    "Flikr30kID" with it: both convert to the same samples."""
+    records = _lines(synthetic_world / "snli_ve/snli_ve_dev.jsonl")[:5]
+    renamed = tmp_path / "snli_ve_dev.jsonl"
+    with renamed.open("w") as f:
+        for record in records:
+            image = record.pop("Flikr30kID")
+            record["Flickr30K_ID"] = image.removesuffix(".jpg")
+            f.write(json.dumps(record) + "\n")
+    images = synthetic_world / "snli_ve/flickr30k_images"
+    convert_snli_ve(str(renamed), str(images), str(tmp_path / "out"))
+    assert _read_mds(tmp_path / "out") == _read_mds(synthetic_shards / "snli_ve/dev")[:5]
+
+
 def test_bad_samples_are_skipped_and_counted(synthetic_world: Path, tmp_path: Path) -> None:
     images = tmp_path / "train2014"
     shutil.copytree(synthetic_world / "coco/train2014", images)
