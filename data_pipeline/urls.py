@@ -44,15 +44,19 @@ def basename(location: str) -> str:
 
 MASK = "***"
 # scheme://user:password@ (or user@): up to the authority's last "@", as URL parsers read it
-# (a password may hold an unencoded "@"); quotes and brackets end a URL inside other text.
+# (a password may hold an unencoded "@", and RFC 3986's sub-delims ' ( ) ! $ & * + , ; =);
+# white space, double quotes, <>, [] and {} end a URL inside other text.
 URL_USERINFO = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s\"'<>()\[\]{}]+)@"
+    # (the look-behind starts a scheme only at the start of a word: linear in long words)
+    r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s\"<>\[\]{}]+)@"
 )
 # ?name=value / &name=value where the name says credential (the value ends at &, #, a space or
 # a quote)
+# (also in a fragment: OAuth's #access_token=)
 _QUERY_SECRET = re.compile(
-    r"(?P<name>[?&;](?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)"
-    r"|sig|signature|[A-Za-z0-9_.-]*(?:token|password|passwd|secret|api[_-]?key|access[_-]?key"
+    r"(?P<name>[?&;#](?:X-Amz-(?:Signature|Credential|Security-Token)"
+    r"|X-Goog-(?:Signature|Credential)|sig|signature|auth|key|code"
+    r"|[A-Za-z0-9_.-]*(?:token|password|passwd|passphrase|secret|api[_-]?key|access[_-]?key"
     r"|credential)[A-Za-z0-9_.-]*)=)(?P<value>[^&#\s\"'<>]+)",
     re.IGNORECASE,
 )

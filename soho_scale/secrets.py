@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from data_pipeline.urls import MASK, URL_USERINFO, mask_url_credentials
 
 SECRET_NAME = re.compile(
-    r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|SESSION|PRIVATE|USERNAME|API_KEY"
+    r"SECRET|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|ACCESS_KEY|SESSION|PRIVATE|USERNAME"
+    r"|API_KEY"
 )
 _SHORTEST_MASKED = 4  # shorter values ("1", "yes") would mask unrelated text
 

@@ -188,6 +188,8 @@ def test_sbatch_cpu_mode_and_resources_from_the_spec(env, tmp_path):
 
 
 def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tmp_path):
+    # A profile of the launching machine's ~/.aws/config: pods have none (boto3 would refuse).
+    env.setenv("AWS_PROFILE", "research")
     out = tmp_path / "job.k8s.yaml"
     argv = [JOB, "--scheduler", "k8s", "--nodes", "2", "--gpus-per-node", "4", "--out", str(out)]
     argv += ["checkpoint.dir=s3://soho-checkpoints/demo"]
@@ -232,14 +234,18 @@ def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tm
     }
     variables = {v["name"]: v for v in container["env"]}
     assert variables["S3_ENDPOINT_URL"]["value"] == "http://storage.internal:9000"
+    assert "AWS_PROFILE" not in variables
     for key, secret in (
         ("AWS_ACCESS_KEY_ID", "soho-s3"),
         ("AWS_SECRET_ACCESS_KEY", "soho-s3"),
+        ("AWS_SESSION_TOKEN", "soho-s3"),
         ("MLFLOW_TRACKING_TOKEN", "soho-mlflow"),
     ):
         assert "value" not in variables[key]
         reference = variables[key]["valueFrom"]["secretKeyRef"]
         assert (reference["name"], reference["key"]) == (secret, key)
+        # Optional: pod identity (IRSA) stores no keys; a missing key must not hold pods back.
+        assert reference["optional"] is True
     script = container["command"][-1]
     subprocess.run(["bash", "-n", "-c", script], check=True)
     launch = script.splitlines()[-1]  # exec: the node launcher is the container's PID 1
@@ -252,6 +258,12 @@ def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tm
     for version in K8S_VERSIONS:
         for document in (service, job):
             kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_k8s_name_must_start_with_a_letter(env, tmp_path):
+    out = str(tmp_path / "m.yaml")
+    with pytest.raises(ClusterError, match="starting with a letter"):
+        launch_main([JOB, "--scheduler", "k8s", "--name", "9soho", "--out", out])
 
 
 def test_k8s_job_on_several_pods_needs_an_s3_checkpoint_dir(env, tmp_path):

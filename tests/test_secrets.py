@@ -86,10 +86,16 @@ def test_redact_masks_userinfo_and_credential_query_parameters():
             "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&v=1"
         ),
         "http://host/api?access_token=zz9#top": "http://host/api?access_token=***#top",
+        # RFC 3986 allows ' ( ) ! $ * in a password unencoded
+        "http://alice:Pa(ss)w0'rd!@127.0.0.1:1 unreachable": "http://***@127.0.0.1:1 unreachable",
+        "https://h/?auth=abcdefgh&v=2": "https://h/?auth=***&v=2",
+        "https://h/cb#access_token=abc123&x=1": "https://h/cb#access_token=***&x=1",
+        "https://maps.example/api?key=AIzaXYZ": "https://maps.example/api?key=***",
     }
     for text, masked in cases.items():
         assert redact(text, {}) == masked
         assert has_credentials(text) and not has_credentials(masked)
+    assert is_secret_name("MLFLOW_CRYPTO_KEK_PASSPHRASE")
     # The password of a URL in any variable is masked on its own too (decoded or not).
     environ = {"MLFLOW_TRACKING_URI": "http://me:p%40ss-word@host"}
     assert redact("auth p@ss-word / p%40ss-word", environ) == "auth *** / ***"
@@ -177,7 +183,7 @@ def test_plan_and_validate_with_credentials_in_urls(probe_env, tmp_path, capfd):
     bad = f"model.init_from=http://{S3_USER}:{S3_PASSWORD}@host/w.pt"
     assert main(["validate", JOB, bad]) == 2
     out = capfd.readouterr()
-    assert "model.init_from: http://***@host/w.pt" in out.err
+    assert "model.init_from: 'http://***@host/w.pt' holds credentials" in out.err
     assert_no_probe(out.out + out.err, "validate")
 
 

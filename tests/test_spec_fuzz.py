@@ -238,6 +238,18 @@ def test_yaml_booleans_and_non_finite_numbers_are_refused_where_numbers_go(tmp_p
     assert load_job(demo, ["deepspeed.zero_stage=1", "deepspeed.template=zero1"])
 
 
+def test_a_location_with_credentials_is_refused_without_echoing_them():
+    demo = ROOT / "jobs" / "demo" / "pretrain.yaml"
+    for override in ("checkpoint.dir=s3://AKIAEXAMPLE:wJalrXUtnSECRET@soho-ckpt/run",
+                     "model.init_from=https://u:pw-SECRET@host/w.pt",
+                     "checkpoint.dir=s3://b/run?X-Amz-Signature=sigSECRET"):  # fmt: skip
+        with pytest.raises(SpecError) as info:
+            load_job(demo, [override])
+        message = str(info.value)
+        assert "holds credentials" in message and "SECRET" not in message, message
+        assert message.startswith(override.split("=", 1)[0]), message
+
+
 def test_an_unknown_override_is_blamed_on_the_override_not_the_file():
     demo = ROOT / "jobs" / "demo" / "pretrain.yaml"
     with pytest.raises(SpecError) as info:

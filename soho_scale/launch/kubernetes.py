@@ -35,8 +35,11 @@ def k8s_name(job: Job, name: str | None) -> str:
         name = re.sub(r"[^a-z0-9-]+", "-", job.name.lower())
         name = name if name.startswith("soho") else "soho-" + name
     name = name.strip("-")[:50].strip("-")
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name):
-        raise ClusterError(f"--name {name!r}: use lowercase letters, digits and '-'")
+    # The Service's name is a DNS-1035 label: it starts with a letter.
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        raise ClusterError(
+            f"--name {name!r}: use lowercase letters, digits and '-', starting with a letter"
+        )
     return name
 
 
@@ -74,13 +77,18 @@ def k8s_manifest(
             launch,  # exec: the node launcher is PID 1 and gets the kubelet's SIGTERM itself
         ]
     )
-    variables: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
+    # A pod has no ~/.aws/config, and boto3 refuses to start with a profile it cannot find.
+    variables: list[dict[str, Any]] = [
+        {"name": k, "value": v} for k, v in env.items() if k != "AWS_PROFILE"
+    ]
+    # Optional: a cluster with pod identity (IRSA, workload identity) stores no keys; the keys
+    # of temporary credentials come with a session token.
     variables += [
         {
             "name": key,
-            "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key}},
+            "valueFrom": {"secretKeyRef": {"name": s3_secret, "key": key, "optional": True}},
         }
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
     ]
     # MLflow's token or basic auth (MLFLOW_TRACKING_URI travels without a user:password)
     variables += [
@@ -198,7 +206,8 @@ def k8s_manifest(
         f"# Image {image}: the repo at {K8S_WORKDIR}, its dependencies installed (Dockerfile).\n"
         f"# On SIGTERM (eviction, preemption, kubectl delete pod) the ranks commit a checkpoint\n"
         f"# within {shape.grace_s} s and exit {PREEMPTED_EXIT_CODE}; the Job starts the pod again\n"
-        f"# and training resumes.\n"
+        f"# and training resumes. After any other failure the Job fails: resume with\n"
+        f"# `kubectl delete job {name}`, then apply this file again.\n"
         f"# Secrets, by reference only. Create them once, e.g.:\n"
         f"#   kubectl create secret generic {s3_secret} "
         '--from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" '

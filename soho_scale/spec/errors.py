@@ -16,6 +16,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
+from data_pipeline.urls import mask_url_credentials
+
 
 class SpecError(ValueError):
     """A job spec problem a user can fix; the message is one line naming the key path."""
@@ -30,7 +32,9 @@ SHOWN_CHARS = 80
 
 
 def clipped(text: str) -> str:
-    """Text as an error line echoes it: at most SHOWN_CHARS characters."""
+    """Text as an error line echoes it: URL credentials masked, at most SHOWN_CHARS
+    characters."""
+    text = mask_url_credentials(text)
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
