@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -121,6 +122,16 @@ def padded_tokenizer(name_or_path: str, max_len: int):
     return fast
 
 
+def clean_text(value: object) -> str:
+    """A caption, question or statement as it is stored and tokenised: without format characters
+    (zero-width spaces, which BERT's tokenizer drops too) and lone surrogates (which a JSON
+    "\\ud800" escape yields and the tokenizer refuses), stripped. "" when nothing is left."""
+    text = str(value)
+    if not text.isascii():
+        text = "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cs"))
+    return text.strip()
+
+
 @dataclass(frozen=True)
 class TextTransform:
     """Texts -> (ids, mask) long tensors of shape (N, max_len), padded and truncated."""
@@ -129,7 +140,8 @@ class TextTransform:
     max_len: int = 16
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = [padded_tokenizer(self.tokenizer, self.max_len).encode(t) for t in texts]
+        tokenizer = padded_tokenizer(self.tokenizer, self.max_len)
+        encoded = [tokenizer.encode(clean_text(t)) for t in texts]
         ids = torch.tensor([e.ids for e in encoded], dtype=torch.long).view(-1, self.max_len)
         mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)
         return ids, mask.view(-1, self.max_len)

@@ -21,6 +21,7 @@ from data_pipeline.shards import (
     split_from_filename,
 )
 from data_pipeline.sources.held_out import held_out_images, record_exclusion
+from data_pipeline.transforms import clean_text
 
 COLUMNS = {"image": "bytes", "captions": "json"}
 # COCO_train2014_000000000009.jpg -> 9 (VQA and the Karpathy file name images this way too).
@@ -47,7 +48,7 @@ def group_captions(annotations: list[dict], skipped: Counter[str]) -> dict[Any, 
     """image id -> its non-empty captions, in file order; empty ones counted in `skipped`."""
     by_image: dict[Any, list[str]] = {}
     for a in annotations:
-        caption = str(a["caption"]).strip()
+        caption = clean_text(a["caption"])
         if not caption:
             skipped["empty_caption"] += 1
             continue

@@ -22,6 +22,7 @@ from data_pipeline.shards import (
     read_json,
 )
 from data_pipeline.sources.coco import require_folder
+from data_pipeline.transforms import clean_text
 
 COLUMNS = {"image": "bytes", "captions": "json"}
 SPLITS = ("train", "restval", "val", "test")
@@ -55,7 +56,7 @@ def convert_karpathy(
     chosen = [image for image in images if image["split"] in wanted]
 
     def build(image: dict) -> dict[str, Any]:
-        texts = [str(s["raw"]).strip() for s in image["sentences"]]
+        texts = [clean_text(s["raw"]) for s in image["sentences"]]
         empty = sum(not t for t in texts)
         if empty:
             writer.skipped["empty_caption"] += empty

@@ -23,6 +23,7 @@ from data_pipeline.shards import (
     split_from_filename,
 )
 from data_pipeline.sources.coco import require_folder
+from data_pipeline.transforms import clean_text
 
 COLUMNS = {"image_left": "bytes", "image_right": "bytes", "identifier": "str", "sentence": "str",
            "label": "int"}  # fmt: skip
@@ -67,7 +68,7 @@ def convert_nlvr2(
         label = LABELS.get(str(record["label"]).strip().lower())
         if label is None:
             raise SkipSample("unknown_label")
-        sentence = str(record["sentence"]).strip()
+        sentence = clean_text(record["sentence"])
         if not sentence:
             raise SkipSample("empty_sentence")
         left, right = image_paths(record)

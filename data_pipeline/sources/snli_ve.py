@@ -22,6 +22,7 @@ from data_pipeline.shards import (
     split_from_filename,
 )
 from data_pipeline.sources.coco import require_folder
+from data_pipeline.transforms import clean_text
 
 COLUMNS = {"image": "bytes", "pair_id": "str", "hypothesis": "str", "label": "int"}
 LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}
@@ -53,7 +54,7 @@ def convert_snli_ve(
         label = LABELS.get(str(record["gold_label"]).strip().lower())
         if label is None:  # SNLI's "-" (no annotator majority)
             raise SkipSample("unknown_label")
-        hypothesis = str(record["sentence2"]).strip()
+        hypothesis = clean_text(record["sentence2"])
         if not hypothesis:
             raise SkipSample("empty_sentence")
         name = str(record[_image_field(record)])

@@ -22,6 +22,7 @@ from data_pipeline.shards import (
 )
 from data_pipeline.sources.coco import require_folder
 from data_pipeline.sources.held_out import held_out_images, record_exclusion, vg_image_keys
+from data_pipeline.transforms import clean_text
 
 COLUMNS = {"image": "bytes", "captions": "json"}
 # The VG download unpacks into two folders; accept either layout under --images.
@@ -77,11 +78,14 @@ def convert_vg(
         if any(key in held_out for key in vg_image_keys(record)):
             raise SkipSample("held_out_downstream")
         phrases: list[str] = []
+        seen: set[str] = set()  # as the uncased tokenizer reads them: "A man" == "a  man"
         for region in entry["regions"]:
-            phrase = str(region["phrase"]).strip()
+            phrase = clean_text(region["phrase"])
+            key = " ".join(phrase.lower().split())
             if not phrase:
                 writer.skipped["empty_caption"] += 1
-            elif phrase not in phrases:
+            elif key not in seen:
+                seen.add(key)
                 phrases.append(phrase)
         if not phrases:
             raise SkipSample("no_caption")

@@ -32,6 +32,7 @@ from data_pipeline.shards import (
     split_from_filename,
 )
 from data_pipeline.sources.coco import coco_image_index
+from data_pipeline.transforms import clean_text
 from data_pipeline.vqa_answers import normalize_answer
 
 COLUMNS = {
@@ -138,7 +139,7 @@ def convert_vqa(
             labels, scores = soft_targets(answers, vocab_index)
             if not labels and not keep_unanswerable:
                 raise SkipSample("no_answer_in_vocab")
-        if not str(q["question"]).strip():
+        if not clean_text(q["question"]):
             raise SkipSample("empty_question")
         name = image_names.get(q["image_id"])
         if name is None:
@@ -147,7 +148,7 @@ def convert_vqa(
             "image_id": str(q["image_id"]),
             "image": read_cached(images_dir, name),
             "question_id": int(q["question_id"]),
-            "question": str(q["question"]).strip(),
+            "question": clean_text(q["question"]),
             "answers": answers,
             "answer_labels": labels,
             "answer_scores": scores,

@@ -80,14 +80,12 @@ def location_problem(value: Any) -> str | None:
 
 
 def _location(value: str) -> str:
-    why = location_problem(value)
-    if why:
+    if why := location_problem(value):
         raise problem("", why)
     return value
 
 
-# A local path or an s3://bucket/prefix URL.
-Location = Annotated[str, AfterValidator(_location)]
+Location = Annotated[str, AfterValidator(_location)]  # a local path or s3://bucket/prefix
 
 
 class Section(BaseModel):
@@ -392,8 +390,8 @@ class EvalSpec(Section):
     # two_stage_*, and the first stage's own ranking as first_stage_*).
     retrieval_modes: list[Literal["exact", "two_stage"]] = Field(["exact"], min_length=1)
     retrieval_k: int = Field(16, ge=1)
-    # Equal image folds whose mean is also reported (`fold_*`); null: 5 when the test set has
-    # 5000 images (MSCOCO 5K -> the 1K protocol), else none.
+    # Image folds whose mean is also reported (`fold_*`); null: 5 when the split had 5000 images
+    # when converted (MSCOCO 5K -> the 1K protocol; also short of images lost then), else none.
     retrieval_folds: int | None = Field(None, ge=1)
     # Fine-tunes: evaluate eval.streams every N steps (and at the last), checkpoint there and
     # keep the best checkpoint by `best_metric` (null: the task's main one, EVAL_METRICS).

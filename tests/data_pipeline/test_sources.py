@@ -136,6 +136,26 @@ def test_snli_ve_karpathy_and_vg_shards(synthetic_world: Path, synthetic_shards:
     assert len(vg) == 100 and all(len(set(s["captions"])) == len(s["captions"]) for s in vg)
 
 
+def test_captions_are_cleaned_and_vg_phrases_deduplicated_as_the_tokenizer_reads_them(
+    tmp_path: Path,
+) -> None:
+    images = tmp_path / "VG_100K"
+    images.mkdir()
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 16), (10, 20, 30)).save(buffer, "JPEG")
+    (images / "1.jpg").write_bytes(buffer.getvalue())
+    phrases = ["a man", "A  man", "bad \ud800 dog", "\u200b\u200b", "a hat"]
+    regions = tmp_path / "region_descriptions.json"
+    # json.dumps keeps the lone surrogate as the escape a real file would hold
+    regions.write_text(json.dumps([{"id": 1, "regions": [{"phrase": p} for p in phrases]}]))
+    image_data = tmp_path / "image_data.json"
+    image_data.write_text(json.dumps([{"image_id": 1}]))
+    report = convert_vg(str(regions), str(image_data), str(tmp_path), str(tmp_path / "out"))
+    assert report["skipped"] == {"empty_caption": 1}
+    (sample,) = _read_mds(tmp_path / "out")
+    assert sample["captions"] == ["a man", "bad  dog", "a hat"]
+
+
 def test_snli_ve_reads_the_generator_scripts_image_field(
     synthetic_world: Path, synthetic_shards: Path, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ from data_pipeline.transforms import (
     ImageDecodeError,
     ImageTransform,
     TextTransform,
+    clean_text,
     load_tokenizer,
     soho_size,
 )
@@ -60,6 +61,17 @@ def test_text_transform_pads_and_truncates_with_cls_sep(bundled_bert):
     assert ids[0, 0] == special["cls"] and ids[0, 3] == special["sep"] and ids[0, 4] == 0
     assert mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0] and mask[1].all()
     assert ids[1, -1] == special["sep"]
+
+
+def test_text_with_lone_surrogates_or_only_format_characters(bundled_bert):
+    """JSON's "\\ud800" escape loads as a lone surrogate, which the tokenizer refuses; a caption
+    of zero-width spaces tokenises to nothing. Both are cleaned where texts are stored and read."""
+    assert clean_text("bad \ud800 x\u200b ") == "bad  x"
+    assert clean_text("\u200b\u200b ") == "" and clean_text(" plain ") == "plain"
+    assert clean_text("caf\u00e9 \u4e00") == "caf\u00e9 \u4e00"
+    text = TextTransform(bundled_bert, max_len=8)
+    ids, _ = text(["bad \ud800 x", "bad x"])  # a shard written before the cleaning
+    assert ids[0].tolist() == ids[1].tolist()
 
 
 def test_text_transform_matches_the_tokenizer_call(bundled_bert):
