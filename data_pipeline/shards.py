@@ -329,6 +329,12 @@ class ShardWriter:
                 pass
             return
         self._writer.finish()
+        if self.written == 0:  # training would only find out at its first epoch
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+            raise DataError(
+                f"{self.out}: no sample written (of {self.records} records; skipped: "
+                f"{why or 'none'}); check --images and the annotation file"
+            )
         # The report goes last: its presence means every shard and index.json were written.
         self._write_files({**self.extras, REPORT_NAME: self.report()})
 

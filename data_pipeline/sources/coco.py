@@ -83,8 +83,16 @@ def convert_coco(
 
     with ShardWriter(out, COLUMNS, "coco", split, **writer_options) as writer:
         by_image = group_captions(annotations, writer.skipped)
+        listed = {image["id"] for image in images}
+        orphans = sum(len(texts) for image_id, texts in by_image.items() if image_id not in listed)
+        if orphans:
+            writer.skipped["caption_without_image"] += orphans
+        images_seen: set[int] = set()
 
         def build(image: dict) -> dict[str, Any]:
+            if image["id"] in images_seen:
+                raise SkipSample("duplicate_image")
+            images_seen.add(image["id"])
             if ("coco", image["id"]) in held_out:
                 raise SkipSample("held_out_downstream")
             texts = by_image.get(image["id"])

@@ -73,7 +73,12 @@ def convert_vg(
             "the held-out images; use the image_data.json of Visual Genome v1.2"
         )
 
+    images_seen: set[int] = set()
+
     def build(entry: dict) -> dict[str, Any]:
+        if entry["id"] in images_seen:
+            raise SkipSample("duplicate_image")
+        images_seen.add(entry["id"])
         record = records.get(entry["id"], {})
         if any(key in held_out for key in vg_image_keys(record)):
             raise SkipSample("held_out_downstream")

@@ -156,6 +156,36 @@ def test_captions_are_cleaned_and_vg_phrases_deduplicated_as_the_tokenizer_reads
     assert sample["captions"] == ["a man", "bad  dog", "a hat"]
 
 
+def test_duplicates_and_orphan_captions_are_counted_and_an_empty_conversion_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = tmp_path / "train2014"
+    images.mkdir()
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 16), (10, 20, 30)).save(buffer, "JPEG")
+    (images / "a.jpg").write_bytes(buffer.getvalue())
+    captions = tmp_path / "captions_train2014.json"
+    captions.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "a.jpg"}],
+        "annotations": [{"image_id": 1, "caption": "a photo"}, {"image_id": 9, "caption": "x"},
+                        {"image_id": 9, "caption": "y"}],
+    }))  # fmt: skip
+    report = convert_coco(str(captions), str(images), str(tmp_path / "out"))
+    assert report["written"] == 1 and report["records"] == 2
+    assert report["skipped"] == {"duplicate_image": 1, "caption_without_image": 2}
+    # A wrong --images folder: every image missing. The conversion fails, naming why, and
+    # leaves no report (nothing looks finished).
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    argv = ["convert", "coco", "--captions", str(captions), "--images", str(empty),
+            "--out", str(tmp_path / "none")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no sample written (of 2 records; skipped: " in err and "missing_image" in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "none" / "conversion_report.json").exists()
+
+
 def test_snli_ve_reads_the_generator_scripts_image_field(
     synthetic_world: Path, synthetic_shards: Path, tmp_path: Path
 ) -> None:
