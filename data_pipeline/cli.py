@@ -109,6 +109,8 @@ def _add_convert(subparsers: Any) -> None:
         from data_pipeline.shards import read_json
         from data_pipeline.sources.vqa import convert_vqa
 
+        if args.answer_vocab and args.vocab_from:
+            raise DataError("give --answer-vocab or --vocab-from, not both")
         vocab = read_json(args.answer_vocab) if args.answer_vocab else None
         if vocab is not None and not (
             isinstance(vocab, list) and all(isinstance(a, str) for a in vocab)
@@ -117,7 +119,7 @@ def _add_convert(subparsers: Any) -> None:
         return convert_vqa(
             args.questions, args.annotations, args.images, args.out, answer_vocab=vocab,
             min_answer_count=args.min_answer_count, keep_unanswerable=args.keep_unanswerable,
-            split=args.split, **_writer_options(args),
+            split=args.split, vocab_annotations=args.vocab_from, **_writer_options(args),
         )  # fmt: skip
 
     p = source("vqa", "VQA v2 questions (+ annotations, except for the test splits)", vqa)
@@ -130,6 +132,14 @@ def _add_convert(subparsers: Any) -> None:
     p.add_argument("--images", required=True, help="folder of the COCO images of the split")
     p.add_argument("--answer-vocab", default=None, help="answer_vocab.json of the train split")
     p.add_argument("--min-answer-count", type=int, default=9, help="vocab frequency threshold")
+    p.add_argument(
+        "--vocab-from",
+        action="append",
+        default=[],
+        metavar="ANNOTATIONS_JSON",
+        help="build the answer vocabulary from these annotation files (repeatable; train2014 and "
+        "val2014 give SOHO's 3129 answers) instead of --annotations",
+    )
     p.add_argument(
         "--keep-unanswerable",
         action="store_true",

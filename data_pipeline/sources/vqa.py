@@ -3,7 +3,8 @@
 Answers are normalised as the VQA challenge server normalises predictions
 (`data_pipeline.vqa_answers.normalize_answer`, the copy the accuracy metric uses too), the
 answer vocabulary is every normalised `multiple_choice_answer` seen at least `min_answer_count`
-times in the training split (3129 answers at 9 on real VQA v2), and each question gets soft
+times in the training annotations (train2014 + val2014 with `--vocab-from`, as SOHO and
+bottom-up attention count them: about 3129 answers at 9), and each question gets soft
 targets min(#humans who gave the answer / 3, 1) over the in-vocabulary answers.
 
 The test splits (test-dev2015, test2015) publish questions only: converted without annotations,
@@ -74,6 +75,11 @@ def _load(
         check_record(q, questions_file, f"questions[{i}]", required)
     if annotations_file is None:
         return questions_json, questions, None
+    by_question = {a["question_id"]: a for a in _annotations(annotations_file)}
+    return questions_json, questions, by_question
+
+
+def _annotations(annotations_file: str) -> list[dict]:
     annotations = field(read_json(annotations_file), "annotations", annotations_file, kind=LIST)
     required = {"question_id": INT, "answers": LIST, "multiple_choice_answer": STR}
     for i, a in enumerate(annotations):
@@ -81,8 +87,7 @@ def _load(
         check_record(a, annotations_file, where, required)
         for j, ans in enumerate(a["answers"]):
             check_record(ans, annotations_file, f"{where}.answers[{j}]", {"answer": STR})
-    by_question = {a["question_id"]: a for a in annotations}
-    return questions_json, questions, by_question
+    return annotations
 
 
 def convert_vqa(
@@ -94,27 +99,34 @@ def convert_vqa(
     min_answer_count: int = 9,
     keep_unanswerable: bool = False,
     split: str | None = None,
+    vocab_annotations: list[str] | None = None,
     **writer_options: Any,
 ) -> dict[str, Any]:
     """Write one sample per question; returns the conversion report.
 
-    Without `answer_vocab` the vocabulary is built from these annotations (do that on the
-    training split, then pass its answer_vocab.json when converting the others). Questions
+    Without `answer_vocab` the vocabulary is built from the annotation files
+    `vocab_annotations` (train2014 and val2014: the 3129 answers SOHO and bottom-up attention
+    use), else from these annotations (do that on the training split, then pass its
+    answer_vocab.json when converting the others). Questions
     with no in-vocabulary answer are skipped unless `keep_unanswerable` (evaluation splits,
     where the metric must count every question). Without `annotations_file` (the test splits)
     `answer_vocab` is required and every question is kept, with no answers.
     """
     questions_json, questions, by_question = _load(questions_file, annotations_file)
-    if by_question is None and answer_vocab is None:
+    if by_question is None and answer_vocab is None and not vocab_annotations:
         raise DataError(
             f"{questions_file}: without annotations (a test split) the answer vocabulary must "
             "come from the training split: pass --answer-vocab (its answer_vocab.json)"
         )
+    if answer_vocab is None and vocab_annotations:
+        pooled = [a for path in vocab_annotations for a in _annotations(path)]
+        answer_vocab = build_answer_vocab(pooled, min_answer_count)
     if answer_vocab is None:
         answer_vocab = build_answer_vocab(list(by_question.values()), min_answer_count)
     if not answer_vocab:
         raise DataError(
-            f"{annotations_file}: no answer occurs >= {min_answer_count} times; "
+            f"{', '.join(vocab_annotations or [str(annotations_file)])}: no answer occurs >= "
+            f"{min_answer_count} times; "
             "lower --min-answer-count or pass --answer-vocab"
         )
     vocab_index = {a: i for i, a in enumerate(answer_vocab)}

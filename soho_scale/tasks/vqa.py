@@ -191,15 +191,23 @@ class VQAEvaluation:
         ]
 
     def score(self, records: list[dict]) -> dict[str, float]:
+        """The official accuracy averages over every question of the split: a question the
+        conversion skipped (`question_ids.json` lists it, no record answers it) scores 0, exact
+        for the ones skipped because no human answer is in the vocabulary (no answer the model
+        can give matches). `vqa_accuracy_scored`: over the questions with a sample alone."""
         answered = [r for r in records if r["human_answers"]]  # test splits have none
         if not answered:
             return {}
-        return {
-            "vqa_accuracy": vqa_accuracy(
-                [r["answer"] for r in answered], [r["human_answers"] for r in answered]
-            ),
-            "scored_questions": float(len(answered)),
-        }
+        accuracy = vqa_accuracy(
+            [r["answer"] for r in answered], [r["human_answers"] for r in answered]
+        )
+        out = {"vqa_accuracy": accuracy, "scored_questions": float(len(answered))}
+        if self.question_ids is not None:
+            unscored = len(set(self.question_ids) - {r["question_id"] for r in records})
+            out["vqa_accuracy_scored"] = accuracy
+            out["unscored_questions"] = float(unscored)
+            out["vqa_accuracy"] = accuracy * len(answered) / (len(answered) + unscored)
+        return out
 
     def write_outputs(self, records: list[dict], out_dir: str, split: str) -> list[str]:
         """predictions.json (with per-question accuracy) and the submission file

@@ -20,7 +20,7 @@ from data_pipeline.sources.karpathy import convert_karpathy
 from data_pipeline.sources.nlvr2 import convert_nlvr2
 from data_pipeline.sources.snli_ve import convert_snli_ve
 from data_pipeline.sources.vg import convert_vg
-from data_pipeline.sources.vqa import convert_vqa, soft_targets
+from data_pipeline.sources.vqa import build_answer_vocab, convert_vqa, soft_targets
 from data_pipeline.vqa_answers import normalize_answer
 
 
@@ -100,6 +100,29 @@ def test_vqa_shards_have_vocab_labels_and_soft_scores(
         assert all(0 < s <= 1 for s in sample["answer_scores"])
         Image.open(io.BytesIO(sample["image"])).verify()
     assert _report(synthetic_shards / "vqa/val2014")["num_answers"] == len(vocab)
+
+
+def test_vqa_vocabulary_from_train_and_val_annotations(
+    synthetic_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SOHO's 3129 answers are counted over train2014 + val2014: `--vocab-from` pools the
+    annotation files; a threshold only the pooled counts reach keeps answers one split lacks."""
+    vqa = synthetic_world / "vqa"
+    train, val = (vqa / f"v2_mscoco_{s}2014_annotations.json" for s in ("train", "val"))
+    pooled = _json(train)["annotations"] + _json(val)["annotations"]
+    argv = ["convert", "vqa", "--questions", str(vqa / "v2_OpenEnded_mscoco_val2014_questions.json"),
+            "--annotations", str(val), "--images", str(synthetic_world / "coco/val2014"),
+            "--min-answer-count", "40"]  # fmt: skip
+    assert main([*argv, "--vocab-from", str(train), "--vocab-from", str(val),
+                 "--out", str(tmp_path / "pooled")]) == 0  # fmt: skip
+    assert _json(tmp_path / "pooled/answer_vocab.json") == build_answer_vocab(pooled, 40)
+    assert main([*argv, "--out", str(tmp_path / "val_only")]) == 0
+    val_only = _json(tmp_path / "val_only/answer_vocab.json")
+    assert set(val_only) < set(_json(tmp_path / "pooled/answer_vocab.json"))
+    capsys.readouterr()
+    assert main([*argv, "--vocab-from", str(train), "--answer-vocab", str(tmp_path / "x.json"),
+                 "--out", str(tmp_path / "both")]) == 2  # fmt: skip
+    assert "not both" in capsys.readouterr().err
 
 
 def test_nlvr2_shards_pair_images_and_labels(synthetic_world: Path, synthetic_shards: Path) -> None:

@@ -70,6 +70,11 @@ def test_outputs_score_with_human_answers_and_write_a_submission(tmp_path):
     metrics = evaluation.score(records)
     assert metrics["scored_questions"] == 2
     assert metrics["vqa_accuracy"] == pytest.approx(100 * (1 + 0.6) / 2)
+    # Scored against the whole split: two more questions the conversion skipped count 0.
+    whole = VQAEvaluation(["yes", "no", "2"], question_ids=[11, 12, 13, 14, 15]).score(records)
+    assert whole["vqa_accuracy"] == pytest.approx(100 * (1 + 0.6) / 4)
+    assert whole["vqa_accuracy_scored"] == pytest.approx(metrics["vqa_accuracy"])
+    assert whole["unscored_questions"] == 2 and whole["scored_questions"] == 2
     paths = evaluation.write_outputs(records, str(tmp_path), "test-dev2015")
     submission = json.loads((tmp_path / "vqa_test-dev2015_submission.json").read_text())
     assert str(tmp_path / "vqa_test-dev2015_submission.json") in paths
