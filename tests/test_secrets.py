@@ -6,6 +6,7 @@ import base64
 import http.server
 import os
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -229,7 +230,19 @@ def test_launch_keeps_url_credentials_off_command_lines_and_files(probe_env, tmp
     sbatch, manifest = tmp_path / "job.sbatch", tmp_path / "job.k8s.yaml"
     shape = ["--nodes", "2", "--gpus-per-node", "1"]
     assert launch_main([JOB, "--scheduler", "slurm", *shape, "--out", str(sbatch)]) == 0
-    assert "export MLFLOW_TRACKING_URI=http://mlflow.internal:5000" in sbatch.read_text()
+    # The job keeps the full URI Slurm hands it from the submitting shell; the script holds
+    # only the bare one, for a job that inherits none.
+    (line,) = [x for x in sbatch.read_text().splitlines() if "MLFLOW_TRACKING_URI" in x]
+    assert line.endswith(
+        "MLFLOW_TRACKING_URI=http://mlflow.internal:5000; export MLFLOW_TRACKING_URI"
+    )
+    show = f'set -euo pipefail; {line}; printf %s "$MLFLOW_TRACKING_URI"'
+    inherited = os.environ["MLFLOW_TRACKING_URI"]
+    for given, seen in ((inherited, inherited), (None, "http://mlflow.internal:5000")):
+        child = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        child.update({"MLFLOW_TRACKING_URI": given} if given else {})
+        shown = subprocess.run(["bash", "-c", show], env=child, capture_output=True, text=True)
+        assert shown.stdout == seen
     argv = [JOB, "--scheduler", "k8s", *shape, "--image", "r/soho:1", "--out", str(manifest)]
     assert launch_main([*argv, "checkpoint.dir=s3://soho-checkpoints/x"]) == 0
     documents = list(yaml.safe_load_all(manifest.read_text()))

@@ -7,7 +7,8 @@ credentials come from each host's own environment or AWS chain (hostfile, Slurm)
 Kubernetes Secrets by reference. A setting whose value is a URL with a user:password in it
 (`MLFLOW_TRACKING_URI=https://user:pw@host`) travels without them: the nodes take MLflow's from
 MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN in their own environment (Kubernetes:
-the Secret), S3's from the AWS chain; one with a credential in its query does not travel. The
+the Secret), S3's from the AWS chain, and a Slurm job keeps the whole value it inherits from
+sbatch (`credentialed`); one with a credential in its query does not travel. The
 runner's env-file and export formats are those of
 `soho_scale.engine.patches.deepspeed_runner_env`.
 """
@@ -88,6 +89,12 @@ def without_credentials(name: str, value: str, secrets: set[str]) -> tuple[str |
         )
         return bare, f"{name} propagated without its user:password (each node: {where})"
     return value, None
+
+
+def credentialed(environ: dict[str, str], env: dict[str, str]) -> set[str]:
+    """The settings of `env` that travel without the credentials their value holds here
+    (`MLFLOW_TRACKING_URI=https://user:pw@host`)."""
+    return {name for name in env if has_credentials(environ.get(name, ""))}
 
 
 def cluster_env(environ: dict[str, str], cpu: bool) -> dict[str, str]:

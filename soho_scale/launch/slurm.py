@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Collection
 from typing import Any
 
 from soho_scale import PREEMPTED_EXIT_CODE
@@ -125,8 +126,13 @@ def script_head(
     workdir: str,
     env: dict[str, str],
     setup: list[str] | None = None,
+    keep_inherited: Collection[str] = (),
 ) -> list[str]:
-    """The lines every sbatch script starts with: options, the repo, set-up and settings."""
+    """The lines every sbatch script starts with: options, the repo, set-up and settings.
+
+    `keep_inherited`: settings written here without their credentials (`environment.credentialed`);
+    the job keeps the value it inherits from sbatch's environment (Slurm passes the submitting
+    shell's), credentials and all, and takes the written one only when it inherits none."""
     for line in comments:
         no_control_characters("a path in the script's header", line)
     return [
@@ -137,7 +143,12 @@ def script_head(
         f"cd {shlex.quote(workdir)}",
         *(setup or []),
         "# Non-secret settings; credentials come from the nodes' environment / AWS chain.",
-        *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+        *(
+            f'[ -n "${{{k}:-}}" ] || {k}={shlex.quote(v)}; export {k}'
+            if k in keep_inherited
+            else f"export {k}={shlex.quote(v)}"
+            for k, v in env.items()
+        ),
     ]
 
 
@@ -153,6 +164,7 @@ def sbatch_script(
     setup: list[str] | None = None,
     options: dict[str, str | None] | None = None,
     finish: str = 'exit "$status"',
+    keep_inherited: Collection[str] = (),
 ) -> str:
     """An sbatch script: one task per node running the node launcher; requeues on 75. `finish`:
     the shell line run when the step ends otherwise (its status in $status)."""
@@ -177,6 +189,7 @@ def sbatch_script(
         workdir,
         env,
         setup,
+        keep_inherited,
     )
     lines = [
         *head,
