@@ -260,6 +260,16 @@ def test_k8s_manifest_indexed_job_headless_service_and_secret_references(env, tm
             kubernetes_validate.validate(document, version, strict=True)
 
 
+def test_launch_refuses_counts_and_ports_out_of_range(env, tmp_path):
+    out = str(tmp_path / "m.sbatch")
+    for flag, value, expected in (("--nodes", "-2", "at least 1"), ("--nodes", "0", "at least 1"),
+                                  ("--gpus-per-node", "-4", "at least 1"),
+                                  ("--master-port", "99999", "1..65535")):  # fmt: skip
+        with pytest.raises(ClusterError, match=f"^{flag} {value}: expected {expected}$"):
+            launch_main([JOB, "--scheduler", "slurm", flag, value, "--out", out])
+    assert not os.path.exists(out)
+
+
 def test_k8s_name_must_start_with_a_letter(env, tmp_path):
     out = str(tmp_path / "m.yaml")
     with pytest.raises(ClusterError, match="starting with a letter"):

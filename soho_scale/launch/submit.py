@@ -158,6 +158,12 @@ def launch_main(argv: list[str]) -> int:
     scheduler.add_argument("--mlflow-secret", default="soho-mlflow")
     scheduler.add_argument("--shm-size", default="64Gi", help="k8s /dev/shm size limit")
     args = parser.parse_intermixed_args(argv)
+    for flag, value, low, high in (("--nodes", args.nodes, 1, None),
+                                   ("--gpus-per-node", args.gpus_per_node, 1, None),
+                                   ("--master-port", args.master_port, 1, 65535)):  # fmt: skip
+        if value is not None and not (low <= value and (high is None or value <= high)):
+            expected = f"{low}..{high}" if high else f"at least {low}"
+            raise ClusterError(f"{flag} {value}: expected {expected}")
     job = load_job(args.job, args.overrides)  # a bad spec fails before anything is written
     if args.hostfile:
         return hostfile_launch(args, job)
