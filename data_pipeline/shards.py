@@ -25,9 +25,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataError
+from data_pipeline.transforms import upright
 from data_pipeline.urls import is_remote
 
 DEFAULT_SIZE_LIMIT = 64 * 1024 * 1024
@@ -214,11 +216,17 @@ def read_image(images_dir: str, relative: str) -> bytes:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                if image.format == "JPEG":
+                if image.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with previews
                     return data
-                # Lossless re-encode; modes PNG cannot hold (CMYK, I;16 variants) go to RGB.
-                if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
-                    image = image.convert("RGB")
+                # Lossless re-encode, upright (decode_image would turn it; PNG drops the tag).
+                image = upright(image)
+                if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                    # 16-bit grey: its top 8 bits (as OpenCV reads it); a plain RGB
+                    # conversion clips every value over 255 to white.
+                    high = np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8
+                    image = Image.fromarray(high.astype(np.uint8), "L")
+                elif image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+                    image = image.convert("RGB")  # CMYK, float, ...: modes PNG cannot hold
                 out = io.BytesIO()
                 image.save(out, format="PNG")
                 return out.getvalue()

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 DEFAULT_TOKENIZER = "bert-base-uncased"  # the job spec's default (data.text.tokenizer)
 
@@ -29,22 +29,46 @@ class ImageDecodeError(ValueError):
     """Image bytes that PIL cannot decode (corrupt or truncated file)."""
 
 
-def decode_image(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | None = None):
-    """JPEG/PNG bytes -> (RGB PIL image, final (height, width)); corrupt bytes raise
-    ImageDecodeError.
+_ORIENTATION = 0x0112  # EXIF: how the camera held the picture; 5-8 turn it a quarter
 
-    `size_for(height, width)` maps the stored size to the final size (identity when None), so a
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block means no orientation, not no image
+        return 1
+
+
+def shown_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of an opened image as it is shown: its EXIF orientation applied, as
+    OpenCV's imread/imdecode (the official SOHO code's reader) and every photo viewer do."""
+    turned = _orientation(image) in (5, 6, 7, 8)
+    return (image.width, image.height) if turned else (image.height, image.width)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """A loaded image with its EXIF orientation applied (itself when it has none)."""
+    return ImageOps.exif_transpose(image) if _orientation(image) not in (1, 0) else image
+
+
+def decode_image(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | None = None):
+    """JPEG/PNG bytes -> (RGB PIL image, final (height, width)), upright (`shown_size`);
+    corrupt bytes raise ImageDecodeError.
+
+    `size_for(height, width)` maps the shown size to the final size (identity when None), so a
     JPEG much larger than needed is decoded at a reduced DCT scale (`draft`): the same result
     after resizing for a fraction of the decode work.
     """
     try:
         image = Image.open(io.BytesIO(data))
-        final = size_for(image.height, image.width) if size_for else (image.height, image.width)
-        if image.format == "JPEG":
-            image.draft("RGB", (final[1], final[0]))
+        shown = shown_size(image)
+        final = size_for(*shown) if size_for else shown
+        if image.format in ("JPEG", "MPO"):  # draft's size is the stored one's: width first
+            stored = final if shown != (image.height, image.width) else final[::-1]
+            image.draft("RGB", stored)
         # load() forces the full decode now so truncated files fail here, not later.
         image.load()
-        return image.convert("RGB"), final
+        return upright(image).convert("RGB"), final
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         raise ImageDecodeError(f"cannot decode image ({type(e).__name__}: {e})") from e
 

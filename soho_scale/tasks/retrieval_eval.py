@@ -29,6 +29,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+from data_pipeline.transforms import shown_size
 from soho_scale.objectives import unimodal_features
 from soho_scale.tasks.retrieval import recall_at_k
 
@@ -69,8 +70,7 @@ class EncodedImages(Sequence):
     def sizes(self) -> torch.Tensor:
         out = []
         for blob in self.blobs:
-            width, height = Image.open(io.BytesIO(blob)).size
-            out.append(self.transform.output_size(height, width))
+            out.append(self.transform.output_size(*shown_size(Image.open(io.BytesIO(blob)))))
         return torch.tensor(out, dtype=torch.long)
 
 

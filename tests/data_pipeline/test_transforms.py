@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -42,6 +43,49 @@ def test_image_transform_keeps_aspect_and_pixels(fmt):
 def test_large_jpeg_draft_decode_gives_the_requested_size():
     out = ImageTransform(64, 96)(encode(1600, 1200))
     assert out.shape == (3, 64, 85)
+
+
+def _sideways(width: int, height: int, orientation: int, fmt: str = "JPEG") -> bytes:
+    """Stored `width` x `height`, left half red and right half blue, with an EXIF orientation."""
+    image = Image.new("RGB", (width, height), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, width // 2, height))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("stored", "transform", "shape"), [
+    ((40, 20), ImageTransform(40, 100), (3, 80, 40)),
+    ((1600, 800), ImageTransform(50, 100), (3, 100, 50)),  # the reduced-size (draft) decode
+])  # fmt: skip
+def test_exif_orientation_is_applied_as_opencv_reads_photos(stored, transform, shape):
+    """Orientation 6: the camera was turned; the stored left half is the shown top half."""
+    for fmt in ("JPEG", "PNG"):
+        out = transform(_sideways(*stored, orientation=6, fmt=fmt))
+        assert out.shape == shape, fmt
+        top, bottom = out[:, 2, shape[2] // 2], out[:, -3, shape[2] // 2]
+        assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, fmt
+    # orientation 3 (upside down) keeps the size and swaps left and right
+    out = transform(_sideways(*stored, orientation=3))
+    assert out.shape == (3, *soho_size(stored[1], stored[0], transform.min_size, 100))
+    assert out[2, 2, 2] > 200 and out[0, 2, -3] > 200
+
+
+def test_conversion_keeps_16_bit_greys_and_stores_re_encoded_images_upright(tmp_path):
+    from data_pipeline.shards import read_image
+
+    grey = Image.fromarray(np.full((20, 30), 30000, dtype=np.uint16))
+    assert grey.mode.startswith("I")
+    grey.save(tmp_path / "grey16.png")
+    stored = read_image(str(tmp_path), "grey16.png")
+    out = ImageTransform(20, 100)(stored)
+    assert out.shape == (3, 20, 30) and abs(out.float().mean().item() - 30000 / 256) < 2
+    (tmp_path / "turned.png").write_bytes(_sideways(40, 20, orientation=6, fmt="PNG"))
+    stored = read_image(str(tmp_path), "turned.png")
+    assert Image.open(io.BytesIO(stored)).size == (20, 40)  # PNG keeps no orientation tag
+    assert ImageTransform(40, 100)(stored).shape == (3, 80, 40)
 
 
 def test_square_mode():

@@ -177,6 +177,28 @@ def test_folds_of_a_count_they_do_not_divide_are_contiguous_and_nearly_equal(cap
     assert "fold_tr_r1" not in numbers and numbers["num_images_skipped"] == 0
 
 
+def test_encoded_images_plan_sizes_as_the_transform_decodes_them():
+    """The batches are planned from the file headers: a turned photo (EXIF orientation) must be
+    planned at the size it decodes to."""
+    import io
+
+    from PIL import Image
+
+    from data_pipeline.transforms import ImageTransform
+    from soho_scale.tasks.retrieval_eval import EncodedImages
+
+    blobs = []
+    for orientation in (1, 6):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        Image.new("RGB", (60, 30), (9, 9, 9)).save(buffer, "JPEG", exif=exif.tobytes())
+        blobs.append(buffer.getvalue())
+    images = EncodedImages(blobs, ImageTransform(30, 100))
+    assert images.sizes().tolist() == [list(images[i].shape[1:]) for i in range(2)]
+    assert images.sizes().tolist() == [[30, 60], [60, 30]]
+
+
 def test_two_stage_with_every_candidate_equals_exact():
     model, data = tiny_model(), random_set()
     exact = evaluate_retrieval(model, data, return_scores=True)
