@@ -124,7 +124,9 @@ def read_answer_vocab(remote: str) -> list[str]:
 
 def read_question_ids(remotes: list[str]) -> list[int] | None:
     """Every question id of the evaluated splits (`question_ids.json` beside each stream's
-    shards, skipped questions included), or None when a stream has no such file."""
+    shards, skipped questions included), or None when a stream has no such file (shards
+    converted before it was written). Any other failure to read it is raised: without the
+    list a submission would leave out the skipped questions unnoticed."""
     from data_pipeline.errors import DataError
     from data_pipeline.storage import read_bytes
     from data_pipeline.urls import join_url
@@ -133,8 +135,11 @@ def read_question_ids(remotes: list[str]) -> list[int] | None:
     for remote in remotes:
         try:
             ids += json.loads(read_bytes(join_url(remote, QUESTION_IDS)))
-        except (DataError, FileNotFoundError):
-            return None
+        except DataError as e:
+            error = getattr(e.__cause__, "response", {}).get("Error", {})
+            if e.__cause__ is None or error.get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
     return ids
 
 

@@ -60,6 +60,26 @@ def test_vocabulary_and_metric_share_one_normalisation():
     assert vqa_task.question_accuracy(vocab[0], humans) == pytest.approx(0.9)
 
 
+def test_question_ids_missing_is_none_but_unreadable_is_an_error(tmp_path, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    from data_pipeline import storage
+    from data_pipeline.errors import DataError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "question_ids.json").write_text("[3, 1, 2]")
+    assert vqa_task.read_question_ids([str(tmp_path / "a")]) == [3, 1, 2]
+    assert vqa_task.read_question_ids([str(tmp_path / "a"), str(tmp_path / "old")]) is None
+
+    def refused(url, client=None):  # noqa: ANN001, ANN202
+        cause = ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject")
+        raise DataError(f"{url}: cannot read (AccessDenied)") from cause
+
+    monkeypatch.setattr(storage, "read_bytes", refused)
+    with pytest.raises(DataError, match="AccessDenied"):
+        vqa_task.read_question_ids(["s3://b/vqa/test-dev2015"])
+
+
 def test_outputs_score_with_human_answers_and_write_a_submission(tmp_path):
     evaluation = VQAEvaluation(["yes", "no", "2"])
     records = [
