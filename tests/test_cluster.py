@@ -270,6 +270,17 @@ def test_launch_refuses_counts_and_ports_out_of_range(env, tmp_path):
     assert not os.path.exists(out)
 
 
+def test_k8s_launch_warns_when_cnn_weights_come_from_a_hub_cache(env, tmp_path, capsys):
+    out = str(tmp_path / "m.yaml")
+    argv = [JOB, "--scheduler", "k8s", "--out", out]
+    assert launch_main(argv) == 0
+    assert "torch hub cache" not in capsys.readouterr().err
+    paper = "jobs/pretrain/soho_r18_l3_coco_vg.yaml"  # cnn_init: ResNet18_Weights.IMAGENET1K_V1
+    assert launch_main([paper, "--scheduler", "k8s", "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert "cnn_init ResNet18_Weights.IMAGENET1K_V1 is read from the torch hub cache" in err
+
+
 def test_k8s_name_must_start_with_a_letter(env, tmp_path):
     out = str(tmp_path / "m.yaml")
     with pytest.raises(ClusterError, match="starting with a letter"):

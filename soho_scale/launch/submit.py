@@ -28,6 +28,7 @@ from soho_scale.launch.hostfile import hostfile_launch
 from soho_scale.launch.kubernetes import K8S_WORKDIR, k8s_manifest, k8s_name
 from soho_scale.launch.node import NodeShape
 from soho_scale.launch.slurm import sbatch_script, slurm_options
+from soho_scale.pretrained import WEIGHTS_NAME
 from soho_scale.spec import Job, accumulation_steps, load_job
 
 
@@ -98,6 +99,14 @@ def scheduler_launch(args: argparse.Namespace, job: Job) -> int:
                 "it; use s3:// (or resources.volume_claim) to resume after preemption",
                 file=sys.stderr,
             )
+    cnn_init = None if job.model.init_from else job.model.config().cnn_init
+    if cnn_init and WEIGHTS_NAME.match(cnn_init):
+        print(
+            f"warning: model.overrides.cnn_init {cnn_init} is read from the torch hub cache "
+            "(TORCH_HOME), which the image does not hold; set it to an s3:// URL of the file "
+            "or mount a volume holding the cache at TORCH_HOME",
+            file=sys.stderr,
+        )
     text = k8s_manifest(
         job, job_path, args.overrides, shape, args.master_port or 29500,
         checked("--image", args.image, "image"), env, k8s_name(job, args.name), args.run_dir,
