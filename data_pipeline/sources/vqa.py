@@ -43,6 +43,7 @@ COLUMNS = {
     "answers": "json",
     "answer_labels": "json",
     "answer_scores": "json",
+    "answer_type": "str",  # "yes/no", "number", "other"; "" for the test splits
 }
 VOCAB_NAME = "answer_vocab.json"
 # Every question id of the published file, kept or skipped: a submission answers each once.
@@ -141,6 +142,7 @@ def convert_vqa(
     read_cached = lru_cache(maxsize=16)(read_image)  # questions come grouped by image
 
     def build(q: dict) -> dict[str, Any]:
+        answer_type = ""
         if by_question is None:
             answers, labels, scores = [], [], []
         else:
@@ -148,6 +150,7 @@ def convert_vqa(
             if annotation is None:
                 raise SkipSample("no_annotation")
             answers = [a["answer"] for a in annotation["answers"]]
+            answer_type = str(annotation.get("answer_type") or "")
             labels, scores = soft_targets(answers, vocab_index)
             if not labels and not keep_unanswerable:
                 raise SkipSample("no_answer_in_vocab")
@@ -164,6 +167,7 @@ def convert_vqa(
             "answers": answers,
             "answer_labels": labels,
             "answer_scores": scores,
+            "answer_type": answer_type,
         }
 
     with ShardWriter(out, COLUMNS, "vqa", split, **writer_options) as writer:

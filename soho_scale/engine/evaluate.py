@@ -45,13 +45,13 @@ class EvalError(ValueError):
 @dataclass
 class KeepColumnsProcessor(SampleProcessor):
     """The task's processor, plus raw shard columns the metric needs (VQA: the 10 human
-    answers, which the training batch does not carry)."""
+    answers, which the training batch does not carry; None for a column older shards lack)."""
 
     keep: tuple[str, ...] = ()
 
     def __call__(self, raw: dict[str, Any], sample_id: int, epoch: int) -> dict[str, Any]:
         out = super().__call__(raw, sample_id, epoch)
-        out["kept"] = {column: _plain(raw[column]) for column in self.keep}
+        out["kept"] = {column: _plain(raw.get(column)) for column in self.keep}
         return out
 
 

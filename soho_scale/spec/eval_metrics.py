@@ -6,7 +6,7 @@ alone (`soho_scale.tasks.retrieval_eval.evaluate_job`)."""
 from __future__ import annotations
 
 EVAL_METRICS = {
-    "vqa": ("vqa_accuracy",),
+    "vqa": ("vqa_accuracy", "vqa_accuracy_yes_no", "vqa_accuracy_number", "vqa_accuracy_other"),
     "nlvr2": ("accuracy", "consistency"),
     "snli_ve": ("accuracy", "accuracy_entailment", "accuracy_neutral", "accuracy_contradiction"),
     "retrieval": ("rsum", "tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"),

@@ -54,6 +54,9 @@ def vqa_accuracy(predictions: list[str], answers: list[list[str]]) -> float:
 # ---- the task: head, loss, step module, evaluation -------------------------------------------
 ANSWER_VOCAB = "answer_vocab.json"  # beside the VQA shards (data_pipeline.sources.vqa)
 QUESTION_IDS = "question_ids.json"  # likewise: every question of the split
+# The annotations' answer types -> the metric suffix of their accuracy (the server's
+# perAnswerType)
+ANSWER_TYPES = {"yes/no": "yes_no", "number": "number", "other": "other"}
 
 
 class VQAModel(nn.Module):
@@ -174,7 +177,9 @@ def submission_problems(rows: Any, question_ids: list[int] | None = None) -> lis
 class VQAEvaluation:
     """Per-sample predictions, the official accuracy, the results and submission files."""
 
-    keep_columns = ("answers",)  # the 10 raw human answers: the official metric needs them
+    # The 10 raw human answers (the official metric needs them) and the question's answer type
+    # (the server's per-type accuracies).
+    keep_columns = ("answers", "answer_type")
 
     def __init__(self, answers: list[str], question_ids: list[int] | None = None):
         self.answers = answers  # most frequent first: answers[0] is the fallback answer
@@ -189,6 +194,7 @@ class VQAEvaluation:
                 "question_id": int(question_id),
                 "answer": self.answers[index],
                 "human_answers": list(kept["answers"]),
+                "answer_type": kept.get("answer_type") or "",
             }
             for sample_id, question_id, index, kept in zip(
                 batch["sample_ids"].tolist(), batch["question_ids"].tolist(), best, batch["kept"]
@@ -207,6 +213,12 @@ class VQAEvaluation:
             [r["answer"] for r in answered], [r["human_answers"] for r in answered]
         )
         out = {"vqa_accuracy": accuracy, "scored_questions": float(len(answered))}
+        for answer_type, key in ANSWER_TYPES.items():  # of the scored questions, as per type
+            of_type = [r for r in answered if r.get("answer_type") == answer_type]
+            if of_type:
+                out[f"vqa_accuracy_{key}"] = vqa_accuracy(
+                    [r["answer"] for r in of_type], [r["human_answers"] for r in of_type]
+                )
         if self.question_ids is not None:
             unscored = len(set(self.question_ids) - {r["question_id"] for r in records})
             out["vqa_accuracy_scored"] = accuracy

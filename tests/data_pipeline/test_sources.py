@@ -95,6 +95,7 @@ def test_vqa_shards_have_vocab_labels_and_soft_scores(
     for sample, annotation in zip(samples[:50], annotations["annotations"][:50]):
         assert sample["question_id"] == annotation["question_id"]
         assert sample["answers"] == [a["answer"] for a in annotation["answers"]]
+        assert sample["answer_type"] == annotation["answer_type"]
         best = sample["answer_labels"][sample["answer_scores"].index(max(sample["answer_scores"]))]
         assert vocab[best] == annotation["multiple_choice_answer"]
         assert all(0 < s <= 1 for s in sample["answer_scores"])

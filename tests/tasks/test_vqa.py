@@ -90,6 +90,11 @@ def test_outputs_score_with_human_answers_and_write_a_submission(tmp_path):
     metrics = evaluation.score(records)
     assert metrics["scored_questions"] == 2
     assert metrics["vqa_accuracy"] == pytest.approx(100 * (1 + 0.6) / 2)
+    assert "vqa_accuracy_yes_no" not in metrics  # records without types: no per-type numbers
+    typed = [{**r, "answer_type": t} for r, t in zip(records, ("yes/no", "number", ""))]
+    per_type = evaluation.score(typed)
+    assert per_type["vqa_accuracy_yes_no"] == 100 and per_type["vqa_accuracy_number"] == 60
+    assert "vqa_accuracy_other" not in per_type
     # Scored against the whole split: two more questions the conversion skipped count 0.
     whole = VQAEvaluation(["yes", "no", "2"], question_ids=[11, 12, 13, 14, 15]).score(records)
     assert whole["vqa_accuracy"] == pytest.approx(100 * (1 + 0.6) / 4)
