@@ -76,8 +76,14 @@ def _convert_everything(world: Path, root: Path) -> list[int]:
     def w(*parts: str) -> str:
         return str(world.joinpath(*parts))
 
-    convert_coco(w("coco/annotations/captions_train2014.json"), w("coco/train2014"), f"{S3}/coco")
-    convert_vg(w("vg/region_descriptions.json"), w("vg/image_data.json"), w("vg"), f"{S3}/vg")
+    # Pre-training data without the retrieval val/test images, as the README converts it.
+    flickr, flickr_images = _flickr30k(world, root)
+    held_out = [w("karpathy/dataset_coco.json"), str(flickr)]
+    for split in ("train2014", "val2014"):
+        convert_coco(w(f"coco/annotations/captions_{split}.json"), w(f"coco/{split}"),
+                     f"{S3}/coco/{split}", exclude=held_out)  # fmt: skip
+    convert_vg(w("vg/region_descriptions.json"), w("vg/image_data.json"), w("vg"), f"{S3}/vg",
+               exclude=held_out)  # fmt: skip
     convert_vqa(w("vqa/v2_OpenEnded_mscoco_train2014_questions.json"),
                 w("vqa/v2_mscoco_train2014_annotations.json"), w("coco/train2014"),
                 f"{S3}/vqa/train2014", min_answer_count=1)  # fmt: skip
@@ -98,7 +104,6 @@ def _convert_everything(world: Path, root: Path) -> list[int]:
     for split, name in (("train,restval", "train"), ("test", "test")):
         convert_karpathy(w("karpathy/dataset_coco.json"), w("coco"), f"{S3}/karpathy/{name}",
                          split=split)  # fmt: skip
-    flickr, flickr_images = _flickr30k(world, root)
     for split in ("train", "test"):
         convert_karpathy(str(flickr), str(flickr_images), f"{S3}/flickr30k/{split}", split=split)
     for split in ("train", "dev", "test"):
