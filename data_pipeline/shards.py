@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataError
-from data_pipeline.transforms import upright
+from data_pipeline.normalise import upright
 from data_pipeline.urls import is_remote
 
 DEFAULT_SIZE_LIMIT = 64 * 1024 * 1024
@@ -266,7 +266,7 @@ class ShardWriter:
         self.out = out
         self.source = source
         self.split = split
-        self.records = 0  # given to `convert`: written + skipped samples
+        self.records = 0  # given to `convert`, each written or skipped as a whole
         self.written = 0
         self.skipped: Counter[str] = Counter()
         self.extras: dict[str, Any] = {}

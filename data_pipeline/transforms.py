@@ -13,42 +13,21 @@ from __future__ import annotations
 
 import io
 import os
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from data_pipeline.normalise import clean_text, shown_size, upright
 
 DEFAULT_TOKENIZER = "bert-base-uncased"  # the job spec's default (data.text.tokenizer)
 
 
 class ImageDecodeError(ValueError):
     """Image bytes that PIL cannot decode (corrupt or truncated file)."""
-
-
-_ORIENTATION = 0x0112  # EXIF: how the camera held the picture; 5-8 turn it a quarter
-
-
-def _orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - a broken EXIF block means no orientation, not no image
-        return 1
-
-
-def shown_size(image: Image.Image) -> tuple[int, int]:
-    """(height, width) of an opened image as it is shown: its EXIF orientation applied, as
-    OpenCV's imread/imdecode (the official SOHO code's reader) and every photo viewer do."""
-    turned = _orientation(image) in (5, 6, 7, 8)
-    return (image.width, image.height) if turned else (image.height, image.width)
-
-
-def upright(image: Image.Image) -> Image.Image:
-    """A loaded image with its EXIF orientation applied (itself when it has none)."""
-    return ImageOps.exif_transpose(image) if _orientation(image) not in (1, 0) else image
 
 
 def decode_image(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | None = None):
@@ -144,16 +123,6 @@ def padded_tokenizer(name_or_path: str, max_len: int):
     fast.enable_truncation(max_length=max_len)
     fast.enable_padding(length=max_len, pad_id=slow.pad_token_id, pad_token=slow.pad_token)
     return fast
-
-
-def clean_text(value: object) -> str:
-    """A caption, question or statement as it is stored and tokenised: without format characters
-    (zero-width spaces, which BERT's tokenizer drops too) and lone surrogates (which a JSON
-    "\\ud800" escape yields and the tokenizer refuses), stripped. "" when nothing is left."""
-    text = str(value)
-    if not text.isascii():
-        text = "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cs"))
-    return text.strip()
 
 
 @dataclass(frozen=True)

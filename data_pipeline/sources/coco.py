@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 from data_pipeline.errors import DataError
+from data_pipeline.normalise import clean_text
 from data_pipeline.shards import (
     INT,
     LIST,
@@ -21,7 +22,6 @@ from data_pipeline.shards import (
     split_from_filename,
 )
 from data_pipeline.sources.held_out import held_out_images, record_exclusion
-from data_pipeline.transforms import clean_text
 
 COLUMNS = {"image": "bytes", "captions": "json"}
 # COCO_train2014_000000000009.jpg -> 9 (VQA and the Karpathy file name images this way too).

@@ -39,6 +39,15 @@ def _number(value: Any) -> int | None:
         return None
 
 
+def karpathy_dataset(data: Any, path: str) -> str:
+    """Which dataset a Karpathy split file splits: its `dataset` field ("coco", "flickr30k"),
+    else its name (dataset_flickr30k.json)."""
+    named = data.get("dataset") if isinstance(data, dict) else None
+    if named:
+        return str(named).lower()
+    return "flickr30k" if "flickr30k" in os.path.basename(path).lower() else "coco"
+
+
 def held_out_images(
     karpathy_files: list[str], splits: tuple[str, ...] = HELD_OUT_SPLITS
 ) -> set[ImageKey]:
@@ -48,9 +57,7 @@ def held_out_images(
     for path in karpathy_files:
         data = read_json(path)
         images = field(data, "images", path, kind=LIST)
-        dataset = str(data.get("dataset") or "").lower() if isinstance(data, dict) else ""
-        if not dataset:  # the file says which dataset it splits; its name says so otherwise
-            dataset = "flickr30k" if "flickr" in os.path.basename(path).lower() else "coco"
+        dataset = karpathy_dataset(data, path)
         if dataset not in ("coco", "flickr30k"):
             raise DataError(f"{path}: --exclude takes the COCO or Flickr30K Karpathy file, "
                             f"not dataset {dataset!r}")  # fmt: skip
@@ -59,13 +66,12 @@ def held_out_images(
                          {"cocoid": INT_OR_STR})  # fmt: skip
             if image["split"] not in splits:
                 continue
-            if dataset == "coco":
-                raw = image.get("cocoid", os.path.splitext(image["filename"])[0].rsplit("_", 1)[-1])
-            else:
-                raw = os.path.splitext(image["filename"])[0]
+            # COCO's file gives each image's cocoid; Flickr30K's names the photo by its id.
+            raw = image.get("cocoid") if dataset == "coco" else image["filename"].split(".")[0]
             number = _number(raw)
             if number is None:
-                raise DataError(f"{path}: images[{i}]: no image id in {image['filename']!r}")
+                what = "no cocoid" if dataset == "coco" else f"no photo id in {image['filename']!r}"
+                raise DataError(f"{path}: images[{i}]: {what}")
             keys.add(("coco" if dataset == "coco" else "flickr", number))
     return keys
 

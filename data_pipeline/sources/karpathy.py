@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from data_pipeline.errors import DataError
+from data_pipeline.normalise import clean_text
 from data_pipeline.shards import (
     INT_OR_STR,
     LIST,
@@ -22,7 +23,7 @@ from data_pipeline.shards import (
     read_json,
 )
 from data_pipeline.sources.coco import require_folder
-from data_pipeline.transforms import clean_text
+from data_pipeline.sources.held_out import karpathy_dataset
 
 COLUMNS = {"image": "bytes", "captions": "json"}
 SPLITS = ("train", "restval", "val", "test")
@@ -68,10 +69,7 @@ def convert_karpathy(
         image_id = image.get("cocoid", os.path.splitext(image["filename"])[0])
         return {"image_id": str(image_id), "image": image_bytes, "captions": texts}
 
-    # The file says which dataset it splits ("coco", "flickr30k"); its name says so otherwise.
-    dataset = data.get("dataset") or (
-        "flickr30k" if "flickr30k" in os.path.basename(json_file).lower() else "coco"
-    )
+    dataset = karpathy_dataset(data, json_file)
     with ShardWriter(out, COLUMNS, "karpathy", "+".join(wanted), **writer_options) as writer:
         writer.report_extra["dataset"] = str(dataset)
         writer.convert(chosen, build)

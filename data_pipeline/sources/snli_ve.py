@@ -11,6 +11,7 @@ import os
 from functools import lru_cache
 from typing import Any
 
+from data_pipeline.normalise import clean_text
 from data_pipeline.shards import (
     INT_OR_STR,
     STR,
@@ -22,7 +23,6 @@ from data_pipeline.shards import (
     split_from_filename,
 )
 from data_pipeline.sources.coco import require_folder
-from data_pipeline.transforms import clean_text
 
 COLUMNS = {"image": "bytes", "pair_id": "str", "hypothesis": "str", "label": "int"}
 LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}

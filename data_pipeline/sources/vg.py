@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from data_pipeline.errors import DataError
+from data_pipeline.normalise import clean_text
 from data_pipeline.shards import (
     INT,
     LIST,
@@ -22,7 +23,6 @@ from data_pipeline.shards import (
 )
 from data_pipeline.sources.coco import require_folder
 from data_pipeline.sources.held_out import held_out_images, record_exclusion, vg_image_keys
-from data_pipeline.transforms import clean_text
 
 COLUMNS = {"image": "bytes", "captions": "json"}
 # The VG download unpacks into two folders; accept either layout under --images.

@@ -20,6 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from data_pipeline.errors import DataError
+from data_pipeline.normalise import clean_text
 from data_pipeline.shards import (
     INT,
     LIST,
@@ -33,7 +34,6 @@ from data_pipeline.shards import (
     split_from_filename,
 )
 from data_pipeline.sources.coco import coco_image_index
-from data_pipeline.transforms import clean_text
 from data_pipeline.vqa_answers import normalize_answer
 
 COLUMNS = {
@@ -120,7 +120,13 @@ def convert_vqa(
             "come from the training split: pass --answer-vocab (its answer_vocab.json)"
         )
     if answer_vocab is None and vocab_annotations:
-        pooled = [a for path in vocab_annotations for a in _annotations(path)]
+        pooled = [
+            a
+            for path in vocab_annotations
+            # the split's own file is loaded already (VQA's train annotations are large)
+            for a in (by_question.values() if by_question is not None and path == annotations_file
+                      else _annotations(path))
+        ]  # fmt: skip
         answer_vocab = build_answer_vocab(pooled, min_answer_count)
     if answer_vocab is None:
         answer_vocab = build_answer_vocab(list(by_question.values()), min_answer_count)

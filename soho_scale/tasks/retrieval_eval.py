@@ -29,7 +29,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from data_pipeline.transforms import shown_size
+from data_pipeline.normalise import shown_size
 from soho_scale.objectives import unimodal_features
 from soho_scale.tasks.retrieval import recall_at_k
 
@@ -387,6 +387,10 @@ def evaluate_job(  # noqa: ANN201
     data = retrieval_set_from_samples(samples, processor.image, processor.text)
     present = len(data.images)
     split_images = max(present, converted_images or 0)
+    if world > 1:  # rank 0's count for all: ranks that chose other folds would score other pairs
+        box = [split_images]
+        dist.broadcast_object_list(box, src=0)
+        split_images = box[0]
     folds = job.eval.retrieval_folds or (5 if split_images >= 5000 else 1)
     if present < split_images:
         logger.warning(

@@ -128,8 +128,9 @@ def read_answer_vocab(remote: str) -> list[str]:
 def read_question_ids(remotes: list[str]) -> list[int] | None:
     """Every question id of the evaluated splits (`question_ids.json` beside each stream's
     shards, skipped questions included), or None when a stream has no such file (shards
-    converted before it was written). Any other failure to read it is raised: without the
-    list a submission would leave out the skipped questions unnoticed."""
+    converted before it was written; said when the storage refused rather than missed it).
+    Unreachable storage is raised: without the list a submission would leave out the skipped
+    questions unnoticed."""
     from data_pipeline.errors import DataError
     from data_pipeline.storage import read_bytes
     from data_pipeline.urls import join_url
@@ -139,10 +140,14 @@ def read_question_ids(remotes: list[str]) -> list[int] | None:
         try:
             ids += json.loads(read_bytes(join_url(remote, QUESTION_IDS)))
         except DataError as e:
-            error = getattr(e.__cause__, "response", {}).get("Error", {})
-            if e.__cause__ is None or error.get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise
+            if e.__cause__ is not None and not hasattr(e.__cause__, "response"):
+                raise  # the storage did not answer (a ClientError is an answer)
+            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+            if code not in (None, "NoSuchKey", "404", "NotFound"):
+                # A bucket without s3:ListBucket answers AccessDenied for a missing key too.
+                print(f"vqa: question_ids.json unreadable ({e}); the submission covers only "
+                      "the questions with a sample", flush=True)  # fmt: skip
+            return None
     return ids
 
 
@@ -213,7 +218,9 @@ class VQAEvaluation:
             [r["answer"] for r in answered], [r["human_answers"] for r in answered]
         )
         out = {"vqa_accuracy": accuracy, "scored_questions": float(len(answered))}
-        for answer_type, key in ANSWER_TYPES.items():  # of the scored questions, as per type
+        # Per type: over the questions with a sample (the server's perAnswerType when the
+        # conversion skipped none; a skipped question's type is not in the shards).
+        for answer_type, key in ANSWER_TYPES.items():
             of_type = [r for r in answered if r.get("answer_type") == answer_type]
             if of_type:
                 out[f"vqa_accuracy_{key}"] = vqa_accuracy(

@@ -77,7 +77,7 @@ def test_coco_conversion_leaves_out_karpathy_val_and_test_images(
     assert _written_ids(out) == ["2", "4"]
 
     # Without --exclude every image is written, and the report says nothing was held out.
-    assert main([*argv[:8], "--out", str(tmp_path / "all")]) == 0
+    assert main([*argv[:6], "--out", str(tmp_path / "all")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["written"] == 4 and report["held_out_from"]["files"] == []
 
@@ -121,5 +121,5 @@ def test_exclude_refuses_a_file_of_another_dataset(tmp_path: Path) -> None:
         held_out_images([str(other)])
     broken = tmp_path / "dataset_coco.json"
     broken.write_text(json.dumps({"images": [{"filename": "x.jpg", "split": "test"}]}))
-    with pytest.raises(DataError, match=r"images\[0\]: no image id"):
+    with pytest.raises(DataError, match=r"images\[0\]: no cocoid"):
         held_out_images([str(broken)])

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from data_pipeline.masking import IGNORE_INDEX, mask_captions, mask_tokens, sample_generator
+from data_pipeline.normalise import clean_text
 from data_pipeline.transforms import (
     ImageDecodeError,
     ImageTransform,
     TextTransform,
-    clean_text,
     load_tokenizer,
     soho_size,
 )

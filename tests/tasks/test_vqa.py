@@ -60,8 +60,10 @@ def test_vocabulary_and_metric_share_one_normalisation():
     assert vqa_task.question_accuracy(vocab[0], humans) == pytest.approx(0.9)
 
 
-def test_question_ids_missing_is_none_but_unreadable_is_an_error(tmp_path, monkeypatch):
-    from botocore.exceptions import ClientError
+def test_question_ids_missing_is_none_but_unreachable_storage_is_an_error(
+    tmp_path, monkeypatch, capsys
+):
+    from botocore.exceptions import ClientError, EndpointConnectionError
 
     from data_pipeline import storage
     from data_pipeline.errors import DataError
@@ -75,8 +77,16 @@ def test_question_ids_missing_is_none_but_unreadable_is_an_error(tmp_path, monke
         cause = ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject")
         raise DataError(f"{url}: cannot read (AccessDenied)") from cause
 
-    monkeypatch.setattr(storage, "read_bytes", refused)
-    with pytest.raises(DataError, match="AccessDenied"):
+    def unreachable(url, client=None):  # noqa: ANN001, ANN202
+        raise DataError(f"{url}: storage endpoint unreachable") from EndpointConnectionError(
+            endpoint_url="http://storage:9000"
+        )
+
+    monkeypatch.setattr(storage, "read_bytes", refused)  # a missing key without ListBucket
+    assert vqa_task.read_question_ids(["s3://b/vqa/test-dev2015"]) is None
+    assert "AccessDenied" in capsys.readouterr().out
+    monkeypatch.setattr(storage, "read_bytes", unreachable)
+    with pytest.raises(DataError, match="unreachable"):
         vqa_task.read_question_ids(["s3://b/vqa/test-dev2015"])
 
 
