@@ -307,8 +307,10 @@ def build_dataset(
     predownload: int | None = None,
     verify_shards: bool = True,
     clean_stale_shm: bool = True,
+    epoch_size: int | None = None,
 ) -> SohoStreamingDataset:
-    """A streaming dataset over one or more shard folders mixed by proportion.
+    """A streaming dataset over one or more shard folders mixed by proportion; `epoch_size`:
+    the samples an epoch draws (streaming repeats or subsamples each stream to its share).
 
     `batch_size` is the per-rank batch; keep the global batch and `num_canonical_nodes` fixed
     across restarts to resume exactly once on another number of ranks. The defaults are the job
@@ -349,6 +351,7 @@ def build_dataset(
             download_timeout=download_timeout,
             validate_hash=validate_hash,
             predownload=predownload,
+            epoch_size=epoch_size,
         )
     except DataError:
         raise

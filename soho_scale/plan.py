@@ -201,8 +201,8 @@ def make_plan(
     known = all(counts[u] is not None for u in train_urls)
     num_samples = sum(counts[u] or 0 for u in train_urls) if known else None
 
-    try:
-        numbers = derived(job, num_samples, world)
+    try:  # an epoch: `data.epoch_size` samples drawn by proportion, else every sample once
+        numbers = derived(job, job.data.epoch_size or num_samples, world)
     except SpecError as e:
         checks.append(Check("data size", False, str(e), "lower batch.global_batch or add data"))
         numbers = derived(job, None, world)

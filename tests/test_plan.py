@@ -167,6 +167,10 @@ def test_unreachable_endpoint_fails_quickly_with_the_fix(tmp_path, clean_env, ca
     assert "S3_ENDPOINT_URL" in check["fix"]
     assert plan["stream_samples"] == {"s3://soho-data/coco": None}
     assert plan["derived"]["steps_per_epoch"] is None  # unknown without the index
+    # An epoch of a given size (the paper job's, drawn by proportion) is known without it.
+    code, plan = run_plan([str(job), "data.epoch_size=100", "--shm-dir", str(tmp_path),
+                           "--timeout", "2"], capsys)  # fmt: skip
+    assert plan["derived"]["steps_per_epoch"] == 100 // 16
 
 
 def test_s3_streams_and_checkpoint_probe_through_a_real_s3_server(tmp_path, clean_env, capsys):

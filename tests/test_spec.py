@@ -70,8 +70,19 @@ def test_paper_recipe_numbers():
     assert numbers["accumulation_steps"] == 2
     assert numbers["texts_per_step"] == 256 * 4
     assert numbers["steps_per_epoch"] == 100
-    assert numbers["total_steps"] == 40 * 100
-    assert numbers["decay_steps"] == [2500, 3500]
+    assert numbers["total_steps"] == 520 * 100
+    assert numbers["decay_steps"] == [32500, 45500]
+    # Its epochs draw data.epoch_size samples by proportion: in all, the paper's 40 epochs over
+    # ~1.54M caption groups (COCO train2014 + restval at 2 groups an image, VG's 1.31M).
+    paper = derived(job, num_samples=job.data.epoch_size)
+    items = 82_783 * 2 + 30_504 * 2 + 1_313_000
+    assert paper["total_steps"] == pytest.approx(40 * items / 256, rel=0.01)
+    shares = [s.proportion for s in job.data.streams]
+    assert sum(shares) == pytest.approx(1)
+    assert shares == pytest.approx(
+        [82_783 * 2 / items, 30_504 * 2 / items, 1_313_000 / items], abs=2e-3
+    )
+    assert 0.99 < job.data.epoch_size * shares[2] / 101_000 <= 1.0  # VG's images about once
     assert job.optim.rest.eps == 1e-6 and job.optim.cnn.momentum == 0.9
     assert job.schedule.warmup_start_factor == pytest.approx(1 / 3)
     without_size = derived(job)

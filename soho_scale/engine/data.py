@@ -27,6 +27,7 @@ def job_loader(
     processor: SampleProcessor,
     workers: int | None = None,
     collate_fn: Any = None,
+    epoch_size: int | None = None,
 ) -> tuple[SohoStreamingDataset, SohoLoader]:
     """(dataset, loader) over `streams` (the job's `data.streams` or `eval.streams`)."""
     data = job.data
@@ -42,6 +43,7 @@ def job_loader(
         download_timeout=data.download_timeout,
         download_deadline_s=data.download_deadline_s,
         validate_hash=data.validate_hash,
+        epoch_size=epoch_size,
     )
     loader = build_loader(
         dataset,
@@ -64,8 +66,9 @@ def train_loader(
         f"node{node_index()}",
     )
     return job_loader(
-        job, job.data.streams, cache_root, micro_batch, job.data.shuffle, sample_processor(job)
-    )
+        job, job.data.streams, cache_root, micro_batch, job.data.shuffle, sample_processor(job),
+        epoch_size=job.data.epoch_size,
+    )  # fmt: skip
 
 
 def collate_keeping(samples: list[dict[str, Any]], task: str) -> dict[str, Any]:

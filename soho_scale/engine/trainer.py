@@ -89,7 +89,7 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     # so a resumed run draws exactly what the uninterrupted one drew.
     loader.generator = torch.Generator().manual_seed(job.seed + 1000 * rank)
     loader.worker_ignored_signals = STOP_SIGNALS
-    numbers = derived(job, num_samples=dataset.num_samples, world_size=world)
+    numbers = derived(job, num_samples=dataset.epoch_size, world_size=world)  # resampled
     total_steps = numbers["total_steps"]
     schedule = functools.partial(
         lr_factor,

@@ -176,10 +176,8 @@ class ImageSpec(Section):
     @model_validator(mode="after")
     def _ordered(self) -> ImageSpec:
         if self.max_size < self.min_size:
-            raise problem(
-                "max_size",
-                f"{shown(self.max_size)} is smaller than min_size {shown(self.min_size)}",
-            )
+            why = f"{shown(self.max_size)} is smaller than min_size {shown(self.min_size)}"
+            raise problem("max_size", why)
         return self
 
 
@@ -208,6 +206,8 @@ class DataSpec(Section):
     num_canonical_nodes: int = Field(data_settings.NUM_CANONICAL_NODES, ge=1)
     # No batch for this long: fail naming the shards still downloading.
     stall_timeout_s: float = Field(data_settings.STALL_TIMEOUT_S, gt=0)
+    # Training samples an epoch draws by the streams' proportions (null: each sample once).
+    epoch_size: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _proportions(self) -> DataSpec:

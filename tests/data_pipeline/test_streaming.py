@@ -122,6 +122,17 @@ def test_mixed_streams_follow_proportions(s3, tmp_path):
     ids = epoch_ids(build_loader(ds, 4, num_workers=0))
     from_a = sum(i < NUM_SAMPLES for i in ids)
     assert len(ids) == ds.epoch_size and from_a == round(0.75 * ds.epoch_size)
+    # data.epoch_size: an epoch of that many samples, each stream repeated or cut to its share
+    ds = build_dataset(
+        [StreamSource(a, 0.75), StreamSource(b, 0.25)],
+        processor(),
+        str(tmp_path / "sized"),
+        4,
+        clean_stale_shm=False,
+        epoch_size=24,
+    )
+    ids = epoch_ids(build_loader(ds, 4, num_workers=0))
+    assert len(ids) == ds.epoch_size == 24 and sum(i < NUM_SAMPLES for i in ids) == 18
 
 
 # ---- multi-rank: real gloo processes, the environment streaming reads -----------------------
