@@ -18,13 +18,15 @@ import random
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from soho_scale.cli import main
-from soho_scale.spec import SpecError, load_job
+from soho_scale.spec import Job, SpecError, load_job
 from soho_scale.spec.errors import path_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,22 @@ def _leaves(data, path=()):
             yield from _leaves(value, path + (key,))
 
 
+def _takes_float(path) -> bool:
+    """Whether the schema's field at `path` (keys and list positions) accepts a float."""
+    model, annotation = Job, None
+    for part in path:
+        if isinstance(part, int):
+            continue  # an item of the list `annotation` is: its model is already `model`
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return False  # a free-form mapping (model.overrides): no schema type to read
+        annotation = fields[part].annotation
+        inner = [a for a in typing.get_args(annotation) for a in (a, *typing.get_args(a))]
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)),
+                     annotation)  # fmt: skip
+    return "float" in str(annotation)
+
+
 def _set(data, path, value):
     for part in path[:-1]:
         data = data[part]
@@ -94,8 +112,9 @@ def make_cases(seed: int = 20261206, count: int = 320) -> list[dict]:
                 _delete(data, path)
             named = path_text(path)
         elif kind == "wrong_type":
+            # 1.5 is wrong only where the field takes whole numbers (`grad_clip: 10` is a float)
             wrong = ["fast", [1, 2], {"a": 1}, "1e-4x"] + (
-                [] if isinstance(value, float) else [1.5]
+                [] if isinstance(value, float) or _takes_float(path) else [1.5]
             )
             _set(data, path, rng.choice(wrong))
         elif kind == "boolean":
