@@ -299,11 +299,24 @@ class ShardWriter:
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
 
-    def convert(self, records: Iterable[Any], build: Callable[[Any], dict[str, Any]]) -> None:
-        """Write `build(record)` for each record; a `SkipSample` is counted, not raised."""
+    def convert(
+        self,
+        records: Iterable[Any],
+        build: Callable[[Any], dict[str, Any]],
+        image_id: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """Write `build(record)` for each record; a `SkipSample` is counted, not raised. With
+        `image_id` (records that are images), a record repeating an earlier one's image is
+        skipped as `duplicate_image`."""
+        seen: set[Any] = set()
         for record in records:
             self.records += 1
             try:
+                if image_id is not None:
+                    key = image_id(record)
+                    if key in seen:
+                        raise SkipSample("duplicate_image")
+                    seen.add(key)
                 sample = build(record)
             except SkipSample as e:
                 self.skip(e.reason)

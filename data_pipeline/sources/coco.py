@@ -87,12 +87,8 @@ def convert_coco(
         orphans = sum(len(texts) for image_id, texts in by_image.items() if image_id not in listed)
         if orphans:
             writer.skipped["caption_without_image"] += orphans
-        images_seen: set[int] = set()
 
         def build(image: dict) -> dict[str, Any]:
-            if image["id"] in images_seen:
-                raise SkipSample("duplicate_image")
-            images_seen.add(image["id"])
             if ("coco", image["id"]) in held_out:
                 raise SkipSample("held_out_downstream")
             texts = by_image.get(image["id"])
@@ -102,5 +98,5 @@ def convert_coco(
             return {"image_id": str(image["id"]), "image": image_bytes, "captions": texts}
 
         record_exclusion(writer, exclude)
-        writer.convert(images, build)
+        writer.convert(images, build, image_id=lambda image: image["id"])
     return writer.report()

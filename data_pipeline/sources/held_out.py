@@ -81,7 +81,7 @@ def vg_image_keys(record: dict[str, Any]) -> list[ImageKey]:
     `flickr_id`; null when it is neither)."""
     keys = []
     for name, kind in (("coco_id", "coco"), ("flickr_id", "flickr")):
-        number = _number(record.get(name)) if record.get(name) is not None else None
+        number = _number(record.get(name))
         if number is not None:
             keys.append((kind, number))
     return keys

@@ -73,12 +73,7 @@ def convert_vg(
             "the held-out images; use the image_data.json of Visual Genome v1.2"
         )
 
-    images_seen: set[int] = set()
-
     def build(entry: dict) -> dict[str, Any]:
-        if entry["id"] in images_seen:
-            raise SkipSample("duplicate_image")
-        images_seen.add(entry["id"])
         record = records.get(entry["id"], {})
         if any(key in held_out for key in vg_image_keys(record)):
             raise SkipSample("held_out_downstream")
@@ -100,5 +95,5 @@ def convert_vg(
 
     with ShardWriter(out, COLUMNS, "vg", split, **writer_options) as writer:
         record_exclusion(writer, exclude)
-        writer.convert(regions, build)
+        writer.convert(regions, build, image_id=lambda entry: entry["id"])
     return writer.report()

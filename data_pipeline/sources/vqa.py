@@ -119,21 +119,15 @@ def convert_vqa(
             f"{questions_file}: without annotations (a test split) the answer vocabulary must "
             "come from the training split: pass --answer-vocab (its answer_vocab.json)"
         )
-    if answer_vocab is None and vocab_annotations:
-        pooled = [
-            a
-            for path in vocab_annotations
-            # the split's own file is loaded already (VQA's train annotations are large)
-            for a in (by_question.values() if by_question is not None and path == annotations_file
-                      else _annotations(path))
-        ]  # fmt: skip
-        answer_vocab = build_answer_vocab(pooled, min_answer_count)
+    vocab_files = vocab_annotations or [str(annotations_file)]
     if answer_vocab is None:
-        answer_vocab = build_answer_vocab(list(by_question.values()), min_answer_count)
+        # The split's own file is loaded already (VQA's train annotations are large).
+        loaded = {annotations_file: list(by_question.values())} if by_question is not None else {}
+        pooled = [a for path in vocab_files for a in loaded.get(path) or _annotations(path)]
+        answer_vocab = build_answer_vocab(pooled, min_answer_count)
     if not answer_vocab:
         raise DataError(
-            f"{', '.join(vocab_annotations or [str(annotations_file)])}: no answer occurs >= "
-            f"{min_answer_count} times; "
+            f"{', '.join(vocab_files)}: no answer occurs >= {min_answer_count} times; "
             "lower --min-answer-count or pass --answer-vocab"
         )
     vocab_index = {a: i for i, a in enumerate(answer_vocab)}

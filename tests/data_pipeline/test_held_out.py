@@ -4,24 +4,17 @@ downstream val/test splits, found by COCO id (COCO's `id`, VG's `coco_id`) and F
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from streaming import StreamingDataset
 
 from data_pipeline.cli import main
 from data_pipeline.errors import DataError
 from data_pipeline.sources.held_out import held_out_images
 from data_pipeline.sources.vg import convert_vg
-
-
-def _jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 16), (90, 140, 30)).save(buffer, "JPEG")
-    return buffer.getvalue()
+from tests.data_pipeline.helpers import jpeg
 
 
 def _karpathy(tmp_path: Path) -> tuple[Path, Path]:
@@ -61,7 +54,7 @@ def test_coco_conversion_leaves_out_karpathy_val_and_test_images(
     images = tmp_path / "val2014"
     images.mkdir()
     for i in (1, 2, 3, 4):
-        (images / f"COCO_val2014_{i:012d}.jpg").write_bytes(_jpeg())
+        (images / f"COCO_val2014_{i:012d}.jpg").write_bytes(jpeg(0))
     captions = tmp_path / "captions_val2014.json"
     captions.write_text(json.dumps({
         "images": [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in (1, 2, 3, 4)],
@@ -91,7 +84,7 @@ def test_vg_conversion_leaves_out_images_that_are_coco_or_flickr_test_images(
     ids = {10: {"coco_id": 1, "flickr_id": None}, 11: {"coco_id": None, "flickr_id": 1000},
            12: {"coco_id": 2, "flickr_id": 2000}, 13: {"coco_id": None, "flickr_id": None}}  # fmt: skip
     for image_id in ids:
-        (images / f"{image_id}.jpg").write_bytes(_jpeg())
+        (images / f"{image_id}.jpg").write_bytes(jpeg(0))
     regions = tmp_path / "region_descriptions.json"
     regions.write_text(json.dumps(
         [{"id": i, "regions": [{"phrase": f"region of {i}"}]} for i in ids]

@@ -22,6 +22,7 @@ from data_pipeline.sources.snli_ve import convert_snli_ve
 from data_pipeline.sources.vg import convert_vg
 from data_pipeline.sources.vqa import build_answer_vocab, convert_vqa, soft_targets
 from data_pipeline.vqa_answers import normalize_answer
+from tests.data_pipeline.helpers import jpeg
 
 
 def _read_mds(folder: Path) -> list[dict]:
@@ -165,9 +166,7 @@ def test_captions_are_cleaned_and_vg_phrases_deduplicated_as_the_tokenizer_reads
 ) -> None:
     images = tmp_path / "VG_100K"
     images.mkdir()
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 16), (10, 20, 30)).save(buffer, "JPEG")
-    (images / "1.jpg").write_bytes(buffer.getvalue())
+    (images / "1.jpg").write_bytes(jpeg(0))
     phrases = ["a man", "A  man", "bad \ud800 dog", "\u200b\u200b", "a hat"]
     regions = tmp_path / "region_descriptions.json"
     # json.dumps keeps the lone surrogate as the escape a real file would hold
@@ -185,9 +184,7 @@ def test_duplicates_and_orphan_captions_are_counted_and_an_empty_conversion_fail
 ) -> None:
     images = tmp_path / "train2014"
     images.mkdir()
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 16), (10, 20, 30)).save(buffer, "JPEG")
-    (images / "a.jpg").write_bytes(buffer.getvalue())
+    (images / "a.jpg").write_bytes(jpeg(0))
     captions = tmp_path / "captions_train2014.json"
     captions.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "a.jpg"}],
