@@ -96,7 +96,8 @@ def evaluate_task(
     if job.data.task == "retrieval":  # all image x text pairs: its own protocol
         from soho_scale.tasks.retrieval_eval import evaluate_job
 
-        converted = eval_conversion_report(job).get("records")  # images before any was skipped
+        # images before any was skipped; rank 0's count is the one every rank uses
+        converted = eval_conversion_report(job).get("records") if rank == 0 else None
         return evaluate_job(job, model, loader, rank, world, converted_images=converted)
     if evaluation is None:
         evaluation = build_task_evaluation(job)

@@ -140,9 +140,11 @@ def read_question_ids(remotes: list[str]) -> list[int] | None:
         try:
             ids += json.loads(read_bytes(join_url(remote, QUESTION_IDS)))
         except DataError as e:
-            if e.__cause__ is not None and not hasattr(e.__cause__, "response"):
-                raise  # the storage did not answer (a ClientError is an answer)
-            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+            # A local file that is not there has no cause; a storage's answer is a ClientError.
+            answer = getattr(e.__cause__, "response", None)
+            if e.__cause__ is not None and answer is None:
+                raise  # the storage did not answer
+            code = (answer or {}).get("Error", {}).get("Code")
             if code not in (None, "NoSuchKey", "404", "NotFound"):
                 # A bucket without s3:ListBucket answers AccessDenied for a missing key too.
                 print(f"vqa: question_ids.json unreadable ({e}); the submission covers only "
