@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 from soho_scale.engine.tracking import PARENT_ENV
-from soho_scale.launch.environment import cluster_env, credentialed
+from soho_scale.launch.environment import cluster_env
 from soho_scale.launch.errors import ClusterError, no_control_characters
 from soho_scale.launch.node import NodeShape
 from soho_scale.launch.slurm import sbatch_options, sbatch_script, script_head, slurm_options
@@ -110,7 +110,6 @@ def _stage_script(
     return sbatch_script(
         job, relative_job_path(stage.train, workdir), overrides, shape, None, workdir, env,
         os.path.join(pipe.run_root, stage.name), setup, options, finish,
-        credentialed(dict(os.environ), env),
     )  # fmt: skip
 
 
@@ -131,7 +130,7 @@ def _one_node_script(
             f"{pipe.name}-{name}", shape, options.get("partition"), options.get("time"),
             options.get("account"),
         ),
-        workdir, env, setup, credentialed(dict(os.environ), env),
+        workdir, env, setup,
     )  # fmt: skip
     return "\n".join([*head, f"exec python -m soho_scale.cli {command}"]) + "\n"
 

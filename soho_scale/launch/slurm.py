@@ -20,10 +20,10 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from collections.abc import Collection
 from typing import Any
 
 from soho_scale import PREEMPTED_EXIT_CODE
+from soho_scale.launch.environment import credentialed
 from soho_scale.launch.errors import checked, no_control_characters
 from soho_scale.launch.node import NodeShape, node_command
 from soho_scale.launch.rank import rank_args
@@ -126,15 +126,16 @@ def script_head(
     workdir: str,
     env: dict[str, str],
     setup: list[str] | None = None,
-    keep_inherited: Collection[str] = (),
 ) -> list[str]:
     """The lines every sbatch script starts with: options, the repo, set-up and settings.
 
-    `keep_inherited`: settings written here without their credentials (`environment.credentialed`);
-    the job keeps the value it inherits from sbatch's environment (Slurm passes the submitting
-    shell's), credentials and all, and takes the written one only when it inherits none."""
+    A setting written here without the credentials its value holds in this environment
+    (`environment.credentialed`) keeps the value the job inherits from sbatch's environment
+    (Slurm passes the submitting shell's), credentials and all; the written one is taken only
+    when it inherits none."""
     for line in comments:
         no_control_characters("a path in the script's header", line)
+    keep_inherited = credentialed(dict(os.environ), env)
     return [
         "#!/bin/bash",
         *(f"# {line}" for line in comments),
@@ -164,7 +165,6 @@ def sbatch_script(
     setup: list[str] | None = None,
     options: dict[str, str | None] | None = None,
     finish: str = 'exit "$status"',
-    keep_inherited: Collection[str] = (),
 ) -> str:
     """An sbatch script: one task per node running the node launcher; requeues on 75. `finish`:
     the shell line run when the step ends otherwise (its status in $status)."""
@@ -189,7 +189,6 @@ def sbatch_script(
         workdir,
         env,
         setup,
-        keep_inherited,
     )
     lines = [
         *head,

@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 from data_pipeline.urls import is_s3_url
-from soho_scale.launch.environment import cluster_env, credentialed
+from soho_scale.launch.environment import cluster_env
 from soho_scale.launch.errors import ClusterError, checked, no_control_characters
 from soho_scale.launch.hostfile import hostfile_launch
 from soho_scale.launch.kubernetes import K8S_WORKDIR, k8s_manifest, k8s_name
@@ -82,7 +82,7 @@ def scheduler_launch(args: argparse.Namespace, job: Job) -> int:
         setup, options = slurm_options(args, workdir)
         text = sbatch_script(
             job, job_path, args.overrides, shape, args.master_port, workdir, env,
-            args.run_dir, setup, options, keep_inherited=credentialed(dict(os.environ), env),
+            args.run_dir, setup, options,
         )  # fmt: skip
         _write(args.out, text, 0o755)
         print(f"wrote {args.out}: sbatch script, {shape.describe()}")
