@@ -4,7 +4,7 @@
 `load_state_dict()` resume mid-epoch exactly once, also on another number of ranks when the
 global batch and `num_canonical_nodes` stay fixed. It also
 - counts the samples whose image did not decode (`skipped`: the one count of them; the blank
-  stand-ins keep every rank's batch count equal);
+  stand-ins keep every rank's batch count equal, and the training steps leave them out);
 - turns a worker's `DataError` into the same one-line error in the training process, and a stall
   longer than `stall_timeout_s` into a `DataError` naming the shards still downloading;
 - hands batches over as shared-memory files named in the message (`WorkerInit`).

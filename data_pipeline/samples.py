@@ -4,7 +4,8 @@ workers; a pure function of (raw sample, sample id, epoch, seed), so a resumed r
 tensors as the uninterrupted one.
 
 An image that fails to decode is replaced by a blank image (`valid` False), never dropped, so all
-ranks keep the same number of batches; the loader counts them (`SohoLoader.skipped`).
+ranks keep the same number of batches; the loader counts them (`SohoLoader.skipped`) and the
+training steps leave them out of every loss (`soho_scale.objectives.valid_mean`).
 """
 
 from __future__ import annotations

@@ -174,8 +174,8 @@ class SohoStreamingDataset(ShardStateChecks, LocalFastPath, MappedShards, Stream
         out = self.processor(raw, sample_id, self.epoch)
         if not out["valid"]:
             logger.warning(
-                "sample %d (image_id %s) did not decode; a blank image stands in for it "
-                "(counted in skipped_samples)",
+                "sample %d (image_id %s) did not decode; a blank image stands in for it, left "
+                "out of training (counted in skipped_samples)",
                 sample_id,
                 raw.get("image_id", raw.get("identifier", "?")),
             )

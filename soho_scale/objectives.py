@@ -4,7 +4,9 @@ and an optional image-text contrastive term (ITC; not in SOHO).
 `pretrain_loss(model, batch, settings)` runs the CNN once per image, pairs every caption with its
 own image or (for ITM negatives) another image of the batch, masks the visual cells of one VD word
 per chosen image (MVM), and returns `(loss, metrics)`. MLM and MVM are scored on matched pairs
-only; MLM's vocabulary projection runs only at masked positions.
+only; MLM's vocabulary projection runs only at masked positions. A blank stand-in for an image
+that did not decode (`sample_valid` False) keeps the batch's shape but takes no part: its captions
+and pairs leave every loss, no caption is contrasted with it, and its cells leave the dictionary.
 
 ITC (ALBEF's "align before fuse"): the same fusion encoder reads each caption alone and each
 image alone; an in-batch InfoNCE pulls a caption's mean output towards its image's. ITM's only
@@ -44,6 +46,15 @@ class PretrainSettings:
     itm_weight: float = 1.0
     itc_weight: float = 0.0  # not in SOHO: 0 is the paper's objective
     itc_temperature: float = 0.05
+
+
+def valid_mean(per_item: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-item losses over the `valid` (bool, same shape) items, all when None. A batch
+    with none gives a zero that still reaches every parameter (ZeRO needs every gradient)."""
+    if valid is None:
+        return per_item.mean()
+    weight = valid.to(per_item.dtype)
+    return (per_item * weight).sum() / weight.sum().clamp(min=1)
 
 
 def text_positives(
@@ -137,16 +148,26 @@ def contrastive_loss(
     visual_mask: torch.Tensor,
     text_image_index: torch.Tensor,
     temperature: float,
+    image_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric in-batch InfoNCE between unimodal caption (T) and image (B) features; an image
-    with several captions spreads its target evenly over them. Returns (loss, the (T, B) logits)."""
+    with several captions spreads its target evenly over them. Images `image_valid` (B,) False
+    and their captions are neither scored nor candidates. Returns (loss, the (T, B) logits)."""
     text = unimodal_features(soho, text_ids, text_mask)  # (T, D)
     image = unimodal_features(soho, visual_embeds=visual_embeds, visual_mask=visual_mask)  # (B, D)
     logits = text @ image.t() / temperature  # (T, B)
-    text_to_image = F.cross_entropy(logits, text_image_index)
+    text_valid = None
+    if image_valid is not None:
+        text_valid = image_valid[text_image_index]
+        # Finite, not -inf: a row with no candidate left stays a number (its weight is 0).
+        pair_valid = text_valid[:, None] & image_valid[None, :]
+        logits = logits.masked_fill(~pair_valid, -1e4)
+    text_to_image = valid_mean(
+        F.cross_entropy(logits, text_image_index, reduction="none"), text_valid
+    )
     targets = F.one_hot(text_image_index, image.shape[0]).t().float()  # (B, T)
     targets = targets / targets.sum(1, keepdim=True).clamp(min=1)
-    image_to_text = -(targets * logits.t().log_softmax(-1)).sum(1).mean()
+    image_to_text = valid_mean(-(targets * logits.t().log_softmax(-1)).sum(1), image_valid)
     return (text_to_image + image_to_text) / 2, logits
 
 
@@ -167,10 +188,15 @@ def vd_usage(indices: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tens
 def pretrain_loss(
     model: SohoPretrain, batch: dict[str, torch.Tensor], settings: PretrainSettings
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Batch keys: images, image_sizes, text_ids (masked), text_mask, text_image_index, mlm_labels."""
+    """Batch keys: images, image_sizes, text_ids (masked), text_mask, text_image_index, mlm_labels;
+    sample_valid if the loader gives it."""
     soho = model.soho
-    visual = soho.encode_image(batch["images"], batch["image_sizes"])  # CNN once per image
+    image_valid = batch.get("sample_valid")
+    visual = soho.encode_image(  # CNN once per image
+        batch["images"], batch["image_sizes"], image_valid=image_valid
+    )
     num_images = batch["images"].shape[0]
+    text_valid = None if image_valid is None else image_valid[batch["text_image_index"]]
 
     def itc() -> tuple[torch.Tensor, torch.Tensor]:
         # Unmasked images and the (MLM-masked) captions, each read alone.
@@ -182,6 +208,7 @@ def pretrain_loss(
             visual.mask,
             batch["text_image_index"],
             settings.itc_temperature,
+            image_valid,
         )
 
     # Hard negatives need ITC's similarities first; otherwise ITC runs after ITM, which keeps the
@@ -191,6 +218,8 @@ def pretrain_loss(
         itc_loss, similarity = itc()
         unmasked = torch.where(batch["mlm_labels"] != -100, batch["mlm_labels"], batch["text_ids"])
         positives = text_positives(unmasked, batch["text_image_index"], num_images)
+        if image_valid is not None:  # a blank stand-in is never drawn as a hard negative
+            positives = positives | ~image_valid[None, :]
     rows, itm_labels = pair_for_itm(
         batch["text_image_index"], num_images, settings.itm_negative_prob, similarity, positives
     )
@@ -203,6 +232,10 @@ def pretrain_loss(
     )  # (T, L+N, D), (T, D)
     text_len = batch["text_ids"].shape[1]
     matched = itm_labels.bool()
+    pair_valid = None  # both the caption's own image and the image it is read with decoded
+    if text_valid is not None:
+        pair_valid = text_valid & image_valid[rows]
+        matched = matched & pair_valid
 
     # MLM: only masked text positions of matched pairs reach the vocabulary projection.
     mlm_labels = batch["mlm_labels"].masked_fill(~matched[:, None], -100)
@@ -215,7 +248,7 @@ def pretrain_loss(
     )
 
     itm_logits = model.itm_head(pooled).float()  # (T, 2)
-    itm_loss = F.cross_entropy(itm_logits, itm_labels)
+    itm_loss = valid_mean(F.cross_entropy(itm_logits, itm_labels, reduction="none"), pair_valid)
     loss = settings.mlm_weight * mlm_loss + settings.itm_weight * itm_loss
     extra = {}
     if has_vd:
@@ -250,7 +283,7 @@ def pretrain_loss(
             "mlm_loss": mlm_loss.detach(),
             "itm_loss": itm_loss.detach(),
             "mlm_acc": _accuracy(mlm_logits, mlm_targets),
-            "itm_acc": _accuracy(itm_logits, itm_labels),
+            "itm_acc": valid_mean((itm_logits.argmax(-1) == itm_labels).float(), pair_valid),
             "mlm_count": torch.tensor(float(mlm_count)),
             **extra,
         }

@@ -59,11 +59,17 @@ class VisualDictionary(nn.Module):
         return distances.argmin(dim=1)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, indices: torch.Tensor) -> None:
-        """One EMA step with this rank's `features` (N, D) assigned to `indices` (N,)."""
+    def update(
+        self, features: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> None:
+        """One EMA step with this rank's `features` (N, D) assigned to `indices` (N,); rows of
+        `weight` (N,) 0 take no part (the cells of an image that did not decode)."""
         x = features.detach().float()
         onehot = torch.zeros(x.shape[0], self.size, device=x.device, dtype=torch.float32)
-        onehot.scatter_(1, indices[:, None], 1.0)
+        if weight is None:
+            onehot.scatter_(1, indices[:, None], 1.0)
+        else:
+            onehot.scatter_(1, indices[:, None], weight.to(onehot.dtype)[:, None])
         counts = onehot.sum(0)  # (K,)
         sums = onehot.t() @ x  # (K, D)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -78,12 +84,14 @@ class VisualDictionary(nn.Module):
         self.embed.copy_(self.embed_sum / smoothed[:, None])
         self.num_updates.add_(1)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, update_weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=features.device.type, enabled=False):
             indices = self.assign(features)
             words = self.embed[indices]  # (N, D) fp32
             if self.training:
-                self.update(features, indices)
+                self.update(features, indices, update_weight)
         # Straight-through: the forward value is the visual word, the gradient flows to features.
         quantized = features + (words.to(features.dtype) - features).detach()
         return quantized, indices

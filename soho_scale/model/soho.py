@@ -75,8 +75,10 @@ class Soho(nn.Module):
         images: torch.Tensor,
         image_sizes: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        image_valid: torch.Tensor | None = None,
     ) -> VisualTokens:
-        """images (B, 3, H, W) padded; image_sizes (B, 2) real (h, w) or image_mask (B, H, W)."""
+        """images (B, 3, H, W) padded; image_sizes (B, 2) real (h, w) or image_mask (B, H, W);
+        image_valid (B,) bool, False for a blank stand-in, whose cells leave the dictionary be."""
         features, grid_mask = self.vision(images, image_sizes, image_mask)  # (B,D,h,w), (B,h,w)
         features = features.flatten(2).transpose(1, 2)  # (B, N, D)
         mask = grid_mask.flatten(1)  # (B, N)
@@ -84,7 +86,8 @@ class Soho(nn.Module):
             indices = torch.full(mask.shape, -1, dtype=torch.long, device=features.device)
             return VisualTokens(features, mask, grid_mask, indices)
         # Only real cells are quantised (and update the dictionary).
-        words, valid_indices = self.dictionary(features[mask])  # (M, D), (M,)
+        weight = None if image_valid is None else image_valid[:, None].expand_as(mask)[mask]
+        words, valid_indices = self.dictionary(features[mask], weight)  # (M, D), (M,)
         indices = torch.full(mask.shape, -1, dtype=torch.long, device=features.device)
         indices[mask] = valid_indices
         quantized = features.clone()

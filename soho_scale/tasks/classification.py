@@ -6,10 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soho_scale.objectives import valid_mean
+
 
 class ClassificationStep(nn.Module):
     """What the trainer wraps: forward(batch) -> (loss, {"loss", "acc"}); `model(batch)` gives
-    (B, classes) logits and `batch["labels"]` the gold classes."""
+    (B, classes) logits and `batch["labels"]` the gold classes. Samples whose image did not
+    decode (`sample_valid` False) are left out of the loss and the accuracy."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -17,7 +20,8 @@ class ClassificationStep(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         logits = self.model(batch).float()
-        loss = F.cross_entropy(logits, batch["labels"])
+        valid = batch.get("sample_valid")
+        loss = valid_mean(F.cross_entropy(logits, batch["labels"], reduction="none"), valid)
         with torch.no_grad():
-            acc = (logits.argmax(1) == batch["labels"]).float().mean()
+            acc = valid_mean((logits.argmax(1) == batch["labels"]).float(), valid)
         return loss, {"loss": loss.detach(), "acc": acc}

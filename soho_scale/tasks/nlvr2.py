@@ -43,6 +43,7 @@ class NLVR2Model(nn.Module):
             batch["text_mask"].repeat_interleave(2, dim=0),
             rows,
             batch_independent,
+            valid if (valid := batch.get("sample_valid")) is None else valid.repeat_interleave(2),
         )  # (2B, D)
         return self.head(pooled.view(statements, -1))  # (B, 2D) -> (B, 2)
 

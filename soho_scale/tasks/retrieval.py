@@ -17,7 +17,7 @@ from torch import nn
 
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
-from soho_scale.objectives import contrastive_loss, text_positives
+from soho_scale.objectives import contrastive_loss, text_positives, valid_mean
 
 # Comparisons are done on blocks of rows/columns to bound memory for 5K x 25K matrices.
 _BLOCK = 1024
@@ -142,7 +142,8 @@ class RetrievalStep(nn.Module):
     in-batch hard negatives). Mining costs T x B no-grad pair forwards: keep micro-batches and
     captions per image moderate. `itc_weight` > 0 (the job's `objectives.itc_weight`) adds the
     in-batch contrastive term of `soho_scale.objectives` (not in the paper): it aligns the first
-    stage of two-stage evaluation and, through the shared encoder, speeds up ITM.
+    stage of two-stage evaluation and, through the shared encoder, speeds up ITM. An image that
+    did not decode (`sample_valid` False) and its captions are neither scored nor mined.
     """
 
     def __init__(
@@ -183,7 +184,10 @@ class RetrievalStep(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         soho = self.model.soho
-        visual = soho.encode_image(batch["images"], batch["image_sizes"])  # CNN once per image
+        image_valid = batch.get("sample_valid")
+        visual = soho.encode_image(  # CNN once per image
+            batch["images"], batch["image_sizes"], image_valid=image_valid
+        )
         # An all-False MVM mask changes nothing but gives the mask embedding a (zero) gradient:
         # ZeRO expects a gradient for every parameter.
         embeds = soho.embed_visual(visual, torch.zeros_like(visual.mask))  # (B, N, D)
@@ -193,9 +197,12 @@ class RetrievalStep(nn.Module):
 
         positives = text_positives(text_ids, owner, num_images)  # (T, B)
         scores = self.pair_scores(text_ids, text_mask, embeds.detach(), visual.mask)
-        image_negatives, text_negatives = mine_hard_negatives(
-            scores, positives, self.hard_negatives
-        )
+        text_valid, scored, excluded = None, positives, positives
+        if image_valid is not None:
+            text_valid = image_valid[owner]
+            decoded = text_valid[:, None] & image_valid[None, :]  # (T, B)
+            scored, excluded = positives & decoded, positives | ~decoded
+        image_negatives, text_negatives = mine_hard_negatives(scores, excluded, self.hard_negatives)
         texts = torch.cat([torch.arange(len(owner), device=owner.device), image_negatives[:, 0],
                            text_negatives[:, 0]])  # fmt: skip
         rows = torch.cat([owner, image_negatives[:, 1], text_negatives[:, 1]])
@@ -203,21 +210,27 @@ class RetrievalStep(nn.Module):
         labels[: len(owner)] = 1
         _, pooled = soho.fuse(text_ids[texts], text_mask[texts], embeds[rows], visual.mask[rows])
         logits = self.model.itm_head(pooled).float()  # (P, 2)
-        itm_loss = F.cross_entropy(logits, labels)
+        # Mined negatives pair decoded images and captions only; a true pair counts if it decoded.
+        pair_valid = None
+        if text_valid is not None:
+            pair_valid = torch.ones(len(texts), dtype=torch.bool, device=owner.device)
+            pair_valid[: len(owner)] = text_valid
+        itm_loss = valid_mean(F.cross_entropy(logits, labels, reduction="none"), pair_valid)
         loss = itm_loss
         metrics = {}
         if self.itc_weight > 0:
             itc_loss, _ = contrastive_loss(
-                soho, text_ids, text_mask, embeds, visual.mask, owner, self.itc_temperature
-            )
+                soho, text_ids, text_mask, embeds, visual.mask, owner, self.itc_temperature,
+                image_valid,
+            )  # fmt: skip
             loss = loss + self.itc_weight * itc_loss
             metrics["itc_loss"] = itc_loss.detach()
         with torch.no_grad():
             metrics.update(
                 loss=loss.detach(),
                 itm_loss=itm_loss.detach(),
-                itm_acc=(logits.argmax(-1) == labels).float().mean(),
-                positive_score=scores[positives].mean() if positives.any() else scores.new_zeros(()),
+                itm_acc=valid_mean((logits.argmax(-1) == labels).float(), pair_valid),
+                positive_score=scores[scored].mean() if scored.any() else scores.new_zeros(()),
                 hard_negative_score=torch.cat([scores[image_negatives[:, 0], image_negatives[:, 1]],
                                                scores[text_negatives[:, 0], text_negatives[:, 1]]])
                 .mean() if len(texts) > len(owner) else scores.new_zeros(()),

@@ -43,6 +43,7 @@ class SNLIVEModel(nn.Module):
             batch["text_mask"],
             batch["text_image_index"],
             batch_independent,
+            batch.get("sample_valid"),
         )
         return self.head(pooled)
 

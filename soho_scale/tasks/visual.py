@@ -18,18 +18,26 @@ from soho_scale.model.soho import Soho, VisualTokens
 
 
 def encode_images(
-    soho: Soho, images: torch.Tensor, image_sizes: torch.Tensor, batch_independent: bool = False
+    soho: Soho,
+    images: torch.Tensor,
+    image_sizes: torch.Tensor,
+    batch_independent: bool = False,
+    image_valid: torch.Tensor | None = None,
 ) -> VisualTokens:
-    """images (B, 3, H, W) padded, image_sizes (B, 2) -> VisualTokens on a common (h, w) grid."""
+    """images (B, 3, H, W) padded, image_sizes (B, 2) -> VisualTokens on a common (h, w) grid;
+    image_valid (B,) False for blank stand-ins (they leave the dictionary be while training)."""
     if not batch_independent:
-        return soho.encode_image(images, image_sizes)
+        return soho.encode_image(images, image_sizes, image_valid=image_valid)
     groups: dict[tuple[int, int], list[int]] = {}
     for row, (height, width) in enumerate(image_sizes.tolist()):
         groups.setdefault((height, width), []).append(row)
     parts = []
     for (height, width), rows in groups.items():
         index = torch.tensor(rows, device=images.device)
-        visual = soho.encode_image(images[index, :, :height, :width], image_sizes[index])
+        valid = None if image_valid is None else image_valid[index]
+        visual = soho.encode_image(
+            images[index, :, :height, :width], image_sizes[index], image_valid=valid
+        )
         parts.append((index, visual))
     grid_h = max(v.grid_mask.shape[1] for _, v in parts)
     grid_w = max(v.grid_mask.shape[2] for _, v in parts)
@@ -54,10 +62,11 @@ def fuse_texts_with_images(
     text_mask: torch.Tensor,
     text_image_index: torch.Tensor,
     batch_independent: bool = False,
+    image_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Text t read with image text_image_index[t] -> pooled [CLS] (T, D); the CNN runs once per
     image."""
-    visual = encode_images(soho, images, image_sizes, batch_independent)
+    visual = encode_images(soho, images, image_sizes, batch_independent, image_valid)
     visual = visual.select(text_image_index)
     # An all-False MVM mask changes nothing but gives the (pre-training) mask embedding a zero
     # gradient: ZeRO expects a gradient for every parameter.

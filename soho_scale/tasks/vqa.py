@@ -22,6 +22,7 @@ from torch import nn
 from data_pipeline.vqa_answers import normalize_answer, process_punctuation
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
+from soho_scale.objectives import valid_mean
 from soho_scale.tasks.visual import fuse_texts_with_images
 
 
@@ -87,14 +88,21 @@ class VQAModel(nn.Module):
             batch["text_mask"],
             batch["text_image_index"],
             batch_independent,
+            batch.get("sample_valid"),
         )
         return self.head(pooled)
 
 
-def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BCE with logits on the soft scores, times the number of answers (the official scaling:
-    the per-answer mean becomes a per-question sum, so the LR does not depend on A)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]
+def vqa_loss(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """BCE with logits on the soft scores, summed over the answers and averaged over the
+    questions (the official scaling: the LR does not depend on A); questions `valid` False (their
+    image did not decode) are left out."""
+    per_answer = F.binary_cross_entropy_with_logits(
+        logits.float(), targets.float(), reduction="none"
+    )
+    return valid_mean(per_answer.sum(1), valid)
 
 
 class VQAStep(nn.Module):
@@ -106,10 +114,12 @@ class VQAStep(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         logits = self.model(batch)
-        loss = vqa_loss(logits, batch["targets"])
+        valid = batch.get("sample_valid")
+        loss = vqa_loss(logits, batch["targets"], valid)
         with torch.no_grad():
             # soft score of the top answer: the training-time proxy of VQA accuracy, in [0, 1]
-            score = batch["targets"].gather(1, logits.argmax(1, keepdim=True)).float().mean()
+            top = batch["targets"].gather(1, logits.argmax(1, keepdim=True)).float()
+            score = valid_mean(top[:, 0], valid)
         return loss, {"loss": loss.detach(), "vqa_score": score}
 
 
