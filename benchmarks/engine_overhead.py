@@ -78,6 +78,7 @@ def generated_batch(
         "text_image_index": torch.arange(count) // captions,
         "mlm_labels": mlm_labels,
         "sample_ids": torch.arange(images),
+        "sample_valid": torch.ones(images, dtype=torch.bool),  # as the loader gives it
     }
 
 

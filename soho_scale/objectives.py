@@ -48,13 +48,21 @@ class PretrainSettings:
     itc_temperature: float = 0.05
 
 
-def valid_mean(per_item: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean of per-item losses over the `valid` (bool, same shape) items, all when None. A batch
-    with none gives a zero that still reaches every parameter (ZeRO needs every gradient)."""
+def loss_mean(per_item: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The batch's mean loss with the items not `valid` (bool, same shape; None: all valid)
+    counted as 0: each decoded sample keeps the weight it has in a whole batch, so a rank or
+    micro-batch with few of them does not scale their gradients up. A batch with none gives a
+    zero that still reaches every parameter (ZeRO needs every gradient)."""
     if valid is None:
         return per_item.mean()
-    weight = valid.to(per_item.dtype)
-    return (per_item * weight).sum() / weight.sum().clamp(min=1)
+    return torch.where(valid, per_item, 0.0).sum() / max(per_item.numel(), 1)
+
+
+def valid_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a metric over the `valid` items (None: all); 0 when there are none."""
+    if valid is None:
+        return values.mean()
+    return torch.where(valid, values, 0.0).sum() / valid.sum().clamp(min=1)
 
 
 def text_positives(
@@ -162,12 +170,12 @@ def contrastive_loss(
         # Finite, not -inf: a row with no candidate left stays a number (its weight is 0).
         pair_valid = text_valid[:, None] & image_valid[None, :]
         logits = logits.masked_fill(~pair_valid, -1e4)
-    text_to_image = valid_mean(
+    text_to_image = loss_mean(
         F.cross_entropy(logits, text_image_index, reduction="none"), text_valid
     )
     targets = F.one_hot(text_image_index, image.shape[0]).t().float()  # (B, T)
     targets = targets / targets.sum(1, keepdim=True).clamp(min=1)
-    image_to_text = valid_mean(-(targets * logits.t().log_softmax(-1)).sum(1), image_valid)
+    image_to_text = loss_mean(-(targets * logits.t().log_softmax(-1)).sum(1), image_valid)
     return (text_to_image + image_to_text) / 2, logits
 
 
@@ -248,7 +256,7 @@ def pretrain_loss(
     )
 
     itm_logits = model.itm_head(pooled).float()  # (T, 2)
-    itm_loss = valid_mean(F.cross_entropy(itm_logits, itm_labels, reduction="none"), pair_valid)
+    itm_loss = loss_mean(F.cross_entropy(itm_logits, itm_labels, reduction="none"), pair_valid)
     loss = settings.mlm_weight * mlm_loss + settings.itm_weight * itm_loss
     extra = {}
     if has_vd:

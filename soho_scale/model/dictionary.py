@@ -76,13 +76,17 @@ class VisualDictionary(nn.Module):
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         decay = vd_decay(self.num_updates, self.decay, self.decay_start, self.decay_warmup_steps)
-        self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
-        self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
+        # A step in which no rank saw a decoded image leaves the dictionary as it is (before any
+        # update its averages are 0, and the division below would make the words inf).
+        seen = counts.sum() > 0
+        decay = torch.where(seen, decay, 1.0)
+        self.cluster_size.mul_(decay).add_(counts * (1 - decay))
+        self.embed_sum.mul_(decay).add_(sums * (1 - decay))
         # Laplace smoothing keeps never-used entries from dividing by zero.
         total = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (total + self.size * self.eps) * total
-        self.embed.copy_(self.embed_sum / smoothed[:, None])
-        self.num_updates.add_(1)
+        self.embed.copy_(torch.where(seen, self.embed_sum / smoothed[:, None], self.embed))
+        self.num_updates.add_(seen.long())
 
     def forward(
         self, features: torch.Tensor, update_weight: torch.Tensor | None = None

@@ -86,12 +86,13 @@ class Soho(nn.Module):
             indices = torch.full(mask.shape, -1, dtype=torch.long, device=features.device)
             return VisualTokens(features, mask, grid_mask, indices)
         # Only real cells are quantised (and update the dictionary).
-        weight = None if image_valid is None else image_valid[:, None].expand_as(mask)[mask]
-        words, valid_indices = self.dictionary(features[mask], weight)  # (M, D), (M,)
+        cells = mask.nonzero(as_tuple=True)  # one host sync for the four selections below
+        weight = None if image_valid is None else image_valid[cells[0]]
+        words, valid_indices = self.dictionary(features[cells], weight)  # (M, D), (M,)
         indices = torch.full(mask.shape, -1, dtype=torch.long, device=features.device)
-        indices[mask] = valid_indices
+        indices[cells] = valid_indices
         quantized = features.clone()
-        quantized[mask] = words.to(features.dtype)
+        quantized[cells] = words.to(features.dtype)
         if self.config.vd_fusion == "vd":
             tokens = quantized
         elif self.config.vd_fusion == "sum":

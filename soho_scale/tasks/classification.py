@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soho_scale.objectives import valid_mean
+from soho_scale.objectives import loss_mean, valid_mean
 
 
 class ClassificationStep(nn.Module):
@@ -21,7 +21,7 @@ class ClassificationStep(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         logits = self.model(batch).float()
         valid = batch.get("sample_valid")
-        loss = valid_mean(F.cross_entropy(logits, batch["labels"], reduction="none"), valid)
+        loss = loss_mean(F.cross_entropy(logits, batch["labels"], reduction="none"), valid)
         with torch.no_grad():
             acc = valid_mean((logits.argmax(1) == batch["labels"]).float(), valid)
         return loss, {"loss": loss.detach(), "acc": acc}

@@ -17,7 +17,7 @@ from torch import nn
 
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
-from soho_scale.objectives import contrastive_loss, text_positives, valid_mean
+from soho_scale.objectives import contrastive_loss, loss_mean, text_positives, valid_mean
 
 # Comparisons are done on blocks of rows/columns to bound memory for 5K x 25K matrices.
 _BLOCK = 1024
@@ -215,7 +215,7 @@ class RetrievalStep(nn.Module):
         if text_valid is not None:
             pair_valid = torch.ones(len(texts), dtype=torch.bool, device=owner.device)
             pair_valid[: len(owner)] = text_valid
-        itm_loss = valid_mean(F.cross_entropy(logits, labels, reduction="none"), pair_valid)
+        itm_loss = loss_mean(F.cross_entropy(logits, labels, reduction="none"), pair_valid)
         loss = itm_loss
         metrics = {}
         if self.itc_weight > 0:

@@ -22,7 +22,7 @@ from torch import nn
 from data_pipeline.vqa_answers import normalize_answer, process_punctuation
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
-from soho_scale.objectives import valid_mean
+from soho_scale.objectives import loss_mean, valid_mean
 from soho_scale.tasks.visual import fuse_texts_with_images
 
 
@@ -102,7 +102,7 @@ def vqa_loss(
     per_answer = F.binary_cross_entropy_with_logits(
         logits.float(), targets.float(), reduction="none"
     )
-    return valid_mean(per_answer.sum(1), valid)
+    return loss_mean(per_answer.sum(1), valid)
 
 
 class VQAStep(nn.Module):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from soho_scale import objectives
 from soho_scale.model.config import build_config
 from soho_scale.model.soho import SohoPretrain
 from soho_scale.objectives import PretrainSettings, pretrain_loss
@@ -93,10 +94,18 @@ def _rewritten(task: str, batch: dict[str, torch.Tensor], sample: int) -> dict[s
     return out
 
 
+def _model(task: str) -> tuple[nn.Module, Callable]:
+    torch.manual_seed(0)
+    return CASES[task]()
+
+
+def _dictionary(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.clone() for n, b in model.soho.dictionary.named_buffers()}
+
+
 def _train_step(task: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
     """One step from the same weights and random draws: (loss, gradients, dictionary)."""
-    torch.manual_seed(0)
-    model, step = CASES[task]()
+    model, step = _model(task)
     model.train()
     # BatchNorm's batch statistics are the one place where a batch's images meet (its padding
     # meets them there too); running statistics leave the comparison to the losses.
@@ -107,26 +116,41 @@ def _train_step(task: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     loss, _ = step(model, batch)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    dictionary = model.soho.dictionary
-    return loss.detach(), grads, {n: b.clone() for n, b in dictionary.named_buffers()}
+    return loss.detach(), grads, _dictionary(model)
 
 
 @pytest.mark.parametrize("task", list(CASES))
-def test_a_blank_stand_in_takes_no_part_in_the_step(task: str):
+def test_a_blank_stand_in_takes_no_part_in_the_step(task: str, monkeypatch: pytest.MonkeyPatch):
     sample = 1
     valid = [True] * (2 if task == "nlvr2" else 4)
     valid[sample] = False
     batch = _batch(task, valid)
+    drawn = []  # pre-training: the image each caption is read with for ITM
+
+    def recorded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        rows, labels = pair_for_itm(*args, **kwargs)
+        drawn.append(rows)
+        return rows, labels
+
+    pair_for_itm = objectives.pair_for_itm
+    monkeypatch.setattr(objectives, "pair_for_itm", recorded)
     loss, grads, dictionary = _train_step(task, batch)
     other_loss, other_grads, other_dictionary = _train_step(task, _rewritten(task, batch, sample))
     torch.testing.assert_close(other_loss, loss)
+    assert loss > 0
     assert grads.keys() == other_grads.keys()
     missing = [n for n, g in grads.items() if g is None]
     assert not missing, missing  # ZeRO expects a gradient for every parameter
     for name, grad in grads.items():
         torch.testing.assert_close(other_grads[name], grad, msg=name)
+    assert any(torch.count_nonzero(g) for g in grads.values())
     for name, buffer in dictionary.items():
         torch.testing.assert_close(other_dictionary[name], buffer, msg=name)
+    # Random ITM negatives: a decoded caption was read with the stand-in (and left out); hard
+    # ones: the stand-in is never drawn.
+    decoded = batch["sample_valid"][batch["text_image_index"]] if drawn else None
+    read_with_it = [bool((rows[decoded] == sample).any()) for rows in drawn]
+    assert read_with_it == {"pretrain": [True, True], "pretrain_hard": [False, False]}.get(task, [])
 
     # The same rewrite of a sample that did decode changes the step.
     batch["sample_valid"][:] = True
@@ -136,9 +160,26 @@ def test_a_blank_stand_in_takes_no_part_in_the_step(task: str):
     assert not torch.equal(changed_dictionary["embed"], decoded_dictionary["embed"])
 
 
+@pytest.mark.parametrize("task", ["pretrain", "vqa"])
+def test_every_sample_decoded_is_the_step_of_a_batch_without_the_column(task: str):
+    batch = _batch(task, [True] * 4)
+    loss, grads, dictionary = _train_step(task, batch)
+    del batch["sample_valid"]
+    plain_loss, plain_grads, plain_dictionary = _train_step(task, batch)
+    torch.testing.assert_close(loss, plain_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], msg=name)
+    for name, buffer in dictionary.items():
+        torch.testing.assert_close(buffer, plain_dictionary[name], msg=name)
+
+
 @pytest.mark.parametrize("task", list(CASES))
 def test_a_batch_with_no_decoded_image_trains_nothing_but_still_gives_every_gradient(task: str):
     batch = _batch(task, [False] * (2 if task == "nlvr2" else 4))
-    loss, grads, _ = _train_step(task, batch)
+    initial = _dictionary(_model(task)[0])
+    loss, grads, dictionary = _train_step(task, batch)
     assert loss.item() == 0.0
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads.values())
+    # The dictionary is left as it is: before its first update its averages are all 0.
+    for name, buffer in initial.items():
+        torch.testing.assert_close(dictionary[name], buffer, msg=name)
