@@ -48,18 +48,21 @@ TASK_ORDER = ("vqa", "nlvr2", "retrieval", "snli_ve")
 
 
 def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[str, str]]:
-    """(published protocol, metric-name prefix) pairs an eval run of `split` reports: VQA's
-    test-dev2015 / test2015 are the server's test-dev / test-std (a submission file), and its
-    val accuracy stands in the test-dev row; NLVR2 test1 is test-P; SNLI-VE dev is its val;
-    retrieval evaluated in five folds (`fold_`, `eval.retrieval_folds`) is MSCOCO's 5K protocol,
-    the folds' mean its 1K one; otherwise the whole set is the 5K protocol when it is the 5K test
-    set (an image lost at conversion included), else a 1K one."""
+    """(protocol, metric-name prefix) pairs an eval run of `split` reports: VQA's test-dev2015 /
+    test2015 are the server's test-dev / test-std (a submission file), and its val is a row of
+    its own (SOHO publishes no val number); NLVR2 test1 is test-P (test2 the unpublished
+    test-U); SNLI-VE dev is its val; retrieval evaluated in five folds (`fold_`,
+    `eval.retrieval_folds`) is MSCOCO's 5K protocol, the folds' mean its 1K one; otherwise the
+    whole set is the 5K protocol when it is the 5K test set (an image lost at conversion
+    included), else a 1K one."""
     if task == "vqa":
         if "test-dev" in split:
             return [("test-dev", "")]
-        return [("test-std", "")] if split.startswith("test") else [("test-dev", "")]
+        return [("test-std" if split.startswith("test") else "val", "")]
     if task == "nlvr2":
-        return [("test-P" if split.startswith("test") else split, "")]
+        return [
+            ("test-U" if split == "test2" else "test-P" if split.startswith("test") else split, "")
+        ]
     if task == "snli_ve":
         return [("val" if split in ("dev", "val") else split, "")]
     if f"{split}_fold_tr_r1" in metrics:  # MSCOCO's 5K test set and its five 1K folds
@@ -146,19 +149,15 @@ def collect(
             if key.startswith("chance.") and key not in chance:
                 chance[key] = float(value)
     rows = []
-    vqa_dev_submitted = any(
-        r.data.tags.get("task") == "vqa" and "test-dev" in r.data.tags.get("split", "")
-        for r in runs
-    )
     for run in _newest_runs(runs):
         task, split = run.data.tags["task"], run.data.tags["split"]
         dataset = _dataset(run.data.tags)
         submission = run.data.tags.get("submission", "") if split.startswith("test") else ""
-        if task == "vqa" and not split.startswith("test") and vqa_dev_submitted:
-            continue  # the test-dev row holds the submission; val is not that protocol
         for protocol, prefix in protocols(task, split, run.data.metrics):
             paper = PAPER.get((task, dataset, protocol), {})
-            # Retrieval's whole-set evaluation also ranks two-stage and by its first stage.
+            # Retrieval's whole-set evaluation also ranks two-stage (ITM over the first stage's
+            # top k, an estimate of the paper's ranking) and by its first stage alone (the
+            # contrastive features, not in SOHO: no published number).
             ranked = (
                 ("", "two_stage_", "first_stage_") if task == "retrieval" and not prefix else ("",)
             )
@@ -180,7 +179,9 @@ def collect(
                             "text_prior": round(
                                 chance.get(f"chance.{task}.{metric}.text_prior", math.nan), 2
                             ),
-                            "paper": paper.get(metric, math.nan),
+                            "paper": math.nan
+                            if ranking == "first_stage_"
+                            else paper.get(metric, math.nan),
                             "images": int(run.data.metrics.get(f"{split}_num_images", 0)),
                             "run_id": run.info.run_id,
                         }
@@ -249,7 +250,7 @@ def _chart(rows: list[dict[str, Any]], path: str) -> None:
     )  # fmt: skip
     for ax, task in zip(axes[0], tasks):
         mine = groups[task]
-        labels = [f"{r['dataset']} {r['protocol']} {r['metric']}" for r in mine]
+        labels = [f"{r['dataset']} {r['protocol']} ({r['split']}) {r['metric']}" for r in mine]
         x = range(len(mine))
         width = 0.27
         for offset, key, label in ((-width, "value", "ours"), (0, "chance", "chance"),
@@ -261,7 +262,7 @@ def _chart(rows: list[dict[str, Any]], path: str) -> None:
         ax.set_ylim(0, 100)
     axes[0][0].set_ylabel("percent")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("soho_scale vs chance and the published SOHO numbers (same protocol)")
+    fig.suptitle("soho_scale vs chance and the published SOHO number of the same protocol, if any")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -113,14 +113,13 @@ def markdown_table(rows: list[dict[str, Any]], variants: list[str], base: str) -
     difference to the base with its 95% Welch interval (`*`: the interval excludes 0; `—`: no
     value)."""
     others = [v for v in variants if v != base]
-    header = ["task", "dataset", "protocol", "metric", *variants, *(f"Δ {v}" for v in others)]
+    header = [*KEY, *variants, *(f"Δ {v}" for v in others)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_key: dict[tuple[str, ...], dict[str, dict[str, Any]]] = {}
     for row in rows:
         by_key.setdefault(tuple(row[k] for k in KEY), {})[row["variant"]] = row
     for key, mine in by_key.items():
-        task, dataset, _, protocol, metric = key
-        cells = [task, dataset, protocol, metric]
+        cells = list(key)
         cells += [_cell(mine[v]) for v in variants]
         cells += [_delta(mine[v]) for v in others]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,7 +1,8 @@
 """The paper's path rehearsed on one CPU: every published dataset format -> the real converters ->
 shards on a local S3 server at the URLs the paper jobs name -> the real paper pipeline
 (jobs/pipelines/soho_r101_l12.yaml) shrunk by its documented override set -> a report with every
-published protocol's row and a VQA test-dev submission the server's format rules accept.
+published protocol's row and VQA test-dev and test-std submissions the server's format rules
+accept.
 A plumbing test: it fails when a stage, a hand-off or a row is missing, not on accuracy."""
 
 from __future__ import annotations
@@ -30,19 +31,21 @@ S3 = "s3://soho-data"
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def _test_dev_questions(world: Path, root: Path) -> Path:
-    """VQA v2 test-dev2015 as published: questions only (no annotations file exists), over
-    COCO test2015 image names."""
+def _test_questions(world: Path, root: Path) -> dict[str, Path]:
+    """VQA v2 test2015 and its part test-dev2015 as published: questions only (no annotations
+    file exists), over COCO test2015 image names. {split: questions file}."""
     questions = json.loads((world / "vqa/v2_OpenEnded_mscoco_val2014_questions.json").read_text())
-    questions["data_subtype"] = "test-dev2015"
     images = root / "test2015"
     images.mkdir()
     for path in (world / "coco/val2014").iterdir():
         number = int(path.stem.rsplit("_", 1)[-1])
         shutil.copy(path, images / f"COCO_test2015_{number:012d}.jpg")
-    path = root / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
-    path.write_text(json.dumps(questions))
-    return path
+    files = {}
+    for split, part in (("test2015", questions["questions"]),
+                        ("test-dev2015", questions["questions"][::2])):  # fmt: skip
+        files[split] = root / f"v2_OpenEnded_mscoco_{split}_questions.json"
+        files[split].write_text(json.dumps({**questions, "data_subtype": split, "questions": part}))
+    return files
 
 
 def _flickr30k(world: Path, root: Path) -> tuple[Path, Path]:
@@ -63,9 +66,9 @@ def _flickr30k(world: Path, root: Path) -> tuple[Path, Path]:
     return path, images
 
 
-def _convert_everything(world: Path, root: Path) -> list[int]:
-    """Every shard set the paper jobs read, with the real converters; returns the test-dev
-    question ids."""
+def _convert_everything(world: Path, root: Path) -> dict[str, list[int]]:
+    """Every shard set the paper jobs read, with the real converters; returns the question ids
+    of VQA's test splits."""
     from data_pipeline.sources.coco import convert_coco
     from data_pipeline.sources.karpathy import convert_karpathy
     from data_pipeline.sources.nlvr2 import convert_nlvr2
@@ -95,9 +98,10 @@ def _convert_everything(world: Path, root: Path) -> list[int]:
     convert_vqa(w("vqa/v2_OpenEnded_mscoco_val2014_questions.json"),
                 w("vqa/v2_mscoco_val2014_annotations.json"), w("coco/val2014"),
                 f"{S3}/vqa/val2014", answer_vocab=vocab)  # fmt: skip
-    test_dev = _test_dev_questions(world, root)
-    convert_vqa(str(test_dev), None, str(root / "test2015"), f"{S3}/vqa/test-dev2015",
-                answer_vocab=vocab)  # fmt: skip
+    test_questions = _test_questions(world, root)
+    for split, questions in test_questions.items():
+        convert_vqa(str(questions), None, str(root / "test2015"), f"{S3}/vqa/{split}",
+                    answer_vocab=vocab)  # fmt: skip
     for split in ("train", "dev", "test1"):
         convert_nlvr2(w(f"nlvr2/data/{split}.json"), w(f"nlvr2/images/{split}"),
                       f"{S3}/nlvr2/{split}")  # fmt: skip
@@ -109,7 +113,10 @@ def _convert_everything(world: Path, root: Path) -> list[int]:
     for split in ("train", "dev", "test"):
         convert_snli_ve(w(f"snli_ve/snli_ve_{split}.jsonl"), w("snli_ve/flickr30k_images"),
                         f"{S3}/snli_ve/{split}")  # fmt: skip
-    return [q["question_id"] for q in json.loads(test_dev.read_text())["questions"]]
+    return {
+        split: [q["question_id"] for q in json.loads(path.read_text())["questions"]]
+        for split, path in test_questions.items()
+    }
 
 
 def test_the_paper_pipeline_runs_end_to_end_on_every_published_format(tmp_path):
@@ -128,7 +135,7 @@ def test_the_paper_pipeline_runs_end_to_end_on_every_published_format(tmp_path):
 
     # every stage ran, and each fine-tune started from the pre-training stage's export
     stages = [s["name"] for s in yaml.safe_load((REPO / PIPELINE).read_text())["stages"]]
-    assert len(stages) == 13
+    assert len(stages) == 14
     for stage in stages:
         assert (run_root / stage / "stage_done.json").exists(), stage
     export = run_root / "pretrain" / "export" / "model.pt"
@@ -140,7 +147,8 @@ def test_the_paper_pipeline_runs_end_to_end_on_every_published_format(tmp_path):
     with open(run_root / "report" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     keys = {(r["dataset"], r["protocol"]) for r in rows}
-    assert keys == {("VQA v2", "test-dev"), ("NLVR2", "dev"), ("NLVR2", "test-P"),
+    assert keys == {("VQA v2", "test-dev"), ("VQA v2", "test-std"), ("NLVR2", "dev"),
+                    ("NLVR2", "test-P"),
                     ("MSCOCO", "5K"), ("MSCOCO", "1K"), ("Flickr30K", "1K"),
                     ("SNLI-VE", "val"), ("SNLI-VE", "test")}  # fmt: skip
     for dataset, protocol in (("MSCOCO", "5K"), ("MSCOCO", "1K"), ("Flickr30K", "1K")):
@@ -163,9 +171,11 @@ def test_the_paper_pipeline_runs_end_to_end_on_every_published_format(tmp_path):
             key = f"{row['task']}.{row['dataset']}.{row['protocol']}.{row['metric']}"
             assert parent.data.metrics[key] == pytest.approx(float(row["value"])), key
 
-    # the VQA test-dev row names a file the challenge server accepts: every question once
-    (vqa,) = [r for r in rows if r["dataset"] == "VQA v2"]
-    assert vqa["submission"].endswith("vqa_test-dev2015_submission.json")
-    submission = json.loads(Path(vqa["submission"]).read_text())
-    assert submission_problems(submission, question_ids) == []
-    assert f"submit {vqa['submission']}" in (run_root / "report" / "results.md").read_text()
+    # the VQA test rows name files the challenge server accepts: every question of the split once
+    vqa = {r["split"]: r for r in rows if r["dataset"] == "VQA v2"}
+    assert sorted(vqa) == sorted(question_ids) == ["test-dev2015", "test2015"]
+    for split, row in vqa.items():
+        assert row["submission"].endswith(f"vqa_{split}_submission.json")
+        submission = json.loads(Path(row["submission"]).read_text())
+        assert submission_problems(submission, question_ids[split]) == []
+        assert f"submit {row['submission']}" in (run_root / "report" / "results.md").read_text()

@@ -47,7 +47,8 @@ def _rows(tmp_path) -> dict[tuple, dict]:
 
 
 def test_report_has_every_task_with_chance_and_paper(tmp_path):
-    retrieval = {**{m: 30.0 for m in RETRIEVAL_METRICS}, "two_stage_ir_r5": 40.0, "num_images": 100}
+    retrieval = {**{m: 30.0 for m in RETRIEVAL_METRICS}, "two_stage_ir_r5": 40.0,
+                 "first_stage_ir_r5": 35.0, "num_images": 100}  # fmt: skip
     uri = _store(tmp_path, [
         ("vqa", "VQA v2", "val2014", {"vqa_accuracy": 51.0}, {}),
         ("nlvr2", "NLVR2", "dev", {"accuracy": 70.0}, {}),
@@ -56,9 +57,10 @@ def test_report_has_every_task_with_chance_and_paper(tmp_path):
     ])  # fmt: skip
     rows, files = report("exp", str(tmp_path / "out"), tracking_uri=uri)
     by_key = _rows(tmp_path)
-    # VQA's val accuracy stands in the test-dev row when nothing was submitted
-    vqa = by_key["vqa", "VQA v2", "val2014", "test-dev", "vqa_accuracy"]
-    assert (float(vqa["value"]), float(vqa["chance"]), float(vqa["paper"])) == (51.0, 22.0, 73.25)
+    # VQA's val accuracy is a row of its own: SOHO publishes test-dev and test-std only
+    vqa = by_key["vqa", "VQA v2", "val2014", "val", "vqa_accuracy"]
+    assert (float(vqa["value"]), float(vqa["chance"])) == (51.0, 22.0)
+    assert math.isnan(float(vqa["paper"]))
     assert float(by_key["nlvr2", "NLVR2", "dev", "dev", "accuracy"]["paper"]) == 76.37
     assert float(by_key["snli_ve", "SNLI-VE", "dev", "val", "accuracy"]["paper"]) == 85.0
     ir5 = by_key["retrieval", "MSCOCO", "test", "1K", "ir_r5"]
@@ -66,17 +68,18 @@ def test_report_has_every_task_with_chance_and_paper(tmp_path):
     # A two-stage evaluation gets its own rows (chance and paper of the metric it ranks by).
     two_stage = by_key["retrieval", "MSCOCO", "test", "1K", "two_stage_ir_r5"]
     assert (float(two_stage["value"]), float(two_stage["chance"])) == (40.0, 5.0)
+    assert float(two_stage["paper"]) == 94.5  # an estimate of the paper's exact ranking
     assert ("retrieval", "MSCOCO", "test", "1K", "two_stage_tr_r5") not in by_key
+    # The first stage alone ranks by contrastive features, which SOHO does not have.
+    first_stage = by_key["retrieval", "MSCOCO", "test", "1K", "first_stage_ir_r5"]
+    assert float(first_stage["value"]) == 35.0 and math.isnan(float(first_stage["paper"]))
     assert (tmp_path / "out" / "results.png").stat().st_size > 1000
     markdown = (tmp_path / "out" / "results.md").read_text()
     # chance, then what the text alone scores (when known), then the paper
     assert (
         "| snli_ve | SNLI-VE | val | accuracy | 60.00 (dev) | 33.33 | 70.00 | 85.00 |" in markdown
     )
-    assert (
-        "| vqa | VQA v2 | test-dev | vqa_accuracy | 51.00 (val2014) | 22.00 | 45.00 | 73.25 |"
-        in markdown
-    )
+    assert "| vqa | VQA v2 | val | vqa_accuracy | 51.00 (val2014) | 22.00 | 45.00 | - |" in markdown
     assert "| nlvr2 | NLVR2 | dev | accuracy | 70.00 (dev) | 60.00 | - | 76.37 |" in markdown
     json.dumps(rows)  # plain data
 
@@ -91,6 +94,7 @@ def test_every_published_protocol_is_its_own_row(tmp_path):
         ("vqa", "VQA v2", "test2015", {"num_samples": 9.0}, {"submission": "/r/vqa_test2015_submission.json"}),
         ("nlvr2", "NLVR2", "dev", {"accuracy": 70.0}, {}),
         ("nlvr2", "NLVR2", "test1", {"accuracy": 71.0}, {}),
+        ("nlvr2", "NLVR2", "test2", {"accuracy": 72.0}, {}),
         ("snli_ve", "SNLI-VE", "dev", {"accuracy": 80.0}, {}),
         ("snli_ve", "SNLI-VE", "test", {"accuracy": 81.0}, {}),
         ("retrieval", "MSCOCO", "test", coco, {}),
@@ -99,9 +103,10 @@ def test_every_published_protocol_is_its_own_row(tmp_path):
     report("exp", str(tmp_path / "out"), tracking_uri=uri)
     by_key = _rows(tmp_path)
     protocols = {(k[1], k[3]) for k in by_key}
-    assert protocols == {("VQA v2", "test-dev"), ("VQA v2", "test-std"), ("NLVR2", "dev"),
-                         ("NLVR2", "test-P"), ("SNLI-VE", "val"), ("SNLI-VE", "test"),
-                         ("MSCOCO", "5K"), ("MSCOCO", "1K"), ("Flickr30K", "1K")}  # fmt: skip
+    assert protocols == {("VQA v2", "val"), ("VQA v2", "test-dev"), ("VQA v2", "test-std"),
+                         ("NLVR2", "dev"), ("NLVR2", "test-P"), ("NLVR2", "test-U"),
+                         ("SNLI-VE", "val"), ("SNLI-VE", "test"), ("MSCOCO", "5K"),
+                         ("MSCOCO", "1K"), ("Flickr30K", "1K")}  # fmt: skip
     # COCO and Flickr30K retrieval do not collide; each sits beside its own published number
     assert float(by_key["retrieval", "MSCOCO", "test", "5K", "tr_r1"]["paper"]) == 66.4
     assert float(by_key["retrieval", "MSCOCO", "test", "1K", "tr_r1"]["value"]) == 60.0  # folds
@@ -111,12 +116,15 @@ def test_every_published_protocol_is_its_own_row(tmp_path):
     assert float(by_key["nlvr2", "NLVR2", "test1", "test-P", "accuracy"]["paper"]) == 77.32
     assert float(by_key["snli_ve", "SNLI-VE", "test", "test", "accuracy"]["paper"]) == 84.95
     # the VQA test splits are scored by the server: the rows name the file to submit, and the
-    # val accuracy no longer stands in for test-dev
+    # val accuracy is not placed in the test-dev row
     dev = by_key["vqa", "VQA v2", "test-dev2015", "test-dev", "vqa_accuracy"]
     assert dev["submission"] == "/r/vqa_test-dev2015_submission.json" and math.isnan(
         float(dev["value"])
     )
     assert ("vqa", "VQA v2", "val2014", "test-dev", "vqa_accuracy") not in by_key
+    assert math.isnan(float(by_key["vqa", "VQA v2", "val2014", "val", "vqa_accuracy"]["paper"]))
+    # NLVR2's hidden test-U is not a protocol SOHO reports
+    assert math.isnan(float(by_key["nlvr2", "NLVR2", "test2", "test-U", "accuracy"]["paper"]))
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert (
         "| vqa | VQA v2 | test-std | vqa_accuracy | submit /r/vqa_test2015_submission.json |"
@@ -179,5 +187,5 @@ def test_an_evaluation_an_older_version_logged_without_a_dataset_tag_is_reported
     client.log_metric(old, "val2014_vqa_accuracy", 51.0)
     report("exp", str(tmp_path / "out"), tracking_uri=uri)
     by_key = _rows(tmp_path)
-    assert float(by_key["vqa", "unknown", "val2014", "test-dev", "vqa_accuracy"]["value"]) == 51.0
+    assert float(by_key["vqa", "unknown", "val2014", "val", "vqa_accuracy"]["value"]) == 51.0
     assert float(by_key["nlvr2", "NLVR2", "dev", "dev", "accuracy"]["value"]) == 70.0

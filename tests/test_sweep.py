@@ -188,10 +188,10 @@ def test_the_comparison_table_has_every_cell():
     table = markdown_table(rows, ["base", "no_mvm", "no_itm"], "base")
     lines = table.splitlines()
     assert lines[0] == (
-        "| task | dataset | protocol | metric | base | no_mvm | no_itm | Δ no_mvm | Δ no_itm |"
+        "| task | dataset | split | protocol | metric | base | no_mvm | no_itm | Δ no_mvm | Δ no_itm |"
     )
     assert lines[2].startswith(
-        "| vqa | D | val | vqa_accuracy | 41.00 ± 1.41 (2) | 30.50 ± 0.71 (2)"
+        "| vqa | D | val | val | vqa_accuracy | 41.00 ± 1.41 (2) | 30.50 ± 0.71 (2)"
     )
     assert lines[2].endswith(f"| 41.00 ± 0.00 (1) | -10.50 [-24.71, +3.71] | +0.00 [{MISSING}] |")
     wider = {**results, ("base", 2): [_row("vqa", "vqa_accuracy", 41.0)],
@@ -202,7 +202,7 @@ def test_the_comparison_table_has_every_cell():
     # the interval excludes 0.
     assert wider_table.splitlines()[2].endswith("| -10.50 [-13.28, -7.72] * |")
     assert lines[3] == (
-        f"| snli_ve | D | val | accuracy | 51.00 ± 1.41 (2) | {MISSING} | 51.00 ± 0.00 (1) "
+        f"| snli_ve | D | val | val | accuracy | 51.00 ± 1.41 (2) | {MISSING} | 51.00 ± 0.00 (1) "
         f"| {MISSING} | +0.00 [{MISSING}] |"
     )
     for line in lines[2:]:
