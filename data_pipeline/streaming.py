@@ -46,6 +46,7 @@ from data_pipeline.patches import (
     streaming_local_fastpath,
     streaming_mapped_shards,
     streaming_shard_state,
+    streaming_shm_attach,
     streaming_stale_shm,
 )
 from data_pipeline.patches.streaming_download_deadline import DeadlineStream
@@ -76,6 +77,7 @@ def install_patches() -> None:
     streaming_download_deadline.install()
     streaming_stale_shm.install()
     streaming_job_prefix.install()
+    streaming_shm_attach.install()
 
 
 @dataclass(frozen=True)

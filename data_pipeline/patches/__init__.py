@@ -10,4 +10,5 @@ MODULES = (
     "data_pipeline.patches.torch_shm_batch_files",
     "data_pipeline.patches.streaming_stale_shm",
     "data_pipeline.patches.streaming_job_prefix",
+    "data_pipeline.patches.streaming_shm_attach",
 )
