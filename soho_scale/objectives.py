@@ -65,6 +65,17 @@ def valid_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
     return torch.where(valid, values, 0.0).sum() / valid.sum().clamp(min=1)
 
 
+def decoded_pairs(
+    image_valid: torch.Tensor | None, text_image_index: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(texts (T,) whose own image decoded, (T, B) pairs of such a text and a decoded image);
+    (None, None) when the batch says nothing of decoding (every image counts)."""
+    if image_valid is None:
+        return None, None
+    text_valid = image_valid[text_image_index]
+    return text_valid, text_valid[:, None] & image_valid[None, :]
+
+
 def text_positives(
     text_ids: torch.Tensor, text_image_index: torch.Tensor, num_images: int
 ) -> torch.Tensor:
@@ -164,11 +175,9 @@ def contrastive_loss(
     text = unimodal_features(soho, text_ids, text_mask)  # (T, D)
     image = unimodal_features(soho, visual_embeds=visual_embeds, visual_mask=visual_mask)  # (B, D)
     logits = text @ image.t() / temperature  # (T, B)
-    text_valid = None
-    if image_valid is not None:
-        text_valid = image_valid[text_image_index]
+    text_valid, pair_valid = decoded_pairs(image_valid, text_image_index)
+    if pair_valid is not None:
         # Finite, not -inf: a row with no candidate left stays a number (its weight is 0).
-        pair_valid = text_valid[:, None] & image_valid[None, :]
         logits = logits.masked_fill(~pair_valid, -1e4)
     text_to_image = loss_mean(
         F.cross_entropy(logits, text_image_index, reduction="none"), text_valid
@@ -204,7 +213,7 @@ def pretrain_loss(
         batch["images"], batch["image_sizes"], image_valid=image_valid
     )
     num_images = batch["images"].shape[0]
-    text_valid = None if image_valid is None else image_valid[batch["text_image_index"]]
+    text_valid, _ = decoded_pairs(image_valid, batch["text_image_index"])
 
     def itc() -> tuple[torch.Tensor, torch.Tensor]:
         # Unmasked images and the (MLM-masked) captions, each read alone.

@@ -17,7 +17,13 @@ from torch import nn
 
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
-from soho_scale.objectives import contrastive_loss, loss_mean, text_positives, valid_mean
+from soho_scale.objectives import (
+    contrastive_loss,
+    decoded_pairs,
+    loss_mean,
+    text_positives,
+    valid_mean,
+)
 
 # Comparisons are done on blocks of rows/columns to bound memory for 5K x 25K matrices.
 _BLOCK = 1024
@@ -197,10 +203,9 @@ class RetrievalStep(nn.Module):
 
         positives = text_positives(text_ids, owner, num_images)  # (T, B)
         scores = self.pair_scores(text_ids, text_mask, embeds.detach(), visual.mask)
-        text_valid, scored, excluded = None, positives, positives
-        if image_valid is not None:
-            text_valid = image_valid[owner]
-            decoded = text_valid[:, None] & image_valid[None, :]  # (T, B)
+        text_valid, decoded = decoded_pairs(image_valid, owner)
+        scored, excluded = positives, positives
+        if decoded is not None:
             scored, excluded = positives & decoded, positives | ~decoded
         image_negatives, text_negatives = mine_hard_negatives(scores, excluded, self.hard_negatives)
         texts = torch.cat([torch.arange(len(owner), device=owner.device), image_negatives[:, 0],

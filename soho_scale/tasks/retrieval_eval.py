@@ -378,8 +378,9 @@ def evaluate_job(  # noqa: ANN201
     also reports the 1K protocol (mean over 5 folds). Returns (metrics, predictions=[]).
 
     `converted_images`: how many images the split had before the conversion skipped any (its
-    report; rank 0's is used). The 5K test set with an image lost at conversion is still the 5K protocol, in
-    folds of 1000 images but the short one; the count of lost images goes with the metrics.
+    report; rank 0's is used). The 5K test set with an image lost at conversion is still the 5K
+    protocol, in folds of 1000 images but the short one; the count of lost images goes with the
+    metrics.
     """
     dataset = loader.dataset
     samples = (dataset.raw_sample(i) for i in range(dataset.num_samples))

@@ -25,7 +25,8 @@ def encode_images(
     image_valid: torch.Tensor | None = None,
 ) -> VisualTokens:
     """images (B, 3, H, W) padded, image_sizes (B, 2) -> VisualTokens on a common (h, w) grid;
-    image_valid (B,) False for blank stand-ins (they leave the dictionary be while training)."""
+    image_valid (B,) False for blank stand-ins (they leave the dictionary be while training; the
+    batch-independent path serves evaluation, where the dictionary does not update)."""
     if not batch_independent:
         return soho.encode_image(images, image_sizes, image_valid=image_valid)
     groups: dict[tuple[int, int], list[int]] = {}
@@ -34,10 +35,7 @@ def encode_images(
     parts = []
     for (height, width), rows in groups.items():
         index = torch.tensor(rows, device=images.device)
-        valid = None if image_valid is None else image_valid[index]
-        visual = soho.encode_image(
-            images[index, :, :height, :width], image_sizes[index], image_valid=valid
-        )
+        visual = soho.encode_image(images[index, :, :height, :width], image_sizes[index])
         parts.append((index, visual))
     grid_h = max(v.grid_mask.shape[1] for _, v in parts)
     grid_w = max(v.grid_mask.shape[2] for _, v in parts)
