@@ -38,6 +38,8 @@ PAPER: dict[tuple[str, str, str], dict[str, float]] = {
         zip(RETRIEVAL_METRICS, (86.5, 98.1, 99.3, 72.5, 92.7, 96.1))
     ),
 }
+# Retrieval protocols by the test set's image count: the whole set ranked at once.
+RETRIEVAL_SETS = {5000: "5K", 1000: "1K"}
 TASK_METRICS = {
     "vqa": ("vqa_accuracy",),
     "nlvr2": ("accuracy",),
@@ -51,10 +53,11 @@ def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[st
     """(protocol, metric-name prefix) pairs an eval run of `split` reports: VQA's test-dev2015 /
     test2015 are the server's test-dev / test-std (a submission file), and its val is a row of
     its own (SOHO publishes no val number); NLVR2 test1 is test-P (test2 the unpublished
-    test-U); SNLI-VE dev is its val; retrieval evaluated in five folds (`fold_`,
-    `eval.retrieval_folds`) is MSCOCO's 5K protocol, the folds' mean its 1K one; otherwise the
-    whole set is the 5K protocol when it is the 5K test set (an image lost at conversion
-    included), else a 1K one."""
+    test-U); SNLI-VE dev is its val. Retrieval on a test set of 5000 images (counting images
+    lost at conversion) is the 5K protocol and the mean of its five folds (`fold_`,
+    `eval.retrieval_folds`) MSCOCO's 1K one; a set of 1000 images (Flickr30K's test set) is the
+    1K protocol. A set of another size is a protocol of its own, named by its count
+    (`100 images`, `5 folds of 20`): no published number is placed beside it."""
     if task == "vqa":
         if "test-dev" in split:
             return [("test-dev", "")]
@@ -65,10 +68,15 @@ def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[st
         ]
     if task == "snli_ve":
         return [("val" if split in ("dev", "val") else split, "")]
-    if f"{split}_fold_tr_r1" in metrics:  # MSCOCO's 5K test set and its five 1K folds
-        return [("5K", ""), ("1K", "fold_")]
-    images = metrics.get(f"{split}_num_images", 0) + metrics.get(f"{split}_num_images_skipped", 0)
-    return [("5K" if images >= 5000 else "1K", "")]
+    images = round(
+        metrics.get(f"{split}_num_images", 0) + metrics.get(f"{split}_num_images_skipped", 0)
+    )
+    found = [(RETRIEVAL_SETS.get(images, f"{images} images"), "")]
+    if f"{split}_fold_tr_r1" in metrics:  # e.g. MSCOCO's 5K test set and its five 1K folds
+        folds = round(metrics.get(f"{split}_num_folds", 5))  # runs that did not log it: 5
+        coco_1k = (images, folds) == (5000, 5)  # the 1K protocol is on the 5K test set
+        found.append(("1K" if coco_1k else f"{folds} folds of {images // max(folds, 1)}", "fold_"))
+    return found
 
 
 def chance_params(chance: dict[str, Any]) -> dict[str, float]:

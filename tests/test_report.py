@@ -63,16 +63,15 @@ def test_report_has_every_task_with_chance_and_paper(tmp_path):
     assert math.isnan(float(vqa["paper"]))
     assert float(by_key["nlvr2", "NLVR2", "dev", "dev", "accuracy"]["paper"]) == 76.37
     assert float(by_key["snli_ve", "SNLI-VE", "dev", "val", "accuracy"]["paper"]) == 85.0
-    ir5 = by_key["retrieval", "MSCOCO", "test", "1K", "ir_r5"]
-    assert (float(ir5["chance"]), float(ir5["paper"])) == (5.0, 94.5)
-    # A two-stage evaluation gets its own rows (chance and paper of the metric it ranks by).
-    two_stage = by_key["retrieval", "MSCOCO", "test", "1K", "two_stage_ir_r5"]
+    # 100 test images are neither the 5K nor a 1K protocol: no published number beside them
+    ir5 = by_key["retrieval", "MSCOCO", "test", "100 images", "ir_r5"]
+    assert float(ir5["chance"]) == 5.0 and math.isnan(float(ir5["paper"]))
+    # A two-stage evaluation gets its own rows (chance of the metric it ranks by).
+    two_stage = by_key["retrieval", "MSCOCO", "test", "100 images", "two_stage_ir_r5"]
     assert (float(two_stage["value"]), float(two_stage["chance"])) == (40.0, 5.0)
-    assert float(two_stage["paper"]) == 94.5  # an estimate of the paper's exact ranking
-    assert ("retrieval", "MSCOCO", "test", "1K", "two_stage_tr_r5") not in by_key
-    # The first stage alone ranks by contrastive features, which SOHO does not have.
-    first_stage = by_key["retrieval", "MSCOCO", "test", "1K", "first_stage_ir_r5"]
-    assert float(first_stage["value"]) == 35.0 and math.isnan(float(first_stage["paper"]))
+    assert ("retrieval", "MSCOCO", "test", "100 images", "two_stage_tr_r5") not in by_key
+    first_stage = by_key["retrieval", "MSCOCO", "test", "100 images", "first_stage_ir_r5"]
+    assert float(first_stage["value"]) == 35.0
     assert (tmp_path / "out" / "results.png").stat().st_size > 1000
     markdown = (tmp_path / "out" / "results.md").read_text()
     # chance, then what the text alone scores (when known), then the paper
@@ -87,7 +86,8 @@ def test_report_has_every_task_with_chance_and_paper(tmp_path):
 def test_every_published_protocol_is_its_own_row(tmp_path):
     coco = {**{m: 40.0 for m in RETRIEVAL_METRICS}, **{f"fold_{m}": 60.0 for m in RETRIEVAL_METRICS},
             "num_images": 5000}  # fmt: skip
-    f30k = {**{m: 70.0 for m in RETRIEVAL_METRICS}, "num_images": 1000}
+    f30k = {**{m: 70.0 for m in RETRIEVAL_METRICS}, "two_stage_ir_r5": 75.0,
+            "first_stage_ir_r5": 65.0, "num_images": 1000}  # fmt: skip
     uri = _store(tmp_path, [
         ("vqa", "VQA v2", "val2014", {"vqa_accuracy": 66.0}, {}),
         ("vqa", "VQA v2", "test-dev2015", {"num_samples": 9.0}, {"submission": "/r/vqa_test-dev2015_submission.json"}),
@@ -113,6 +113,13 @@ def test_every_published_protocol_is_its_own_row(tmp_path):
     assert float(by_key["retrieval", "MSCOCO", "test", "1K", "tr_r1"]["paper"]) == 85.1
     assert float(by_key["retrieval", "Flickr30K", "test", "1K", "ir_r10"]["paper"]) == 96.1
     assert float(by_key["retrieval", "Flickr30K", "test", "1K", "ir_r10"]["value"]) == 70.0
+    # two-stage ranking estimates the paper's exact one; its first stage alone (contrastive
+    # features) is not in SOHO
+    two_stage = by_key["retrieval", "Flickr30K", "test", "1K", "two_stage_ir_r5"]
+    assert (float(two_stage["value"]), float(two_stage["paper"])) == (75.0, 92.7)
+    assert math.isnan(
+        float(by_key["retrieval", "Flickr30K", "test", "1K", "first_stage_ir_r5"]["paper"])
+    )
     assert float(by_key["nlvr2", "NLVR2", "test1", "test-P", "accuracy"]["paper"]) == 77.32
     assert float(by_key["snli_ve", "SNLI-VE", "test", "test", "accuracy"]["paper"]) == 84.95
     # the VQA test splits are scored by the server: the rows name the file to submit, and the
@@ -140,6 +147,31 @@ def test_whole_5k_test_set_is_the_5k_protocol_also_short_of_an_image(tmp_path):
     uri = _store(tmp_path, [("retrieval", "MSCOCO", "test", whole, {})])
     report("exp", str(tmp_path / "out"), tracking_uri=uri)
     assert {k[3] for k in _rows(tmp_path)} == {"5K"}
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        ({"num_images": 2000}, {"2000 images"}),
+        ({"num_images": 999, "num_images_skipped": 1}, {"1K"}),  # Flickr30K short of an image
+        ({"num_images": 100, "num_folds": 5}, {"100 images", "5 folds of 20"}),
+        ({"num_images": 4999, "num_images_skipped": 1, "num_folds": 5}, {"5K", "1K"}),
+        ({"num_images": 2000, "num_folds": 2}, {"2000 images", "2 folds of 1000"}),
+    ],
+)
+def test_retrieval_protocol_follows_the_test_sets_size(tmp_path, metrics, expected):
+    """Only the published test sets' sizes sit beside the paper's 5K / 1K numbers; a set of
+    another size (a subset, the synthetic world) is named by its count and compared with none."""
+    values = {m: 40.0 for m in RETRIEVAL_METRICS}
+    if "num_folds" in metrics:
+        values.update({f"fold_{m}": 60.0 for m in RETRIEVAL_METRICS})
+    uri = _store(tmp_path, [("retrieval", "MSCOCO", "test", {**values, **metrics}, {})])
+    report("exp", str(tmp_path / "out"), tracking_uri=uri)
+    rows = _rows(tmp_path)
+    assert {k[3] for k in rows} == expected
+    for key, row in rows.items():
+        published = key[3] in ("5K", "1K")
+        assert math.isnan(float(row["paper"])) is not published, key
 
 
 def test_report_reads_the_pipelines_own_store_by_default(tmp_path, monkeypatch):

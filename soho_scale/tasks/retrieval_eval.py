@@ -331,6 +331,8 @@ def _evaluate(model, data, mode, k, folds, rank, world, image_batch, pair_batch)
     local = torch.cat(rows) if rows else torch.zeros(0, num_texts, device=device)
     itm = _gather_to_zero(local, owned, num_images, rank, world)
     result: dict[str, Any] = {"mode": mode, "num_images": num_images, "num_texts": num_texts}
+    if folds > 1:  # the report names the folds' protocol by their size
+        result["num_folds"] = folds
     if mode == "two_stage":
         result["k"] = k
         result["pairs_scored"] = int(candidates.sum())
