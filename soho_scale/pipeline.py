@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soho_scale.engine.tracking import PARENT_ENV, mark_failed
-from soho_scale.spec.errors import path_text
+from soho_scale.spec.errors import CREDENTIALS, credentials_at, path_text, shown
 from soho_scale.spec.yaml_file import read_job_file
 
 DONE = "stage_done.json"
@@ -93,8 +93,12 @@ def read_spec_file(kind: type[BaseModel], path: str) -> Any:
     naming the key and the file."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
+    data = read_job_file(path)
+    found = credentials_at(data)
+    if found:
+        raise ValueError(f"{path_text(found[0])}: {shown(found[1])} {CREDENTIALS} (in {path})")
     try:
-        return kind.model_validate(read_job_file(path))
+        return kind.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         where = path_text(first["loc"])

@@ -269,6 +269,41 @@ def test_a_location_with_credentials_is_refused_without_echoing_them():
         assert message.startswith(override.split("=", 1)[0]), message
 
 
+def test_credentials_are_refused_in_any_value_or_key_and_never_echoed_even_in_part(tmp_path):
+    """Not only locations: an experiment name, a tag, the tokenizer travel into sbatch scripts,
+    stage logs and MLflow too. A long value is masked before it is cut short (cut first, the
+    "@" the mask looks for can fall off and leave the start of the password)."""
+    demo = ROOT / "jobs" / "demo" / "pretrain.yaml"
+    secret = "wJalrXUtnFEMIK7MDENGbPxRfiCYSECRET"
+    long_dir = f"s3://AKIAEXAMPLE:{secret}@soho-ckpt/" + "a-long-prefix/" * 8
+    for override in (f"checkpoint.dir={long_dir}",
+                     f"tracking.experiment=https://u:{secret}@mlflow/x",
+                     f"tracking.tags.src=https://u:{secret}@host/x",
+                     f"data.text.tokenizer=https://u:{secret}@host/vocab",
+                     f"tracking.run_name=run-https://u:{secret}@h"):  # fmt: skip
+        with pytest.raises(SpecError) as info:
+            load_job(demo, [override])
+        message = str(info.value)
+        assert "holds credentials" in message and "wJalr" not in message, message
+        assert message.startswith(override.split("=", 1)[0]), message
+    # a key that holds one (the walk names it, masked, and the file)
+    spec = tmp_path / "job.yaml"
+    text = demo.read_text() + f"\nhttps://u:{secret}@host: 1\n"
+    spec.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_job(spec)
+    assert "holds credentials" in str(info.value) and "wJalr" not in str(info.value)
+    assert str(info.value).endswith(f"(in {spec})")
+    # pipeline and sweep files are read the same way
+    from soho_scale.pipeline import load_pipeline
+
+    pipeline = tmp_path / "pipe.yaml"
+    text = (ROOT / "jobs/pipelines/demo.yaml").read_text()
+    pipeline.write_text(text.replace("experiment: soho-demo", f"experiment: http://u:{secret}@h"))
+    with pytest.raises(ValueError, match=r"^experiment: 'http://\*\*\*@h' holds credentials"):
+        load_pipeline(str(pipeline))
+
+
 def test_an_unknown_override_is_blamed_on_the_override_not_the_file():
     demo = ROOT / "jobs" / "demo" / "pretrain.yaml"
     with pytest.raises(SpecError) as info:

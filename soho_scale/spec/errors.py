@@ -25,7 +25,14 @@ class SpecError(ValueError):
 
 # A value echoed in an error is cut short: a hostile file can hold megabytes in one value, and
 # reprlib stops early instead of building the whole text of a huge nested value first.
-_SHORT = reprlib.Repr()
+class _MaskedRepr(reprlib.Repr):
+    def repr_str(self, x: str, level: int) -> str:
+        # Masked before cut short: cutting first can drop the "@" the mask looks for and leave
+        # part of a password in the text.
+        return super().repr_str(mask_url_credentials(x), level)
+
+
+_SHORT = _MaskedRepr()
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 60, 60, 3
 _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
 SHOWN_CHARS = 80
@@ -49,10 +56,36 @@ def path_text(parts: tuple | list) -> str:
     for part in parts:
         if part == "":
             continue
-        if len(str(part)) > 40:  # a key is echoed too: cut a hostile one short
-            part = str(part)[:37] + "..."
+        if isinstance(part, str):  # a key is echoed too: masked, then a hostile one cut short
+            part = mask_url_credentials(part)
+            part = part if len(part) <= 40 else part[:37] + "..."
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
+
+
+CREDENTIALS = "holds credentials; give them by environment"
+
+
+def credentials_at(data: Any, loc: tuple = ()) -> tuple[tuple, str] | None:
+    """(key path, text) of the first key or string value in plain data (a parsed spec file)
+    that embeds URL credentials: a spec is logged, copied into command lines, MLflow params and
+    other nodes' files, so none of its values may hold one, whatever the field."""
+    if isinstance(data, str):
+        return (loc, data) if mask_url_credentials(data) != data else None
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list)
+        else ()
+    )
+    for key, value in items:
+        if isinstance(key, str) and mask_url_credentials(key) != key:
+            return (*loc, key), key
+        found = credentials_at(value, (*loc, key))
+        if found:
+            return found
+    return None
 
 
 def problem(subpath: str, message: str) -> PydanticCustomError:

@@ -8,7 +8,16 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from soho_scale.spec.errors import SpecError, clipped, error_location, format_spec_error
+from soho_scale.spec.errors import (
+    CREDENTIALS,
+    SpecError,
+    clipped,
+    credentials_at,
+    error_location,
+    format_spec_error,
+    path_text,
+    shown,
+)
 from soho_scale.spec.schema import Job
 from soho_scale.spec.yaml_file import apply_override, read_job_file
 
@@ -22,6 +31,12 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
         )
     for override in overrides:
         apply_override(data, override)
+    found = credentials_at(data)
+    if found:
+        culprit = _culprit(found[0], overrides)
+        suffix = f" (from override {clipped(culprit)})" if culprit else f" (in {path})"
+        where = path_text(found[0])
+        raise SpecError(f"{where}: {shown(found[1])} {CREDENTIALS}{suffix}")
     try:
         job = Job.model_validate({**data, "overrides": list(overrides)})
     except ValidationError as e:

@@ -27,7 +27,7 @@ from pydantic import (
 
 from data_pipeline import settings as data_settings
 from data_pipeline.errors import DataError
-from data_pipeline.urls import is_s3_url, mask_url_credentials, split_s3_url
+from data_pipeline.urls import is_s3_url, split_s3_url
 from soho_scale.model.config import PRESETS, SohoConfig, build_config, random_cnn_problem
 from soho_scale.spec.derived import accumulation_steps
 from soho_scale.spec.errors import SpecError, describe, problem, shown
@@ -68,9 +68,8 @@ def number_problem(annotation: Any, value: Any) -> str | None:
 
 
 def location_problem(value: Any) -> str | None:
-    """Why a location is refused: credentials in it (specs are logged), no bucket in s3://."""
-    if isinstance(value, str) and mask_url_credentials(value) != value:
-        return f"{shown(value)} holds credentials; give them by environment"
+    """Why a location is refused: no bucket in s3:// (credentials in any value are refused
+    before validation: `load.load_job`)."""
     if isinstance(value, str) and is_s3_url(value):
         try:
             split_s3_url(value)
