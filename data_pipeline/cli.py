@@ -108,10 +108,19 @@ def _add_convert(subparsers: Any) -> None:
     def vqa(args: argparse.Namespace) -> Any:
         from data_pipeline.shards import read_json
         from data_pipeline.sources.vqa import convert_vqa
+        from data_pipeline.storage import read_bytes
+        from data_pipeline.urls import is_remote
 
         if args.answer_vocab and args.vocab_from:
             raise DataError("give --answer-vocab or --vocab-from, not both")
-        vocab = read_json(args.answer_vocab) if args.answer_vocab else None
+        vocab = None
+        if args.answer_vocab and is_remote(args.answer_vocab):  # where the train split wrote it
+            try:
+                vocab = json.loads(read_bytes(args.answer_vocab))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DataError(f"{args.answer_vocab}: not valid JSON ({e})") from None
+        elif args.answer_vocab:
+            vocab = read_json(args.answer_vocab)
         if vocab is not None and not (
             isinstance(vocab, list) and all(isinstance(a, str) for a in vocab)
         ):
@@ -130,7 +139,9 @@ def _add_convert(subparsers: Any) -> None:
         help="v2_mscoco_*_annotations.json; leave out for test-dev2015/test2015 (needs --answer-vocab)",
     )
     p.add_argument("--images", required=True, help="folder of the COCO images of the split")
-    p.add_argument("--answer-vocab", default=None, help="answer_vocab.json of the train split")
+    p.add_argument(
+        "--answer-vocab", default=None, help="answer_vocab.json of the train split (path or s3://)"
+    )
     p.add_argument("--min-answer-count", type=int, default=9, help="vocab frequency threshold")
     p.add_argument(
         "--vocab-from",

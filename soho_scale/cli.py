@@ -12,6 +12,7 @@ import os
 import sys
 
 from soho_scale.secrets import redact
+from soho_scale.spec.errors import one_line
 
 
 def _model_info(argv: list[str]) -> int:
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors are ValueErrors with a one-line message
         if os.environ.get("SOHO_DEBUG"):
             raise
-        print(redact(f"soho-scale {command}: {e}"), file=sys.stderr)
+        print(redact(one_line(f"soho-scale {command}: {e}")), file=sys.stderr)
         return 2
 
 

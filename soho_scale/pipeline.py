@@ -19,10 +19,12 @@ import sys
 import time
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soho_scale.engine.tracking import PARENT_ENV, mark_failed
 from soho_scale.spec.errors import CREDENTIALS, credentials_at, path_text, shown
+from soho_scale.spec.schema import NAME
 from soho_scale.spec.yaml_file import read_job_file
 
 DONE = "stage_done.json"
@@ -32,9 +34,13 @@ class StageFailed(RuntimeError):
     """A stage's command failed; the message is one line with the reason and the log."""
 
 
+# What the pipeline itself keeps in its run root: no stage may be named so.
+RESERVED = ("report", "mlartifacts", "mlflow.db", "metrics.jsonl", "tracking.json")
+
+
 class Stage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME)
     train: str | None = None  # job YAML to train
     eval: str | None = None  # job YAML whose eval.streams to evaluate
     init_from: str | None = None  # train: start from this earlier stage's weights
@@ -48,14 +54,22 @@ class Stage(BaseModel):
             raise ValueError("give exactly one of train or eval")
         if self.eval is not None and self.checkpoint is None:
             raise ValueError("an eval stage needs checkpoint: <training stage>")
+        if self.train is not None and self.checkpoint is not None:
+            raise ValueError(
+                "checkpoint: is for eval stages; a training stage starts from init_from"
+            )
+        if self.eval is not None and self.init_from is not None:
+            raise ValueError("init_from: is for training stages; an eval stage names checkpoint")
+        if self.name in RESERVED:
+            raise ValueError(f"name: {self.name!r} is the pipeline's own ({', '.join(RESERVED)})")
         return self
 
 
 class Pipeline(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    experiment: str
-    run_root: str
+    name: str = Field(pattern=NAME)
+    experiment: str = Field(min_length=1)
+    run_root: str = Field(min_length=1)
     chance: str | None = None  # chance levels of the dataset (the synthetic world writes one)
     stages: list[Stage] = Field(min_length=1)
 
@@ -198,19 +212,30 @@ def train_overrides(pipe: Pipeline, stage: Stage) -> list[str]:
     from, then the stage's own."""
     run_dir = os.path.join(pipe.run_root, stage.name)
     overrides = [
-        f"checkpoint.dir={os.path.join(run_dir, 'checkpoints')}",
-        f"tracking.experiment={pipe.experiment}",
-        f"tracking.run_name={pipe.name}-{stage.name}",
+        _setting("checkpoint.dir", os.path.join(run_dir, "checkpoints")),
+        _setting("tracking.experiment", pipe.experiment),
+        _setting("tracking.run_name", f"{pipe.name}-{stage.name}"),
         *stage.overrides,
     ]
     if stage.init_from:
-        overrides.append(f"model.init_from={export_path(pipe.run_root, stage.init_from)}")
+        overrides.append(_setting("model.init_from", export_path(pipe.run_root, stage.init_from)))
     return overrides
 
 
 def eval_overrides(pipe: Pipeline, stage: Stage) -> list[str]:
     """An eval stage's overrides: the pipeline's experiment, then the stage's own."""
-    return [f"tracking.experiment={pipe.experiment}", *stage.overrides]
+    return [_setting("tracking.experiment", pipe.experiment), *stage.overrides]
+
+
+def _setting(key: str, text: str) -> str:
+    """`key=text` as an override that reads back as exactly `text`: quoted (JSON is YAML) where
+    YAML would read it otherwise, so a run root with " #" or ": " in it, or an experiment named
+    010, stays what it says."""
+    try:
+        plain = yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        plain = False
+    return f"{key}={text}" if plain else f"{key}={json.dumps(text)}"
 
 
 def run_stage(pipe: Pipeline, stage: Stage, hostfile: str | None = None) -> dict[str, Any]:
@@ -261,8 +286,11 @@ def finish_stage(pipe: Pipeline, stage: Stage, code: int, started: float) -> dic
     from soho_scale.engine.checkpoint_store import committed_checkpoints, read_best
     from soho_scale.engine.weights import export
 
-    committed = committed_checkpoints(os.path.join(run_dir, "checkpoints"))
-    best = read_best(os.path.join(run_dir, "checkpoints"))
+    where = stage_job(pipe, stage).checkpoint.dir  # the stage's overrides may move it (s3://)
+    committed = committed_checkpoints(where)
+    if not committed:
+        raise StageFailed(f"stage {stage.name}: no committed checkpoint in {where}")
+    best = read_best(where)
     chosen = next((c for c in committed if best and c.step == best["step"]), committed[-1])
     export(chosen.location, export_path(pipe.run_root, stage.name))
     result = {"checkpoint": chosen.location, "step": chosen.step}

@@ -4,8 +4,8 @@ Reads the evaluation runs of an MLflow experiment (runs tagged `task`, `dataset`
 `soho-scale eval` logs them), keeps the newest per (task, dataset, split), and writes one row per
 (task, dataset, split, protocol, metric) to `results.md`, `results.csv` (percent) and
 `results.png` (one panel per task), beside the published SOHO number of the same protocol
-(SOHO.md) and the dataset's chance level (params `chance.*` of the pipeline's parent run, when
-the pipeline was given a chance file); the Markdown table also shows what the text alone scores,
+(the SOHO paper, CVPR 2021) and the dataset's chance level (params `chance.*` of the pipeline's
+parent run, when the pipeline was given a chance file); the Markdown table also shows what the text alone scores,
 where the chance file has it. The store is the pipeline's own (`<run_root>/mlflow.db`) unless
 --tracking-uri or MLFLOW_TRACKING_URI says otherwise.
 """
@@ -18,7 +18,7 @@ import math
 import os
 from typing import Any
 
-# Published SOHO results (ResNet-101 + 12 layers; SOHO.md), in percent, by (task, dataset,
+# Published SOHO results (ResNet-101 + 12 layers; the paper's tables), in percent, by (task, dataset,
 # protocol) and metric. A result is placed beside the number of the same protocol only.
 RETRIEVAL_METRICS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
 PAPER: dict[tuple[str, str, str], dict[str, float]] = {

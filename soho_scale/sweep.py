@@ -35,9 +35,8 @@ from soho_scale.pipeline import (
     run_loaded,
 )
 from soho_scale.secrets import redact
+from soho_scale.spec.schema import NAME
 from soho_scale.sweep_compare import compare, read_results, write_comparison
-
-NAME = r"^[A-Za-z0-9_.-]+$"
 
 
 class Variant(BaseModel):
@@ -65,7 +64,14 @@ def _inconsistency(sweep: Sweep) -> str | None:
         return f"seeds: {repeated[0]} appears twice"
     bad = [name for name in sweep.variants if re.match(NAME, name) is None]
     if bad:
-        return f"variants: {bad[0]!r} is not a name (letters, digits, _ . -)"
+        return f"variants: {bad[0]!r} is not a name (letters, digits, _ . -; no leading dot)"
+    if "comparison" in sweep.variants:  # <run_root>/comparison/ holds the comparison
+        return "variants: 'comparison' is the comparison's folder; name the variant otherwise"
+    for name, variant in sweep.variants.items():
+        seeded = [o for o in (*variant.overrides, *sum(variant.stage_overrides.values(), []))
+                  if o.partition("=")[0].strip() == "seed"]  # fmt: skip
+        if seeded:
+            return f"variants.{name}: {seeded[0]!r}: the sweep sets seed (seeds:); drop it"
     if sweep.base not in sweep.variants:
         return f"base: {sweep.base!r} is not one of the variants"
     return None

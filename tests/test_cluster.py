@@ -444,7 +444,7 @@ def test_dockerfile_builds_the_image_the_manifests_expect(tmp_path):
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "repo-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     probe = (  # from elsewhere than /workspace: the installed package is the one found
-        "from soho_scale.spec.schema import DS_CONFIG_DIR; from soho_scale.spec import load_job; "
+        "from soho_scale.spec.ds_template import DS_CONFIG_DIR; from soho_scale.spec import load_job; "
         "import soho_scale.launch.node; print(DS_CONFIG_DIR); "
         f"print(load_job('{root}/jobs/pretrain/soho_r101_l12_coco_vg.yaml').name)"
     )

@@ -50,3 +50,31 @@ def test_an_override_set_reruns_a_pipeline_file_in_other_conditions(tmp_path, mo
     bad.write_text("stage_overrides: {nope: [seed=1]}\n")
     with pytest.raises(ValueError, match="stage_overrides: no stage 'nope'"):
         load_pipeline(paper, str(bad))
+
+
+def test_the_pipelines_own_settings_read_back_as_written(tmp_path, monkeypatch):
+    """The run root, experiment and stage names the pipeline hands each stage as overrides are
+    quoted: a folder with " #" or ": " in it, or an experiment named 010 (YAML's octal 8),
+    reach the job as they are."""
+    from soho_scale.pipeline import eval_overrides, stage_job, train_overrides
+
+    monkeypatch.chdir(ROOT)
+    root = tmp_path / "runs #2: a"
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        f"name: x\nexperiment: '010'\nrun_root: '{root}'\nstages:\n"
+        "  - {name: pre, train: jobs/demo/pretrain.yaml}\n"
+        "  - {name: ft, train: jobs/demo/vqa.yaml, init_from: pre}\n"
+        "  - {name: ev, eval: jobs/demo/vqa.yaml, checkpoint: ft}\n"
+    )
+    pipe = load_pipeline(str(spec))
+    pre, ft, ev = pipe.stages
+    job = load_job(ft.train, train_overrides(pipe, ft))
+    assert job.checkpoint.dir == str(root / "ft" / "checkpoints")
+    assert job.model.init_from == str(root / "pre" / "export" / "model.pt")
+    assert (job.tracking.experiment, job.tracking.run_name) == ("010", "x-ft")
+    assert load_job(ev.eval, eval_overrides(pipe, ev)).tracking.experiment == "010"
+    # a stage may move its checkpoints (e.g. to s3:// for several nodes): finish_stage reads
+    # the stage's own checkpoint.dir
+    moved = pre.model_copy(update={"overrides": [f"checkpoint.dir={tmp_path / 'elsewhere'}"]})
+    assert stage_job(pipe, moved).checkpoint.dir == str(tmp_path / "elsewhere")

@@ -304,6 +304,56 @@ def test_credentials_are_refused_in_any_value_or_key_and_never_echoed_even_in_pa
         load_pipeline(str(pipeline))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.overrides.num_heads=0", "model.overrides.num_heads: expected >= 1, got 0"),
+        ("model.overrides.vd_size=-5", "model.overrides.vd_size: expected >= 1, got -5"),
+        ("model.overrides.dropout=1.0", "model.overrides.dropout: expected < 1, got 1.0"),
+        ("model.overrides.vd_decay=2.0", "model.overrides.vd_decay: expected >= 0 and <= 1"),
+        ("model.overrides.frozen_stages=7", "model.overrides.frozen_stages: expected >= -1 and <= 4"),
+        ("data.text.max_len=100", "data.text.max_len: 100; the model has 64 text positions"),
+        ("tracking.experiment=soho #3", "override 'tracking.experiment=soho #3': ' #' starts a YAML comment"),
+        ("data.streams.²=x", "override 'data.streams.²=x': data.streams has no item ²"),
+        ("name=..", "name: string should match pattern"),
+        ("name=" + "a" * 101, "name: string should match pattern"),
+        ("name=a\nb", "name: string should match pattern"),
+    ],
+)  # fmt: skip
+def test_out_of_range_settings_and_misread_overrides_are_one_line(override, message):
+    """Each of these ran (a zero-size model divided by zero, a name of 300 characters failed to
+    make its folder, a comment cut the value short) or split the error over lines."""
+    with pytest.raises(SpecError) as info:
+        load_job(ROOT / "jobs" / "demo" / "pretrain.yaml", [override])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_quoted_hash_is_kept_and_a_probe_of_itself_is_one_line(tmp_path):
+    demo = ROOT / "jobs" / "demo" / "pretrain.yaml"
+    assert load_job(demo, ["tracking.experiment='soho #3'"]).tracking.experiment == "soho #3"
+    assert load_job(demo, ["tracking.tags.src=a#b"]).tracking.tags["src"] == "a#b"
+    # a job probing itself: one line (it recursed until Python gave up, 2,500 lines)
+    spec = tmp_path / "self.yaml"
+    probe = f"  streams: []\n  probes: [{{name: p, job: {spec}, every_steps: 10}}]"
+    spec.write_text(demo.read_text().replace("  streams: []", probe))
+    with pytest.raises(
+        SpecError, match=r"^eval\.probes\.p: job .*self\.yaml names no eval\.streams"
+    ):
+        load_job(spec)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[]", "1", "NaN", '{"zero_optimization": 5}',
+     '{"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}}'],
+)  # fmt: skip
+def test_a_deepspeed_template_that_is_no_config_is_one_line(tmp_path, content):
+    template = tmp_path / "t.json"
+    template.write_text(content)
+    with pytest.raises(SpecError, match=r"^deepspeed\.template: t\.json is no DeepSpeed config"):
+        load_job(ROOT / "jobs" / "demo" / "pretrain.yaml", [f"deepspeed.template={template}"])
+
+
 def test_an_unknown_override_is_blamed_on_the_override_not_the_file():
     demo = ROOT / "jobs" / "demo" / "pretrain.yaml"
     with pytest.raises(SpecError) as info:
@@ -367,6 +417,21 @@ def test_hostile_pipeline_specs_fail_in_one_line_before_any_stage(tmp_path, monk
         "stages.a: checkpoint.dir: 's3://' names no bucket": head + "stages:\n"
         f"  - {{name: a, train: {demo}, overrides: ['checkpoint.dir=s3://']}}\n",
     }
+    stage = f"  - {{name: a, train: {demo}}}\n"
+    cases.update({
+        # a key the stage's kind does not read would be silently ignored
+        "stages[0]: Value error, checkpoint: is for eval stages": head + "stages:\n"
+        f"  - {{name: a, train: {demo}, checkpoint: a}}\n",
+        "init_from: is for training stages": head + "stages:\n" + stage
+        + f"  - {{name: b, eval: {demo}, checkpoint: a, init_from: a}}\n",
+        # the pipeline's own files and folders in its run root; folders that are not names
+        "name: 'report' is the pipeline's own": head + f"stages:\n  - {{name: report, train: {demo}}}\n",
+        "stages[0].name": head + f"stages:\n  - {{name: '..', train: {demo}}}\n",
+        "run_root: String should have at least 1 character": "name: p\nexperiment: e\n"
+        "run_root: ''\nstages:\n" + stage,
+        "experiment: 'http://***@h' holds credentials": head.replace("experiment: e", "experiment: http://u:pw99@h")
+        + "stages:\n" + stage,
+    })  # fmt: skip
     for n, (named, text) in enumerate(cases.items()):
         (tmp_path / f"p{n}.yaml").write_text(text)
         assert main(["pipeline", str(tmp_path / f"p{n}.yaml")]) == 2

@@ -50,8 +50,16 @@ def _repo(monkeypatch):
     [
         ({"variants": {"base": {}, "x": {"drop_stages": ["nope"]}}},
          "variants.x.drop_stages: no stage 'nope' in jobs/pipelines/demo.yaml"),
-        ({"variants": {"base": {}, "x": {"stage_overrides": {"nope": ["seed=1"]}}}},
+        ({"variants": {"base": {}, "x": {"stage_overrides": {"nope": ["optim.cnn.lr=1"]}}}},
          "variants.x.stage_overrides: no stage 'nope'"),
+        # every seed of such a variant would run one seed
+        ({"variants": {"base": {}, "x": {"overrides": ["seed=5"]}}},
+         "variants.x: 'seed=5': the sweep sets seed (seeds:); drop it"),
+        ({"variants": {"base": {}, "x": {"stage_overrides": {"vqa": [" seed =5"]}}}},
+         "variants.x: ' seed =5': the sweep sets seed"),
+        # folders of their own: <run_root>/<variant>/, <run_root>/comparison/
+        ({"variants": {"base": {}, "comparison": {}}}, "variants: 'comparison' is the comparison's"),
+        ({"variants": {"base": {}, "..": {}}}, "variants: '..' is not a name"),
         ({"variants": {"base": {}, "x": {"drop_stages": ["vqa"]}}},
          "variants.x.drop_stages: stage vqa-eval evaluates the dropped stage 'vqa'; drop it too"),
         ({"base": "full"}, "base: 'full' is not one of the variants"),
@@ -73,7 +81,7 @@ def test_a_bad_sweep_spec_is_one_line_before_anything_starts(tmp_path, capsys, c
 def test_a_variant_changes_the_base_pipeline_per_seed(tmp_path):
     path = _spec(tmp_path, variants={
         "base": {"overrides": ["objectives.itm_weight=0.5"]},
-        "from_scratch": {"drop_stages": ["pretrain"], "stage_overrides": {"vqa": ["seed=7"]}},
+        "from_scratch": {"drop_stages": ["pretrain"], "stage_overrides": {"vqa": ["optim.rest.lr=2e-4"]}},
     })  # fmt: skip
     sweep, pipes = plan_sweep(path)
     assert [(v, s) for v, s, _ in pipes] == [
@@ -86,7 +94,7 @@ def test_a_variant_changes_the_base_pipeline_per_seed(tmp_path):
     assert [s.name for s in scratch1.stages] == [s.name for s in base0.stages][1:]
     vqa, vqa_eval = scratch1.stages[0], scratch1.stages[1]
     assert vqa.init_from is None
-    assert vqa.overrides == ["seed=1", "model.init_from=null", "seed=7"]
+    assert vqa.overrides == ["seed=1", "model.init_from=null", "optim.rest.lr=2e-4"]
     assert vqa_eval.overrides == ["seed=1"]
     assert load_job(vqa.train, vqa.overrides).model.init_from is None
     assert load_job(scratch1.stages[2].train, scratch1.stages[2].overrides).seed == 1

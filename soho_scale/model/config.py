@@ -66,6 +66,17 @@ class SohoConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"model.{name}: expected {'|'.join(choices)}, got {value!r}")
+        for name, (low, high) in _RANGES.items():  # a 0 or negative size fails far later
+            value = getattr(self, name)
+            if not ((low is None or value >= low) and (high is None or value <= high)):
+                want = " and ".join(
+                    f"{op} {bound}"
+                    for op, bound in ((">=", low), ("<=", high))
+                    if bound is not None
+                )
+                raise ValueError(f"model.{name}: expected {want}, got {value!r}")
+        if self.dropout >= 1:
+            raise ValueError(f"model.dropout: expected < 1, got {self.dropout!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -78,10 +89,16 @@ class SohoConfig:
             raise ValueError(
                 "model.pre_norm: BERT weights (model.init_from) are post-LN; set pre_norm: false"
             )
-        if self.pool < 1:
-            raise ValueError(f"model.pool: expected >= 1, got {self.pool}")
 
 
+# (lowest, highest) allowed, None: unbounded; dropout is also < 1.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "frozen_stages": (-1, 4), "pool": (1, None), "vd_size": (1, None), "vd_decay": (0, 1),
+    "vd_decay_start": (0, 1), "vd_decay_warmup_steps": (0, None), "vd_eps": (1e-12, None),
+    "hidden_size": (4, None), "num_layers": (1, None), "num_heads": (1, None),
+    "intermediate_size": (1, None), "vocab_size": (1, None), "max_text_positions": (3, None),
+    "dropout": (0, None),
+}  # fmt: skip
 _CHOICES = {
     name: get_args(hint)
     for name, hint in get_type_hints(SohoConfig).items()

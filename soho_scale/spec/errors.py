@@ -8,6 +8,7 @@ validator below a section names the key inside it that is wrong.
 from __future__ import annotations
 
 import difflib
+import re
 import reprlib
 import types
 import typing
@@ -21,6 +22,18 @@ from data_pipeline.urls import mask_url_credentials
 
 class SpecError(ValueError):
     """A job spec problem a user can fix; the message is one line naming the key path."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters written as escapes: a path or value with a newline in it
+    (a file name, an override) does not break an error into several lines."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 # A value echoed in an error is cut short: a hostile file can hold megabytes in one value, and

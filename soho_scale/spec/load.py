@@ -22,8 +22,11 @@ from soho_scale.spec.schema import Job
 from soho_scale.spec.yaml_file import apply_override, read_job_file
 
 
-def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Job:
-    """Read, override, validate. Raises SpecError (one line) on any problem a user can fix."""
+def load_job(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, probes: bool = True
+) -> Job:
+    """Read, override, validate. Raises SpecError (one line) on any problem a user can fix.
+    `probes`: also load the jobs of eval.probes (a probe's own job is loaded without)."""
     data = read_job_file(path)
     if "overrides" in data:
         raise SpecError(
@@ -43,7 +46,8 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
         culprit = _culprit(error_location(e.errors()[0]), overrides)
         suffix = f" (from override {clipped(culprit)})" if culprit else f" (in {path})"
         raise SpecError(format_spec_error(e, Job) + suffix) from None
-    _check_probes(job)
+    if probes:
+        _check_probes(job)
     return job
 
 
@@ -53,7 +57,8 @@ def _check_probes(job: Job) -> None:
     for probe in job.eval.probes:
         where = f"eval.probes.{probe.name}"
         try:
-            target = load_job(probe.job, probe.overrides)
+            # not its probes: a job probing itself (or two probing each other) would recurse
+            target = load_job(probe.job, probe.overrides, probes=False)
         except SpecError as e:
             raise SpecError(f"{where}: job {probe.job}: {e}") from None
         if not target.eval.streams:

@@ -9,7 +9,6 @@ name the offending key (`errors.problem`).
 from __future__ import annotations
 
 import difflib
-import json
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,22 +29,9 @@ from data_pipeline.errors import DataError
 from data_pipeline.urls import is_s3_url, split_s3_url
 from soho_scale.model.config import PRESETS, SohoConfig, build_config, random_cnn_problem
 from soho_scale.spec.derived import accumulation_steps
+from soho_scale.spec.ds_template import read_template, template_path
 from soho_scale.spec.errors import SpecError, describe, problem, shown
 from soho_scale.spec.eval_metrics import eval_metric_names
-
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-# DeepSpeed fields the job owns; a template that sets one would say a number twice.
-JOB_OWNED_DS_KEYS = {
-    "train_batch_size": "batch.global_batch",
-    "train_micro_batch_size_per_gpu": "batch.micro_batch_per_rank",
-    "gradient_accumulation_steps": "batch.* (derived)",
-    "gradient_clipping": "optim.grad_clip",
-    "fp16": "precision",
-    "bf16": "precision",
-    "amp": "precision",
-    "optimizer": "optim.* (the engine builds the optimizer)",
-    "scheduler": "schedule.* (the engine computes the LR)",
-}
 
 
 def _wants_number(annotation: Any) -> bool:
@@ -68,8 +54,7 @@ def number_problem(annotation: Any, value: Any) -> str | None:
 
 
 def location_problem(value: Any) -> str | None:
-    """Why a location is refused: no bucket in s3:// (credentials in any value are refused
-    before validation: `load.load_job`)."""
+    """Why a location is refused: no bucket in s3:// (credentials: `load.load_job`)."""
     if isinstance(value, str) and is_s3_url(value):
         try:
             split_s3_url(value)
@@ -85,6 +70,11 @@ def _location(value: str) -> str:
 
 
 Location = Annotated[str, AfterValidator(_location)]  # a local path or s3://bucket/prefix
+
+
+# A name that becomes a folder (job, probe, pipeline, stage, sweep variant): no "." or ".." (no
+# leading dot at all), no separators, short enough for a path.
+NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$"
 
 
 class Section(BaseModel):
@@ -307,44 +297,11 @@ class DeepSpeedSpec(Section):
     template: str | None = None
 
     def template_path(self) -> Path:
-        name = self.template or f"zero{self.zero_stage}{'_offload' if self.offload else ''}"
-        if "/" in name:
-            return Path(name).expanduser()
-        return DS_CONFIG_DIR / (name if name.endswith(".json") else f"{name}.json")
+        return template_path(self.zero_stage, self.offload, self.template)
 
     def read_template(self) -> dict[str, Any]:
         """The template's JSON; raises SpecError naming deepspeed.template when it is unusable."""
-        path = self.template_path()
-        if not path.is_file():
-            known = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
-            raise SpecError(f"deepspeed.template: no such file {path} (templates: {known})")
-        try:
-            template = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SpecError(f"deepspeed.template: {path} is not valid JSON ({e})") from None
-        owned = sorted(set(template) & set(JOB_OWNED_DS_KEYS))
-        if owned:
-            where = ", ".join(f"{k} -> {JOB_OWNED_DS_KEYS[k]}" for k in owned)
-            raise SpecError(
-                f"deepspeed.template: {path.name} sets {where}; remove it from the template"
-            )
-        stage = template.get("zero_optimization", {}).get("stage", 0)
-        if stage != self.zero_stage:
-            raise SpecError(
-                f"deepspeed.template: {path.name} is ZeRO stage {stage} "
-                f"but deepspeed.zero_stage is {self.zero_stage}"
-            )
-        zero = template.get("zero_optimization", {})
-        offloads = any(
-            zero.get(k, {}).get("device", "none") != "none"
-            for k in ("offload_optimizer", "offload_param")
-        )
-        if offloads != self.offload:
-            raise SpecError(
-                f"deepspeed.template: {path.name} {'offloads' if offloads else 'does not offload'} "
-                f"to CPU but deepspeed.offload is {str(self.offload).lower()}"
-            )
-        return template
+        return read_template(self.zero_stage, self.offload, self.template)
 
     @model_validator(mode="after")
     def _template_usable(self) -> DeepSpeedSpec:
@@ -372,7 +329,7 @@ class CheckpointSpec(Section):
 class ProbeSpec(Section):
     """`soho-scale eval` of `job` on the checkpoints of the job that trains (periodic_eval)."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME)
     job: str = Field(min_length=1)  # a job YAML whose eval.streams and task define the probe
     every_steps: int = Field(gt=0)  # a committed checkpoint at a multiple of it is probed
     overrides: list[str] = []  # dotted overrides of the probe's job
@@ -440,7 +397,7 @@ class ResourcesSpec(Section):
 
 
 class Job(Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME)
     # numpy's seeds are 0 <= seed < 2**32 (torch's and Python's ranges are wider)
     seed: int = Field(0, ge=0, lt=2**32)
     model: ModelSpec
@@ -496,4 +453,7 @@ class Job(Section):
         if config.compile and (self.deepspeed.zero_stage == 3 or config.bn_policy == "sync"):
             why = "zero_stage is 3" if self.deepspeed.zero_stage == 3 else "bn_policy is sync"
             raise problem("model.overrides.compile", f"is for ZeRO 0-2 and unsynced BN; {why}")
+        if self.data.text.max_len > config.max_text_positions:
+            why = f"{self.data.text.max_len}; the model has {config.max_text_positions} text positions"
+            raise problem("data.text.max_len", why)
         return self

@@ -187,11 +187,13 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise SpecError(f"{said}: the value is {e}") from None  # one line: no line number
     except (yaml.YAMLError, ValueError):
         raise SpecError(f"{said}: the value is not valid YAML; quote it") from None
+    if raw.count("#") > repr(value).count("#"):  # " #" began a YAML comment: text was dropped
+        raise SpecError(f"{said}: ' #' starts a YAML comment in the value; quote it")
     node: Any = data
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
                 raise SpecError(f"{said}: {path_text(parts[:depth])} has no item {clipped(part)}")
             part = int(part)
         elif not isinstance(node, dict):

@@ -127,6 +127,30 @@ def test_vqa_vocabulary_from_train_and_val_annotations(
     assert "not both" in capsys.readouterr().err
 
 
+def test_vqa_answer_vocab_is_read_from_where_the_train_split_wrote_it(
+    synthetic_world: Path, tmp_path: Path, s3, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README converts val/test with `--answer-vocab`: the train split's answer_vocab.json,
+    which its conversion wrote beside its shards, on S3 as often as not."""
+    from data_pipeline.storage import s3_client
+
+    vqa = synthetic_world / "vqa"
+    vocab = ["yes", "no", "2"]
+    s3_client().put_object(Bucket="shards", Key="vocab/answer_vocab.json", Body=json.dumps(vocab))
+    argv = ["convert", "vqa", "--questions", str(vqa / "v2_OpenEnded_mscoco_val2014_questions.json"),
+            "--annotations", str(vqa / "v2_mscoco_val2014_annotations.json"),
+            "--images", str(synthetic_world / "coco/val2014")]  # fmt: skip
+    out = tmp_path / "val"
+    assert main([*argv, "--answer-vocab", "s3://shards/vocab/answer_vocab.json",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert _json(out / "answer_vocab.json") == vocab
+    capsys.readouterr()
+    assert main([*argv, "--answer-vocab", "s3://shards/vocab/none.json",
+                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "s3://shards/vocab/none.json" in line
+
+
 def test_nlvr2_shards_pair_images_and_labels(synthetic_world: Path, synthetic_shards: Path) -> None:
     folder = synthetic_shards / "nlvr2/train"
     records = _lines(synthetic_world / "nlvr2/data/train.json")
