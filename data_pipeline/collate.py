@@ -14,7 +14,7 @@ H/W = largest image height/width in the batch):
 | text_image_index | long | (T,) | all | row in `images` of each text row (nlvr2: unused, 2i) |
 | mlm_labels | long | (T, L) | pretrain | original id at masked positions, -100 elsewhere |
 | sample_valid | bool | (B,) | all | False where the image failed to decode and a blank fallback image was substituted (the batch keeps its size so all ranks step together; the training steps leave the sample out) |
-| targets | float32 | (B, num_answers) | vqa | soft scores min(#humans/3, 1) |
+| targets | float32 | (B, num_answers) | vqa | soft scores: the official accuracy of each answer (0.3/0.6/0.9/1 for 1/2/3/4+ of ten humans) |
 | question_ids | long | (B,) | vqa | VQA question id (for the results file) |
 | labels | long | (B,) | nlvr2, snli_ve | nlvr2: 1 True / 0 False; snli_ve: 0 entail, 1 neutral, 2 contra |
 

@@ -290,11 +290,10 @@ def _label_chance(splits: dict[str, list[dict]], text: str, label: str) -> dict[
 
 
 def _vqa_chance(train: list[dict], val: list[dict]) -> dict[str, Any]:
-    from data_pipeline.vqa_answers import normalize_answer
+    from data_pipeline.vqa_answers import question_accuracy
 
     def score(annotation: dict, answer: str) -> float:
-        n = sum(normalize_answer(a["answer"]) == answer for a in annotation["answers"])
-        return min(n / 3.0, 1.0)
+        return question_accuracy(answer, [a["answer"] for a in annotation["answers"]])
 
     majority = Counter(a["multiple_choice_answer"] for a in train).most_common(1)[0][0]
     by_type: dict[str, Counter] = {}
@@ -309,7 +308,7 @@ def _vqa_chance(train: list[dict], val: list[dict]) -> dict[str, Any]:
         "majority_answer": majority,
         "accuracy": sum(score(a, majority) for a in val) / len(val),
         "question_type_prior_accuracy": sum(score(a, prior(a)) for a in val) / len(val),
-        "note": "soft accuracy min(#humans/3, 1) with the official answer normalisation",
+        "note": "the official VQA accuracy (data_pipeline.vqa_answers.question_accuracy)",
     }
 
 

@@ -9,9 +9,10 @@ implementation behind the published test-dev/test-std numbers), including its qu
 - the period rule removes at most 32 periods (the original passes re.UNICODE as `count`);
 - the contraction table uses "'" (some copies of the GT-Vision-Lab tools have curly apostrophes
   in it, "dont" -> "don’t", which never matches a human answer).
-The metric applies `normalize_answer` to the prediction and only `process_punctuation` to the
-human answers; the converter applies `normalize_answer` to every answer, so the vocabulary holds
-answers in the form the metric compares predictions in.
+The metric (`question_accuracy`) applies `normalize_answer` to the prediction and only
+`process_punctuation` to the human answers; the converter builds the vocabulary with
+`normalize_answer`, so it holds answers in the form the metric compares predictions in, and
+scores each answer's soft target with the metric itself.
 """
 
 from __future__ import annotations
@@ -92,3 +93,17 @@ def normalize_answer(answer: str) -> str:
     """An answer in the form the official evaluation compares predictions in ("Two." -> "2")."""
     answer = answer.replace("\n", " ").replace("\t", " ").strip()
     return process_digit_article(process_punctuation(answer))
+
+
+def question_accuracy(prediction: str, answers: list[str]) -> float:
+    """Accuracy in [0, 1] of one prediction against the human answers (usually 10): the mean,
+    over each answer left out in turn, of min(#other answers equal to the prediction / 3, 1)."""
+    if not answers:
+        raise ValueError("vqa: a question has no human answers to score against")
+    predicted = normalize_answer(prediction)
+    if len(set(answers)) > 1:
+        answers = [process_punctuation(a) for a in answers]
+    matches = [a == predicted for a in answers]
+    total = sum(matches)
+    # leaving out answer i removes one match exactly when answer i itself matches
+    return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)

@@ -28,6 +28,10 @@ from data_pipeline.sources.coco import require_folder
 COLUMNS = {"image_left": "bytes", "image_right": "bytes", "identifier": "str", "sentence": "str",
            "label": "int"}  # fmt: skip
 LABELS = {"true": 1, "false": 0}
+# Every statement of the published file, [identifier, label (1, 0 or null)], written beside the
+# shards: the evaluation scores the whole split, statements skipped here included, as the
+# official script does (it refuses a prediction file that lacks any).
+IDENTIFIERS_NAME = "identifiers.json"
 
 
 def pair_id(identifier: str) -> str:
@@ -83,4 +87,8 @@ def convert_nlvr2(
 
     with ShardWriter(out, COLUMNS, "nlvr2", split, **writer_options) as writer:
         writer.convert(records, build)
+        writer.add_json(
+            IDENTIFIERS_NAME,
+            [[str(r["identifier"]), LABELS.get(str(r["label"]).strip().lower())] for r in records],
+        )
     return writer.report()

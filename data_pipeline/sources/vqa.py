@@ -5,7 +5,8 @@ Answers are normalised as the VQA challenge server normalises predictions
 answer vocabulary is every normalised `multiple_choice_answer` seen at least `min_answer_count`
 times in the training annotations (train2014 + val2014 with `--vocab-from`, as SOHO and
 bottom-up attention count them: about 3129 answers at 9), and each question gets soft
-targets min(#humans who gave the answer / 3, 1) over the in-vocabulary answers.
+targets over the in-vocabulary answers: the official accuracy of predicting each (0.3 / 0.6 /
+0.9 / 1 for 1 / 2 / 3 / 4+ of ten humans, bottom-up attention's `get_score`).
 
 The test splits (test-dev2015, test2015) publish questions only: converted without annotations,
 with the training split's vocabulary, every question is kept with no answers, so `soho-scale
@@ -34,7 +35,7 @@ from data_pipeline.shards import (
     split_from_filename,
 )
 from data_pipeline.sources.coco import coco_image_index
-from data_pipeline.vqa_answers import normalize_answer
+from data_pipeline.vqa_answers import normalize_answer, question_accuracy
 
 COLUMNS = {
     "image": "bytes",
@@ -59,11 +60,14 @@ def build_answer_vocab(annotations: list[dict], min_count: int) -> list[str]:
 
 
 def soft_targets(answers: list[str], vocab_index: dict[str, int]) -> tuple[list[int], list[float]]:
-    """Vocabulary indices of the in-vocabulary answers and their scores min(n/3, 1)."""
-    counts = Counter(normalize_answer(a) for a in answers)
-    labels = sorted(vocab_index[a] for a in counts if a in vocab_index)
-    by_label = {vocab_index[a]: min(n / 3.0, 1.0) for a, n in counts.items() if a in vocab_index}
-    return labels, [by_label[i] for i in labels]
+    """Vocabulary indices of the answers that score and their scores: the official accuracy of
+    predicting each (0.3, 0.6, 0.9, 1 for 1, 2, 3, 4+ of ten humans, as bottom-up-attention's
+    `get_score` and the VQA metric's leave-one-out mean give; not min(n/3, 1), which is 1/3, 2/3
+    and 1 for 1, 2, 3), with the metric's own answer matching."""
+    candidates = {normalize_answer(a) for a in answers} & vocab_index.keys()
+    scores = {vocab_index[a]: question_accuracy(a, answers) for a in candidates}
+    labels = sorted(i for i, score in scores.items() if score > 0)
+    return labels, [scores[i] for i in labels]
 
 
 def _load(

@@ -112,9 +112,13 @@ def build_task_evaluation(job: Any) -> Any:
         remotes = [s.remote for s in job.eval.streams]
         return VQAEvaluation(answer_vocab(job), read_question_ids(remotes))
     if task == "nlvr2":
+        from data_pipeline.sources.nlvr2 import IDENTIFIERS_NAME
         from soho_scale.tasks.nlvr2 import NLVR2Evaluation
+        from soho_scale.tasks.published import read_published
 
-        return NLVR2Evaluation()
+        remotes = [s.remote for s in job.eval.streams]
+        without = "nlvr2 scores only the statements with a sample"
+        return NLVR2Evaluation(read_published(remotes, IDENTIFIERS_NAME, without))
     if task == "snli_ve":
         from soho_scale.tasks.snli_ve import SNLIVEEvaluation
 

@@ -48,10 +48,44 @@ class NLVR2Model(nn.Module):
         return self.head(pooled.view(statements, -1))  # (B, 2D) -> (B, 2)
 
 
+# What a statement the conversion skipped (its images missing or undecodable) is answered: the
+# official script refuses a prediction file that lacks a statement of the split.
+FALLBACK = 1  # "True"
+
+
 class NLVR2Evaluation:
-    """Accuracy in percent; predictions as JSON and in the official `identifier,label` CSV."""
+    """Accuracy in percent; predictions as JSON and in the official `identifier,label` CSV.
+
+    `published`: [identifier, label] of every statement of the evaluated split (`identifiers.json`
+    beside the shards), or None (shards converted before it was written: the statements with a
+    sample alone). With it, the metrics and the CSV cover the whole split in its published order;
+    a statement without a sample is answered True and scored as the official script scores that.
+    """
 
     keep_columns = ("identifier",)
+
+    def __init__(self, published: list[list] | None = None):
+        self.published = published
+
+    def _whole_split(self, records: list[dict]) -> list[dict]:
+        """`records` plus a fallback record for each published statement without one."""
+        if self.published is None:
+            return records
+        have = {str(r["identifier"]) for r in records}
+        missing = [
+            {"identifier": i, "prediction": FALLBACK, "label": label, "fallback": True}
+            for i, label in self.published
+            if i not in have
+        ]
+        if missing:
+            print(
+                f"nlvr2: {len(missing)} of {len(self.published)} statements had no sample "
+                "(skipped at conversion) and are answered True",
+                flush=True,
+            )
+        order = {i: n for n, (i, _) in enumerate(self.published)}
+        every = records + missing
+        return sorted(every, key=lambda r: order.get(str(r["identifier"]), len(order)))
 
     def predict(self, model: NLVR2Model, batch: dict) -> list[dict]:
         predicted = model(batch, batch_independent=True).argmax(1).tolist()
@@ -69,11 +103,22 @@ class NLVR2Evaluation:
 
     def score(self, records: list[dict]) -> dict[str, float]:
         """Accuracy, and NLVR2's consistency when identifiers are official
-        (`split-set-pair-sentence`): the share of sentences right on every pair they describe."""
+        (`split-set-pair-sentence`): the share of sentences right on every pair they describe.
+        Over the whole published split when it is known (`accuracy_scored`: over the statements
+        with a sample alone); a split without labels (test2 as released at first) has none."""
         from data_pipeline.sources.nlvr2 import sentence_id
 
+        metrics: dict[str, float] = {}
+        every = self._whole_split(records)
+        if len(every) > len(records):
+            scored = [r["prediction"] == r["label"] for r in records]
+            metrics["accuracy_scored"] = 100.0 * sum(scored) / max(len(scored), 1)
+            metrics["unscored_pairs"] = float(len(every) - len(records))
+        records = [r for r in every if r["label"] is not None]
+        if not records:
+            return metrics
         right = [r["prediction"] == r["label"] for r in records]
-        metrics = {"accuracy": 100.0 * sum(right) / len(records)}
+        metrics["accuracy"] = 100.0 * sum(right) / len(records)
         keys = [sentence_id(str(r["identifier"])) for r in records]
         if None not in keys:
             sentences: dict[str, bool] = {}
@@ -83,6 +128,7 @@ class NLVR2Evaluation:
         return metrics
 
     def write_outputs(self, records: list[dict], out_dir: str, split: str) -> list[str]:
+        records = self._whole_split(records)
         json_path = os.path.join(out_dir, "predictions.json")
         with open(json_path, "w") as f:
             json.dump(

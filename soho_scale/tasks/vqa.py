@@ -19,25 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.vqa_answers import normalize_answer, process_punctuation
+from data_pipeline.vqa_answers import question_accuracy
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
 from soho_scale.objectives import loss_mean, valid_mean
+from soho_scale.tasks.published import read_published
 from soho_scale.tasks.visual import fuse_texts_with_images
-
-
-def question_accuracy(prediction: str, answers: list[str]) -> float:
-    """Accuracy in [0, 1] of one prediction against the human answers (usually 10): the mean,
-    over each answer left out in turn, of min(#other answers equal to the prediction / 3, 1)."""
-    if not answers:
-        raise ValueError("vqa: a question has no human answers to score against")
-    predicted = normalize_answer(prediction)
-    if len(set(answers)) > 1:
-        answers = [process_punctuation(a) for a in answers]
-    matches = [a == predicted for a in answers]
-    total = sum(matches)
-    # leaving out answer i removes one match exactly when answer i itself matches
-    return sum(min(1.0, (total - m) / 3) for m in matches) / len(answers)
 
 
 def vqa_accuracy(predictions: list[str], answers: list[list[str]]) -> float:
@@ -137,30 +124,10 @@ def read_answer_vocab(remote: str) -> list[str]:
 
 def read_question_ids(remotes: list[str]) -> list[int] | None:
     """Every question id of the evaluated splits (`question_ids.json` beside each stream's
-    shards, skipped questions included), or None when a stream has no such file (shards
-    converted before it was written; said when the storage refused rather than missed it).
-    Unreachable storage is raised: without the list a submission would leave out the skipped
-    questions unnoticed."""
-    from data_pipeline.errors import DataError
-    from data_pipeline.storage import read_bytes
-    from data_pipeline.urls import join_url
-
-    ids: list[int] = []
-    for remote in remotes:
-        try:
-            ids += json.loads(read_bytes(join_url(remote, QUESTION_IDS)))
-        except DataError as e:
-            # A local file that is not there has no cause; a storage's answer is a ClientError.
-            answer = getattr(e.__cause__, "response", None)
-            if e.__cause__ is not None and answer is None:
-                raise  # the storage did not answer
-            code = (answer or {}).get("Error", {}).get("Code")
-            if code not in (None, "NoSuchKey", "404", "NotFound"):
-                # A bucket without s3:ListBucket answers AccessDenied for a missing key too.
-                print(f"vqa: question_ids.json unreadable ({e}); the submission covers only "
-                      "the questions with a sample", flush=True)  # fmt: skip
-            return None
-    return ids
+    shards, skipped questions included), or None (`tasks.published.read_published`)."""
+    return read_published(
+        remotes, QUESTION_IDS, "the submission covers only the questions with a sample"
+    )
 
 
 def submission_problems(rows: Any, question_ids: list[int] | None = None) -> list[str]:

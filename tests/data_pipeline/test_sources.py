@@ -21,7 +21,7 @@ from data_pipeline.sources.nlvr2 import convert_nlvr2
 from data_pipeline.sources.snli_ve import convert_snli_ve
 from data_pipeline.sources.vg import convert_vg
 from data_pipeline.sources.vqa import build_answer_vocab, convert_vqa, soft_targets
-from data_pipeline.vqa_answers import normalize_answer
+from data_pipeline.vqa_answers import normalize_answer, question_accuracy
 from tests.data_pipeline.helpers import jpeg
 
 
@@ -58,10 +58,21 @@ def test_normalize_answer_follows_the_official_eval(raw: str, expected: str) -> 
     assert normalize_answer(raw) == expected
 
 
-def test_soft_targets_are_min_count_over_three() -> None:
-    vocab = {"2": 0, "3": 1, "yes": 2}
+def test_soft_targets_are_the_official_accuracy_of_each_answer() -> None:
+    """0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / 4+ of ten humans (the metric's leave-one-out mean,
+    bottom-up-attention's get_score), matched as the metric matches: "2." is "2", but the human
+    "Two" is not the prediction "2" (the metric processes only punctuation of human answers)."""
+    vocab = {"2": 0, "3": 1, "yes": 2, "4": 3}
     labels, scores = soft_targets(["two", "2", "2.", "Two", "3", "3", "4", "2", "2", "2"], vocab)
-    assert labels == [0, 1] and scores == [1.0, pytest.approx(2 / 3)]
+    assert labels == [0, 1, 3] and scores == pytest.approx([1.0, 0.6, 0.3])
+    for n, score in ((1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)):
+        assert soft_targets(["3"] * n + ["4"] * (10 - n), vocab)[1][0] == pytest.approx(score)
+    # the target is what predicting that answer scores
+    humans = ["2", "2", "Two", "two", "2", "3", "3", "3", "3", "3"]
+    labels, scores = soft_targets(humans, vocab)
+    by_answer = dict(zip(labels, scores))
+    for answer, index in vocab.items():
+        assert by_answer.get(index, 0.0) == pytest.approx(question_accuracy(answer, humans))
 
 
 def test_coco_shards_read_back_with_plain_streaming(
@@ -97,8 +108,12 @@ def test_vqa_shards_have_vocab_labels_and_soft_scores(
         assert sample["question_id"] == annotation["question_id"]
         assert sample["answers"] == [a["answer"] for a in annotation["answers"]]
         assert sample["answer_type"] == annotation["answer_type"]
-        best = sample["answer_labels"][sample["answer_scores"].index(max(sample["answer_scores"]))]
-        assert vocab[best] == annotation["multiple_choice_answer"]
+        # each answer's target is what predicting it scores (the synthetic humans also write
+        # "the triangle" and "Triangle.", which the metric does not match to "triangle")
+        humans = [a["answer"] for a in annotation["answers"]]
+        by_label = dict(zip(sample["answer_labels"], sample["answer_scores"]))
+        for label, answer in enumerate(vocab):
+            assert by_label.get(label, 0.0) == pytest.approx(question_accuracy(answer, humans))
         assert all(0 < s <= 1 for s in sample["answer_scores"])
         Image.open(io.BytesIO(sample["image"])).verify()
     assert _report(synthetic_shards / "vqa/val2014")["num_answers"] == len(vocab)

@@ -34,4 +34,6 @@ def test_vocabulary_and_soft_targets_keep_what_the_server_keeps() -> None:
     vocab = build_answer_vocab(annotations, min_count=1)
     assert vocab == ["yes", "1-2", "yes!"]  # most frequent first; "a" normalises to ""
     index = {a: i for i, a in enumerate(vocab)}
-    assert soft_targets(["yes!", "yes!", "Yes!", "yes", "1 2"], index) == ([0, 2], [1 / 3, 1.0])
+    # as the metric scores them: "Yes!" (a human answer keeps its case) is neither
+    labels, scores = soft_targets(["yes!", "yes!", "Yes!", "yes", "1 2"], index)
+    assert labels == [0, 2] and scores == pytest.approx([4 / 15, 8 / 15])

@@ -75,3 +75,52 @@ def test_finetuning_fits_the_training_statements(task_shards):
     _, before, after = finetune(job, steps=60, lr=1e-3, batch_size=8)
     assert after["num_samples"] == before["num_samples"] == 32
     assert after["accuracy"] >= before["accuracy"] + 15, (before, after)
+
+
+def test_a_statement_skipped_at_conversion_is_in_the_metric_and_the_csv(tmp_path, capsys):
+    """The official script refuses a prediction CSV that lacks a statement of the split and
+    divides by all of them: a pair whose image is missing is skipped at conversion, listed in
+    identifiers.json, answered True in the CSV and scored so."""
+    import csv
+    import json
+    import shutil
+
+    from data_pipeline.sources.nlvr2 import IDENTIFIERS_NAME, convert_nlvr2
+    from data_pipeline.synthetic import write_world
+    from soho_scale.tasks.published import read_published
+
+    world = tmp_path / "world"
+    write_world(str(world), seed=0, size="small")
+    images = tmp_path / "dev_images"
+    shutil.copytree(world / "nlvr2/images/dev", images)
+    lines = (world / "nlvr2/data/dev.json").read_text().splitlines()[:12]
+    records = [json.loads(line) for line in lines]
+    (tmp_path / "dev.json").write_text("\n".join(lines) + "\n")
+    lost = records[4]  # its left image goes missing: every statement about that pair is skipped
+    pair = lost["identifier"].rsplit("-", 1)[0]
+    (images / f"{pair}-img0.png").unlink()
+    out = tmp_path / "shards"
+    report = convert_nlvr2(str(tmp_path / "dev.json"), str(images), str(out))
+    skipped = [r for r in records if r["identifier"].rsplit("-", 1)[0] == pair]
+    assert report["written"] == len(records) - len(skipped)
+    published = read_published([str(out)], IDENTIFIERS_NAME, "")
+    truth = {r["identifier"]: int(r["label"] == "True") for r in records}
+    assert published == [[r["identifier"], truth[r["identifier"]]] for r in records]
+
+    # every kept statement predicted right, the skipped ones answered True
+    kept = [r for r in records if r not in skipped]
+    predicted = [{"identifier": r["identifier"], "prediction": truth[r["identifier"]],
+                  "label": truth[r["identifier"]]} for r in kept]  # fmt: skip
+    evaluation = NLVR2Evaluation(published)
+    metrics = evaluation.score(predicted)
+    right = len(kept) + sum(truth[r["identifier"]] == 1 for r in skipped)
+    assert metrics["accuracy"] == pytest.approx(100.0 * right / len(records))
+    assert (metrics["accuracy_scored"], metrics["unscored_pairs"]) == (100.0, len(skipped))
+    paths = evaluation.write_outputs(predicted, str(tmp_path), "dev")
+    with open(paths[1]) as f:
+        rows = list(csv.reader(f))
+    assert [row[0] for row in rows] == [r["identifier"] for r in records]  # published order
+    assert all(row[1] == "True" for row in rows if row[0] in {r["identifier"] for r in skipped})
+    assert "statements had no sample" in capsys.readouterr().out
+    # without the list (shards of an older conversion): the statements with a sample alone
+    assert NLVR2Evaluation().score(predicted) == {"accuracy": 100.0, "consistency": 100.0}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from soho_scale.tasks.vqa import normalize_answer, question_accuracy, vqa_accuracy
+from data_pipeline.vqa_answers import normalize_answer
+from soho_scale.tasks.vqa import question_accuracy, vqa_accuracy
 
 
 @pytest.mark.parametrize(
