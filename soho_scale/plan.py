@@ -346,8 +346,16 @@ def plan_main(argv: list[str]) -> int:
     if not args.job:
         print("soho-scale plan: give a job file (or --clean-shm)", file=sys.stderr)
         return 2
-    if (args.mfu is not None and not 0 < args.mfu <= 1) or (args.peak_tflops or 0) < 0:
+    peak = args.peak_tflops
+    if (args.mfu is not None and not 0 < args.mfu <= 1) or (peak is not None and not peak >= 0):
         print("soho-scale plan: --mfu must be in (0, 1] and --peak-tflops >= 0", file=sys.stderr)
+        return 2  # (`not x >= 0` also refuses nan)
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value is not None and value < 1:
+            print(f"soho-scale plan: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if not args.timeout > 0:
+        print(f"soho-scale plan: --timeout must be > 0, got {args.timeout}", file=sys.stderr)
         return 2
     job = load_job(args.job, args.overrides)
     plan = make_plan(

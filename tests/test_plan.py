@@ -250,3 +250,17 @@ def test_gpu_count_is_checked_against_ranks_per_node():
     assert check_gpus(count).ok
     check = check_gpus(count + 1)
     assert not check.ok and f"procs_per_node={count}" in check.fix
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--nodes", "-1"], ["--gpus-per-node", "0"], ["--peak-tflops", "nan"], ["--mfu", "1.5"],
+     ["--timeout", "0"]],
+)  # fmt: skip
+def test_plan_refuses_impossible_flags_in_one_line(flags, capsys):
+    """`--nodes -1` printed a world of -2 ranks and negative checkpoint sizes; nan printed a
+    peak of 0."""
+    demo = str(Path(__file__).resolve().parents[1] / "jobs" / "demo" / "pretrain.yaml")
+    assert plan_main([demo, *flags]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("soho-scale plan: ") and flags[0] in line, line
