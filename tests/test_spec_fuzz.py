@@ -438,3 +438,14 @@ def test_hostile_pipeline_specs_fail_in_one_line_before_any_stage(tmp_path, monk
         (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith("soho-scale pipeline: ") and named in line, line
     assert sorted(os.listdir(tmp_path)) == [f"p{n}.yaml" for n in range(len(cases))]
+
+
+def test_train_refuses_a_rank_count_the_batch_does_not_divide(tmp_path, monkeypatch, capsys):
+    """Checked before any rank starts (each rank failed on it after starting)."""
+    monkeypatch.chdir(tmp_path)
+    demo = str(ROOT / "jobs" / "demo" / "pretrain.yaml")
+    for nproc, said in (("3", "batch.global_batch: 32 is not divisible"), ("0", "--nproc must")):
+        assert main(["train", demo, "--nproc", nproc]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"soho-scale train: {said}"), line
+    assert os.listdir(tmp_path) == []

@@ -21,6 +21,7 @@ from soho_scale.launch.node import run_node
 from soho_scale.launch.rank import RANK_MODULE, eval_parser, eval_rank, rank_args
 from soho_scale.secrets import redact
 from soho_scale.spec import Job, SpecError, load_job
+from soho_scale.spec.derived import accumulation_steps
 
 
 def refuse_unsupported_patches() -> None:
@@ -58,7 +59,10 @@ def train_main(argv: list[str]) -> int:
     job = load_job(args.job, args.overrides)  # a bad spec fails here, before any process starts
     refuse_unsupported_patches()
     refuse_changed_resume(job)
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     nproc = args.nproc or job.resources.procs_per_node
+    accumulation_steps(job, nproc)  # the ranks would each fail on it after starting
     if args.master_port is None:
         from data_pipeline.loopback import free_port
 
