@@ -23,7 +23,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soho_scale.engine.tracking import PARENT_ENV, mark_failed
-from soho_scale.spec.errors import CREDENTIALS, credentials_at, path_text, shown
+from soho_scale.spec.errors import (
+    CREDENTIALS,
+    credentials_at,
+    format_spec_error,
+    path_text,
+    shown,
+)
 from soho_scale.spec.schema import NAME
 from soho_scale.spec.yaml_file import read_job_file
 
@@ -114,9 +120,7 @@ def read_spec_file(kind: type[BaseModel], path: str) -> Any:
     try:
         return kind.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = path_text(first["loc"])
-        raise ValueError(f"{where or kind.__name__}: {first['msg'][:200]} (in {path})") from None
+        raise ValueError(f"{format_spec_error(e, kind)} (in {path})") from None
 
 
 def load_pipeline(

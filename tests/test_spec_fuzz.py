@@ -420,14 +420,14 @@ def test_hostile_pipeline_specs_fail_in_one_line_before_any_stage(tmp_path, monk
     stage = f"  - {{name: a, train: {demo}}}\n"
     cases.update({
         # a key the stage's kind does not read would be silently ignored
-        "stages[0]: Value error, checkpoint: is for eval stages": head + "stages:\n"
+        "stages[0]: checkpoint: is for eval stages": head + "stages:\n"
         f"  - {{name: a, train: {demo}, checkpoint: a}}\n",
         "init_from: is for training stages": head + "stages:\n" + stage
         + f"  - {{name: b, eval: {demo}, checkpoint: a, init_from: a}}\n",
         # the pipeline's own files and folders in its run root; folders that are not names
         "name: 'report' is the pipeline's own": head + f"stages:\n  - {{name: report, train: {demo}}}\n",
         "stages[0].name": head + f"stages:\n  - {{name: '..', train: {demo}}}\n",
-        "run_root: String should have at least 1 character": "name: p\nexperiment: e\n"
+        "run_root: string should have at least 1 character": "name: p\nexperiment: e\n"
         "run_root: ''\nstages:\n" + stage,
         "experiment: 'http://***@h' holds credentials": head.replace("experiment: e", "experiment: http://u:pw99@h")
         + "stages:\n" + stage,

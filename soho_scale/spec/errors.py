@@ -118,6 +118,8 @@ def _section_keys(root: type[BaseModel], loc: tuple) -> list[str] | None:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if isinstance(part, int) and typing.get_origin(kind) is list:
             kind = typing.get_args(kind)[0]
+        elif typing.get_origin(kind) is dict:  # e.g. a sweep's variants: name -> Variant
+            kind = typing.get_args(kind)[1]
         elif isinstance(kind, type) and issubclass(kind, BaseModel) and part in kind.model_fields:
             kind = kind.model_fields[part].annotation
         else:
@@ -181,4 +183,4 @@ def format_spec_error(error: ValidationError, root: type[BaseModel]) -> str:
             message += f" (known: {', '.join(known)})"
     more = error.error_count() - 1
     suffix = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
-    return f"{path_text(loc) or 'job'}: {message}{suffix}"
+    return f"{path_text(loc) or root.__name__.lower()}: {message}{suffix}"
