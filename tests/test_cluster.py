@@ -126,6 +126,16 @@ def test_hostfile_with_too_few_hosts_is_a_user_error(env, tmp_path):
     hostfile.write_text("worker-0 slot=8\n")
     with pytest.raises(ClusterError, match="HOST slots=N"):
         launch_main([JOB, "--hostfile", str(hostfile), "--dry-run"])
+    # what DeepSpeed's runner, reading the same file, would misread
+    for content, said in ((b"\xef\xbb\xbfworker-0 slots=8\n", "byte-order mark"),
+                          (b"worker-\xff slots=8\n", "not a readable UTF-8 hostfile"),
+                          (b"worker-0 slots=" + b"9" * 5000 + b"\n", "HOST slots=N")):  # fmt: skip
+        hostfile.write_bytes(content)
+        with pytest.raises(ClusterError, match=said) as info:
+            launch_main([JOB, "--hostfile", str(hostfile), "--dry-run"])
+        assert len(str(info.value)) < 300
+    with pytest.raises(SystemExit):  # argparse: not one of the runner's launchers
+        launch_main([JOB, "--hostfile", str(hostfile), "--launcher", "bogus", "--dry-run"])
 
 
 def write_sbatch(tmp_path: Path, *extra: str) -> Path:

@@ -47,14 +47,23 @@ def read_hostfile(path: str) -> dict[str, int]:
     """`host slots=N` lines (MPI style, # comments) -> {host: slots}."""
     if not os.path.isfile(path):
         raise ClusterError(f"{path}: hostfile not found (lines like `worker-0 slots=8`)")
+    # DeepSpeed's runner reads the same file: refused here is what it would misread there
+    # (a byte-order mark becomes part of the first host's name).
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClusterError(f"{path}: not a readable UTF-8 hostfile ({e})") from None
+    if text.startswith("\ufeff"):
+        raise ClusterError(f"{path}: starts with a byte-order mark; save it as plain UTF-8")
     hosts: dict[str, int] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        match = re.fullmatch(r"(\S+)\s+slots=(\d{1,6})", line)
         if not match:
-            raise ClusterError(f"{path}:{number}: expected `HOST slots=N`, got {line!r}")
+            shown = line if len(line) <= 80 else line[:77] + "..."
+            raise ClusterError(f"{path}:{number}: expected `HOST slots=N`, got {shown!r}")
         if match.group(1) in hosts:
             raise ClusterError(f"{path}:{number}: host {match.group(1)} listed twice")
         hosts[match.group(1)] = int(match.group(2))

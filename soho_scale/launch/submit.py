@@ -146,7 +146,10 @@ def launch_main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
     hostfile = parser.add_argument_group("--hostfile")
     hostfile.add_argument(
-        "--launcher", default="pdsh", help="pdsh|openmpi|mvapich|slurm|mpich|impi"
+        "--launcher",
+        default="pdsh",
+        choices=("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"),
+        help="DeepSpeed runner's launcher",
     )
     hostfile.add_argument("--launcher-args", help="passed to the launcher as --launcher_args")
     hostfile.add_argument("--master-addr", help="default: node 0's `hostname -I`")
