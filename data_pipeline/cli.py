@@ -106,25 +106,12 @@ def _add_convert(subparsers: Any) -> None:
     _exclude_flag(p)
 
     def vqa(args: argparse.Namespace) -> Any:
-        from data_pipeline.shards import read_json
-        from data_pipeline.sources.vqa import convert_vqa
-        from data_pipeline.storage import read_bytes
-        from data_pipeline.urls import is_remote
+        from data_pipeline.sources.vqa import convert_vqa, read_answer_vocab
 
         if args.answer_vocab and args.vocab_from:
             raise DataError("give --answer-vocab or --vocab-from, not both")
-        vocab = None
-        if args.answer_vocab and is_remote(args.answer_vocab):  # where the train split wrote it
-            try:
-                vocab = json.loads(read_bytes(args.answer_vocab))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise DataError(f"{args.answer_vocab}: not valid JSON ({e})") from None
-        elif args.answer_vocab:
-            vocab = read_json(args.answer_vocab)
-        if vocab is not None and not (
-            isinstance(vocab, list) and all(isinstance(a, str) for a in vocab)
-        ):
-            raise DataError(f"{args.answer_vocab}: expected a JSON list of answer strings")
+        # a path or where the train split wrote it (s3://)
+        vocab = read_answer_vocab(args.answer_vocab) if args.answer_vocab else None
         return convert_vqa(
             args.questions, args.annotations, args.images, args.out, answer_vocab=vocab,
             min_answer_count=args.min_answer_count, keep_unanswerable=args.keep_unanswerable,

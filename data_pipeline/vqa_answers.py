@@ -1,5 +1,6 @@
-"""VQA v2 answer normalisation, as the challenge server compares answers: one copy for the
-converter (answer vocabulary, soft targets) and the accuracy metric (`soho_scale.tasks.vqa`).
+"""VQA v2 answer normalisation and the accuracy metric, as the challenge server compares
+answers: one copy for the converter (answer vocabulary, soft targets) and the evaluation
+(`soho_scale.tasks.vqa`).
 
 Ported from the evaluation code of the VQA challenge server (Cloud-CV/VQA-Evaluation, the EvalAI
 implementation behind the published test-dev/test-std numbers), including its quirks:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from soho_scale.engine.tracking import PARENT_ENV, mark_failed
+from soho_scale.engine.tracking import METRICS_FILE, PARENT_ENV, PENDING, RUN_INFO, mark_failed
 from soho_scale.spec.errors import (
     CREDENTIALS,
     credentials_at,
@@ -40,8 +40,8 @@ class StageFailed(RuntimeError):
     """A stage's command failed; the message is one line with the reason and the log."""
 
 
-# What the pipeline itself keeps in its run root: no stage may be named so.
-RESERVED = ("report", "mlartifacts", "mlflow.db", "metrics.jsonl", "tracking.json")
+# What a pipeline (or sweep) keeps in its run root: no stage (or variant) may be named so.
+RESERVED = ("report", "mlartifacts", "mlflow.db", METRICS_FILE, PENDING, RUN_INFO)
 
 
 class Stage(BaseModel):
@@ -232,14 +232,20 @@ def eval_overrides(pipe: Pipeline, stage: Stage) -> list[str]:
 
 
 def _setting(key: str, text: str) -> str:
-    """`key=text` as an override that reads back as exactly `text`: quoted (JSON is YAML) where
-    YAML would read it otherwise, so a run root with " #" or ": " in it, or an experiment named
-    010, stays what it says."""
+    """`key=text` as an override that reads back as exactly `text`: a double-quoted YAML scalar
+    where YAML would read it otherwise, so a run root with " #" or ": " in it, or an experiment
+    named 010, stays what it says."""
     try:
         plain = yaml.safe_load(text) == text
     except yaml.YAMLError:
         plain = False
-    return f"{key}={text}" if plain else f"{key}={json.dumps(text)}"
+    if plain:
+        return f"{key}={text}"
+    quoted = yaml.safe_dump(text, default_style='"', allow_unicode=True, width=float("inf"))
+    quoted = quoted.removesuffix("\n").removesuffix("\n...")
+    if yaml.safe_load(quoted) != text:
+        raise ValueError(f"{key}: {text!r} cannot be handed on as an override")
+    return f"{key}={quoted}"
 
 
 def run_stage(pipe: Pipeline, stage: Stage, hostfile: str | None = None) -> dict[str, Any]:

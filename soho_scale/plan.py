@@ -20,6 +20,7 @@ from dataclasses import asdict
 from typing import Any
 
 from data_pipeline.urls import is_s3_url, split_s3_url
+from soho_scale.engine.tracking import METRICS_FILE
 from soho_scale.preflight import (
     Check,
     check_buckets,
@@ -47,7 +48,7 @@ def planned_mfu(job: Job, given: float | None, runs_root: str = "runs") -> tuple
     (`<runs_root>/<name>/metrics.jsonl`), else the project's own measurement."""
     if given is not None:
         return given, "--mfu"
-    path = os.path.join(runs_root, job.name, "metrics.jsonl")
+    path = os.path.join(runs_root, job.name, METRICS_FILE)
     measured = []
     if os.path.exists(path):
         with open(path) as f:

@@ -5,8 +5,8 @@ Reads the evaluation runs of an MLflow experiment (runs tagged `task`, `dataset`
 (task, dataset, split, protocol, metric) to `results.md`, `results.csv` (percent) and
 `results.png` (one panel per task), beside the published SOHO number of the same protocol
 (the SOHO paper, CVPR 2021) and the dataset's chance level (params `chance.*` of the pipeline's
-parent run, when the pipeline was given a chance file); the Markdown table also shows what the text alone scores,
-where the chance file has it. The store is the pipeline's own (`<run_root>/mlflow.db`) unless
+parent run, when the pipeline was given a chance file); the Markdown table also shows what the
+text alone scores, where the chance file has it. The store is the pipeline's own (`<run_root>/mlflow.db`) unless
 --tracking-uri or MLFLOW_TRACKING_URI says otherwise.
 """
 
@@ -18,8 +18,8 @@ import math
 import os
 from typing import Any
 
-# Published SOHO results (ResNet-101 + 12 layers; the paper's tables), in percent, by (task, dataset,
-# protocol) and metric. A result is placed beside the number of the same protocol only.
+# Published SOHO results (ResNet-101 + 12 layers; the paper's tables), in percent, by (task,
+# dataset, protocol) and metric. A result is placed beside the number of the same protocol only.
 RETRIEVAL_METRICS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
 PAPER: dict[tuple[str, str, str], dict[str, float]] = {
     ("vqa", "VQA v2", "test-dev"): {"vqa_accuracy": 73.25},
@@ -38,8 +38,8 @@ PAPER: dict[tuple[str, str, str], dict[str, float]] = {
         zip(RETRIEVAL_METRICS, (86.5, 98.1, 99.3, 72.5, 92.7, 96.1))
     ),
 }
-# Retrieval protocols by the test set's image count: the whole set ranked at once.
-RETRIEVAL_SETS = {5000: "5K", 1000: "1K"}
+# Retrieval protocols by dataset and the test set's image count: the whole set ranked at once.
+RETRIEVAL_SETS = {("MSCOCO", 5000): "5K", ("Flickr30K", 1000): "1K"}
 TASK_METRICS = {
     "vqa": ("vqa_accuracy",),
     "nlvr2": ("accuracy",),
@@ -49,15 +49,17 @@ TASK_METRICS = {
 TASK_ORDER = ("vqa", "nlvr2", "retrieval", "snli_ve")
 
 
-def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[str, str]]:
+def protocols(
+    task: str, split: str, metrics: dict[str, float], dataset: str = ""
+) -> list[tuple[str, str]]:
     """(protocol, metric-name prefix) pairs an eval run of `split` reports: VQA's test-dev2015 /
     test2015 are the server's test-dev / test-std (a submission file), and its val is a row of
     its own (SOHO publishes no val number); NLVR2 test1 is test-P (test2 the unpublished
-    test-U); SNLI-VE dev is its val. Retrieval on a test set of 5000 images (counting images
-    lost at conversion) is the 5K protocol and the mean of its five folds (`fold_`,
-    `eval.retrieval_folds`) MSCOCO's 1K one; a set of 1000 images (Flickr30K's test set) is the
-    1K protocol. A set of another size is a protocol of its own, named by its count
-    (`100 images`, `5 folds of 20`): no published number is placed beside it."""
+    test-U); SNLI-VE dev is its val. Retrieval on MSCOCO's test set of 5000 images (counting
+    images lost at conversion) is the 5K protocol and the mean of its five folds (`fold_`,
+    `eval.retrieval_folds`) the 1K one; Flickr30K's test set of 1000 images is its 1K protocol.
+    A set of another size is a protocol of its own, named by its count (`100 images`, `5 folds
+    of 20`): no published number is placed beside it."""
     if task == "vqa":
         if "test-dev" in split:
             return [("test-dev", "")]
@@ -71,10 +73,10 @@ def protocols(task: str, split: str, metrics: dict[str, float]) -> list[tuple[st
     images = round(
         metrics.get(f"{split}_num_images", 0) + metrics.get(f"{split}_num_images_skipped", 0)
     )
-    found = [(RETRIEVAL_SETS.get(images, f"{images} images"), "")]
+    found = [(RETRIEVAL_SETS.get((dataset, images), f"{images} images"), "")]
     if f"{split}_fold_tr_r1" in metrics:  # e.g. MSCOCO's 5K test set and its five 1K folds
         folds = round(metrics.get(f"{split}_num_folds", 5))  # runs that did not log it: 5
-        coco_1k = (images, folds) == (5000, 5)  # the 1K protocol is on the 5K test set
+        coco_1k = (dataset, images, folds) == ("MSCOCO", 5000, 5)  # on the 5K test set
         found.append(("1K" if coco_1k else f"{folds} folds of {images // max(folds, 1)}", "fold_"))
     return found
 
@@ -161,7 +163,7 @@ def collect(
         task, split = run.data.tags["task"], run.data.tags["split"]
         dataset = _dataset(run.data.tags)
         submission = run.data.tags.get("submission", "") if split.startswith("test") else ""
-        for protocol, prefix in protocols(task, split, run.data.metrics):
+        for protocol, prefix in protocols(task, split, run.data.metrics, dataset):
             paper = PAPER.get((task, dataset, protocol), {})
             # Retrieval's whole-set evaluation also ranks two-stage (ITM over the first stage's
             # top k, an estimate of the paper's ranking) and by its first stage alone (the

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from soho_scale.engine.tracking import PARENT_ENV
 from soho_scale.pipeline import (
     DONE,
+    RESERVED,
     Pipeline,
     StageFailed,
     check_stage_specs,
@@ -49,8 +50,8 @@ class Variant(BaseModel):
 class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(pattern=NAME)
-    experiment: str
-    run_root: str
+    experiment: str = Field(min_length=1)
+    run_root: str = Field(min_length=1)
     pipeline: str  # the base pipeline spec
     override_set: str | None = None  # applied to the base pipeline as --override-set does
     seeds: list[StrictInt] = Field(min_length=1)
@@ -62,11 +63,14 @@ def _inconsistency(sweep: Sweep) -> str | None:
     repeated = sorted({s for s in sweep.seeds if sweep.seeds.count(s) > 1})
     if repeated:
         return f"seeds: {repeated[0]} appears twice"
-    bad = [name for name in sweep.variants if re.match(NAME, name) is None]
+    bad = [name for name in sweep.variants if re.fullmatch(NAME, name) is None]
     if bad:
         return f"variants: {bad[0]!r} is not a name (letters, digits, _ . -; no leading dot)"
-    if "comparison" in sweep.variants:  # <run_root>/comparison/ holds the comparison
-        return "variants: 'comparison' is the comparison's folder; name the variant otherwise"
+    taken = sorted(set(sweep.variants) & {"comparison", *RESERVED})  # the sweep root's own
+    if taken:
+        return (
+            f"variants: {taken[0]!r} is the sweep's own folder or file; name the variant otherwise"
+        )
     for name, variant in sweep.variants.items():
         seeded = [o for o in (*variant.overrides, *sum(variant.stage_overrides.values(), []))
                   if o.partition("=")[0].strip() == "seed"]  # fmt: skip

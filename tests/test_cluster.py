@@ -138,6 +138,25 @@ def test_hostfile_with_too_few_hosts_is_a_user_error(env, tmp_path):
         launch_main([JOB, "--hostfile", str(hostfile), "--launcher", "bogus", "--dry-run"])
 
 
+def test_pdsh_refuses_an_argument_each_hosts_shell_would_change(env, tmp_path, capsys):
+    """DeepSpeed's pdsh runner hands the ranks' arguments to each host's shell as text, quoting
+    only those with a space: a quoted value (a pipeline's experiment "010") would arrive as the
+    number 10, `$(...)` would run. OpenMPI's runner passes them as a list."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("worker-0 slots=8\n")
+    argv = ["--hostfile", str(hostfile), "--gpus-per-node", "1", "--dry-run",
+            "--env-file", str(tmp_path / "env"), "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    for override in (
+        'tracking.experiment="010"',
+        "tracking.run_name=a$(id)",
+        "tracking.tags.x=a;b",
+    ):
+        with pytest.raises(ClusterError, match="pdsh launcher hands it to each host's shell"):
+            launch_main([JOB, override, *argv])
+    assert launch_main([JOB, 'tracking.experiment="010"', *argv, "--launcher", "openmpi"]) == 0
+    assert launch_main([JOB, "eval.retrieval_k=8", "tracking.run_name=a b", *argv]) == 0
+
+
 def write_sbatch(tmp_path: Path, *extra: str) -> Path:
     out = tmp_path / "job.sbatch"
     argv = [JOB, "tracking.run_name=it's mine", "--scheduler", "slurm", "--nodes", "2"]

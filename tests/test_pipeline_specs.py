@@ -74,7 +74,22 @@ def test_the_pipelines_own_settings_read_back_as_written(tmp_path, monkeypatch):
     assert job.model.init_from == str(root / "pre" / "export" / "model.pt")
     assert (job.tracking.experiment, job.tracking.run_name) == ("010", "x-ft")
     assert load_job(ev.eval, eval_overrides(pipe, ev)).tracking.experiment == "010"
-    # a stage may move its checkpoints (e.g. to s3:// for several nodes): finish_stage reads
-    # the stage's own checkpoint.dir
-    moved = pre.model_copy(update={"overrides": [f"checkpoint.dir={tmp_path / 'elsewhere'}"]})
-    assert stage_job(pipe, moved).checkpoint.dir == str(tmp_path / "elsewhere")
+    # a stage may move its checkpoints (e.g. to s3:// for several nodes): finish_stage exports
+    # from the stage's own checkpoint.dir, and a stage that committed none is one line
+    from soho_scale.engine import checkpoint_store, weights
+    from soho_scale.pipeline import StageFailed, finish_stage
+
+    elsewhere = str(tmp_path / "elsewhere")
+    moved = pre.model_copy(update={"overrides": [f"checkpoint.dir={elsewhere}"]})
+    assert stage_job(pipe, moved).checkpoint.dir == elsewhere
+    with pytest.raises(StageFailed, match=f"stage pre: no committed checkpoint in {elsewhere}"):
+        finish_stage(pipe, moved, 0, 0.0)
+    read, exported = [], []
+    step = checkpoint_store.Committed(7, "step_00000007", f"{elsewhere}/step_00000007")
+    monkeypatch.setattr(
+        checkpoint_store, "committed_checkpoints", lambda r: read.append(r) or [step]
+    )
+    monkeypatch.setattr(weights, "export", lambda src, dst: exported.append(src))
+    (root / "pre").mkdir(parents=True)
+    assert finish_stage(pipe, moved, 0, 0.0)["checkpoint"] == step.location
+    assert read == [elsewhere] and exported == [step.location]

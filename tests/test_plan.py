@@ -258,7 +258,7 @@ def test_gpu_count_is_checked_against_ranks_per_node():
      ["--timeout", "0"]],
 )  # fmt: skip
 def test_plan_refuses_impossible_flags_in_one_line(flags, capsys):
-    """`--nodes -1` printed a world of -2 ranks and negative checkpoint sizes; nan printed a
+    """Refused, not planned: `--nodes -1` would plan a world of -2 ranks and negative sizes, nan a
     peak of 0."""
     demo = str(Path(__file__).resolve().parents[1] / "jobs" / "demo" / "pretrain.yaml")
     assert plan_main([demo, *flags]) == 2

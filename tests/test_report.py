@@ -150,22 +150,24 @@ def test_whole_5k_test_set_is_the_5k_protocol_also_short_of_an_image(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("metrics", "expected"),
+    ("dataset", "metrics", "expected"),
     [
-        ({"num_images": 2000}, {"2000 images"}),
-        ({"num_images": 999, "num_images_skipped": 1}, {"1K"}),  # Flickr30K short of an image
-        ({"num_images": 100, "num_folds": 5}, {"100 images", "5 folds of 20"}),
-        ({"num_images": 4999, "num_images_skipped": 1, "num_folds": 5}, {"5K", "1K"}),
-        ({"num_images": 2000, "num_folds": 2}, {"2000 images", "2 folds of 1000"}),
+        ("MSCOCO", {"num_images": 2000}, {"2000 images"}),
+        ("Flickr30K", {"num_images": 999, "num_images_skipped": 1}, {"1K"}),  # short of one
+        ("MSCOCO", {"num_images": 1000}, {"1000 images"}),  # not the mean of the 5K set's folds
+        ("MSCOCO", {"num_images": 100, "num_folds": 5}, {"100 images", "5 folds of 20"}),
+        ("MSCOCO", {"num_images": 4999, "num_images_skipped": 1, "num_folds": 5}, {"5K", "1K"}),
+        ("MSCOCO", {"num_images": 2000, "num_folds": 2}, {"2000 images", "2 folds of 1000"}),
+        ("Flickr30K", {"num_images": 5000}, {"5000 images"}),
     ],
 )
-def test_retrieval_protocol_follows_the_test_sets_size(tmp_path, metrics, expected):
+def test_retrieval_protocol_follows_the_test_sets_size(tmp_path, dataset, metrics, expected):
     """Only the published test sets' sizes sit beside the paper's 5K / 1K numbers; a set of
     another size (a subset, the synthetic world) is named by its count and compared with none."""
     values = {m: 40.0 for m in RETRIEVAL_METRICS}
     if "num_folds" in metrics:
         values.update({f"fold_{m}": 60.0 for m in RETRIEVAL_METRICS})
-    uri = _store(tmp_path, [("retrieval", "MSCOCO", "test", {**values, **metrics}, {})])
+    uri = _store(tmp_path, [("retrieval", dataset, "test", {**values, **metrics}, {})])
     report("exp", str(tmp_path / "out"), tracking_uri=uri)
     rows = _rows(tmp_path)
     assert {k[3] for k in rows} == expected

@@ -286,6 +286,11 @@ def test_credentials_are_refused_in_any_value_or_key_and_never_echoed_even_in_pa
         message = str(info.value)
         assert "holds credentials" in message and "wJalr" not in message, message
         assert message.startswith(override.split("=", 1)[0]), message
+    # a later override replaces the value, but the job records every override it ran with
+    with pytest.raises(
+        SpecError, match=r"^override 'tracking.experiment=https://\*\*\*@m/x' holds"
+    ):
+        load_job(demo, [f"tracking.experiment=https://u:{secret}@m/x", "tracking.experiment=ok"])
     # a key that holds one (the walk names it, masked, and the file)
     spec = tmp_path / "job.yaml"
     text = demo.read_text() + f"\nhttps://u:{secret}@host: 1\n"
@@ -321,8 +326,9 @@ def test_credentials_are_refused_in_any_value_or_key_and_never_echoed_even_in_pa
     ],
 )  # fmt: skip
 def test_out_of_range_settings_and_misread_overrides_are_one_line(override, message):
-    """Each of these ran (a zero-size model divided by zero, a name of 300 characters failed to
-    make its folder, a comment cut the value short) or split the error over lines."""
+    """Refused before anything runs: otherwise a zero-size model divides by zero, a name of 300
+    characters fails to make its folder, a comment cuts the value short, a newline splits the
+    error over lines."""
     with pytest.raises(SpecError) as info:
         load_job(ROOT / "jobs" / "demo" / "pretrain.yaml", [override])
     assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
@@ -332,7 +338,7 @@ def test_a_quoted_hash_is_kept_and_a_probe_of_itself_is_one_line(tmp_path):
     demo = ROOT / "jobs" / "demo" / "pretrain.yaml"
     assert load_job(demo, ["tracking.experiment='soho #3'"]).tracking.experiment == "soho #3"
     assert load_job(demo, ["tracking.tags.src=a#b"]).tracking.tags["src"] == "a#b"
-    # a job probing itself: one line (it recursed until Python gave up, 2,500 lines)
+    # a job probing itself: one line (loading its probe's job must not load that one's probes)
     spec = tmp_path / "self.yaml"
     probe = f"  streams: []\n  probes: [{{name: p, job: {spec}, every_steps: 10}}]"
     spec.write_text(demo.read_text().replace("  streams: []", probe))

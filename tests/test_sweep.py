@@ -58,7 +58,9 @@ def _repo(monkeypatch):
         ({"variants": {"base": {}, "x": {"stage_overrides": {"vqa": [" seed =5"]}}}},
          "variants.x: ' seed =5': the sweep sets seed"),
         # folders of their own: <run_root>/<variant>/, <run_root>/comparison/
-        ({"variants": {"base": {}, "comparison": {}}}, "variants: 'comparison' is the comparison's"),
+        ({"variants": {"base": {}, "comparison": {}}}, "variants: 'comparison' is the sweep's own"),
+        ({"variants": {"base": {}, "mlflow.db": {}}}, "variants: 'mlflow.db' is the sweep's own"),
+        ({"variants": {"base": {}, "x\n": {}}}, "variants: 'x\\n' is not a name"),
         ({"variants": {"base": {}, "..": {}}}, "variants: '..' is not a name"),
         ({"variants": {"base": {}, "x": {"drop_stages": ["vqa"]}}},
          "variants.x.drop_stages: stage vqa-eval evaluates the dropped stage 'vqa'; drop it too"),

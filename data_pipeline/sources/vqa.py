@@ -15,6 +15,7 @@ eval` can answer each of them in the challenge server's submission file.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from functools import lru_cache
@@ -50,6 +51,21 @@ VOCAB_NAME = "answer_vocab.json"
 # Every question id of the published file, kept or skipped: a submission answers each once.
 QUESTION_IDS_NAME = "question_ids.json"
 _SUBTYPE = re.compile(r"(train|val|test-dev|test)\d{4}")
+
+
+def read_answer_vocab(location: str) -> list[str]:
+    """An answer_vocab.json (a path or s3:// URL): a non-empty JSON list of answer strings, or
+    a DataError naming the file."""
+    from data_pipeline.storage import read_bytes
+
+    data = read_bytes(location)
+    try:
+        vocab = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{location}: not valid JSON ({e})") from None
+    if not isinstance(vocab, list) or not vocab or not all(isinstance(a, str) for a in vocab):
+        raise DataError(f"{location}: expected a non-empty JSON list of answer strings")
+    return vocab
 
 
 def build_answer_vocab(annotations: list[dict], min_count: int) -> list[str]:

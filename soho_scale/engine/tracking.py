@@ -31,6 +31,7 @@ from soho_scale.secrets import redact, split_credentials
 logger = logging.getLogger(__name__)
 
 PENDING = "tracking_pending.jsonl"
+METRICS_FILE = "metrics.jsonl"  # every logged step, beside the run (plan reads its MFU)
 PARENT_ENV = "SOHO_MLFLOW_PARENT_RUN_ID"  # set by `soho-scale pipeline` for its stages
 RUN_INFO = "tracking.json"
 REQUEST_TIMEOUT = "10"  # seconds, MLflow's MLFLOW_HTTP_REQUEST_TIMEOUT unless set
@@ -214,7 +215,7 @@ class Tracker:
         self._new_run_only = False
         self._status = "FINISHED"
         self._closing = threading.Event()
-        self._metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self._metrics_file = open(os.path.join(run_dir, METRICS_FILE), "a")
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()

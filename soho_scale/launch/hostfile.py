@@ -43,6 +43,25 @@ def runner_command(
     return cmd + list(extra or []) + rank_module_args(job_path, overrides, run_dir)
 
 
+# Read by a POSIX shell even inside the double quotes pdsh's runner adds around an argument that
+# holds a space (or, without them, as command separators and redirections).
+_SHELL_SPECIAL = re.compile(r"[\"'`$\\;&|<>()\x00-\x1f\x7f]")
+
+
+def shell_safe(arg: str) -> str:
+    """`arg` when it reaches every host as it is: DeepSpeed's pdsh runner passes the ranks'
+    arguments to each host's shell as text, quoting only those with a space, so a quote, `$`,
+    a backslash or a separator would be read there (a pipeline's quoted "010" arrives as the
+    number 10)."""
+    if _SHELL_SPECIAL.search(arg):
+        raise ClusterError(
+            f"{redact(arg)!r}: the pdsh launcher hands it to each host's shell, which would read "
+            "its quotes, $, \\, ;, &, |, <, > or parentheses; write it without them or use "
+            "--launcher openmpi"
+        )
+    return arg
+
+
 def read_hostfile(path: str) -> dict[str, int]:
     """`host slots=N` lines (MPI style, # comments) -> {host: slots}."""
     if not os.path.isfile(path):
@@ -92,6 +111,9 @@ def hostfile_launch(args: argparse.Namespace, job: Job) -> int:
         extra += ["--launcher_args", args.launcher_args]
     if args.master_addr:
         extra += ["--master_addr", args.master_addr]
+    if args.launcher == "pdsh":
+        for arg in rank_module_args(args.job, args.overrides, args.run_dir):
+            shell_safe(arg)
     cmd = runner_command(
         args.job, args.overrides, gpus, args.run_dir, args.master_port, extra=extra
     )

@@ -27,7 +27,7 @@ class SpecError(ValueError):
         super().__init__(one_line(message))
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # also what str.splitlines() splits at
 
 
 def one_line(text: str) -> str:

@@ -35,6 +35,9 @@ def load_job(
     for override in overrides:
         apply_override(data, override)
     found = credentials_at(data)
+    for override in overrides:  # an override whose value a later one replaced is still recorded
+        if found is None and credentials_at(override):
+            raise SpecError(f"override {shown(override)} {CREDENTIALS}")
     if found:
         culprit = _culprit(found[0], overrides)
         suffix = f" (from override {clipped(culprit)})" if culprit else f" (in {path})"

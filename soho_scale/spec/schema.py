@@ -454,6 +454,6 @@ class Job(Section):
             why = "zero_stage is 3" if self.deepspeed.zero_stage == 3 else "bn_policy is sync"
             raise problem("model.overrides.compile", f"is for ZeRO 0-2 and unsynced BN; {why}")
         if self.data.text.max_len > config.max_text_positions:
-            why = f"{self.data.text.max_len}; the model has {config.max_text_positions} text positions"
-            raise problem("data.text.max_len", why)
+            why = f"the model has {config.max_text_positions} text positions"
+            raise problem("data.text.max_len", f"{self.data.text.max_len}; {why}")
         return self

@@ -15,6 +15,7 @@ import os
 import torch
 from torch import nn
 
+from data_pipeline.sources.nlvr2 import IDENTIFIERS_NAME
 from soho_scale.model.config import SohoConfig
 from soho_scale.model.soho import Soho
 from soho_scale.tasks.visual import fuse_texts_with_images
@@ -65,7 +66,20 @@ class NLVR2Evaluation:
     keep_columns = ("identifier",)
 
     def __init__(self, published: list[list] | None = None):
-        self.published = published
+        self.published = None
+        if published is not None:
+            ok = all(
+                isinstance(item, list) and len(item) == 2 and item[1] in (0, 1, None)
+                for item in published
+            )
+            if not ok:
+                raise ValueError(
+                    f"nlvr2: {IDENTIFIERS_NAME}: expected [identifier, 1|0|null] items"
+                )
+            firsts: dict[str, int | None] = {}
+            for identifier, label in published:  # a statement listed twice counts once
+                firsts.setdefault(str(identifier), label)
+            self.published = list(firsts.items())
 
     def _whole_split(self, records: list[dict]) -> list[dict]:
         """`records` plus a fallback record for each published statement without one."""
@@ -110,10 +124,10 @@ class NLVR2Evaluation:
 
         metrics: dict[str, float] = {}
         every = self._whole_split(records)
-        if len(every) > len(records):
+        if self.published is not None:  # as VQA's: over the records alone, and how many lack one
             scored = [r["prediction"] == r["label"] for r in records]
             metrics["accuracy_scored"] = 100.0 * sum(scored) / max(len(scored), 1)
-            metrics["unscored_pairs"] = float(len(every) - len(records))
+            metrics["unscored_statements"] = float(len(every) - len(records))
         records = [r for r in every if r["label"] is not None]
         if not records:
             return metrics

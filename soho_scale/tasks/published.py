@@ -20,8 +20,9 @@ def read_published(remotes: list[str], name: str, without: str) -> list[Any] | N
 
     items: list[Any] = []
     for remote in remotes:
+        url = join_url(remote, name)
         try:
-            items += json.loads(read_bytes(join_url(remote, name)))
+            data = read_bytes(url)
         except DataError as e:
             # A local file that is not there has no cause; a storage's answer is a ClientError.
             answer = getattr(e.__cause__, "response", None)
@@ -32,4 +33,11 @@ def read_published(remotes: list[str], name: str, without: str) -> list[Any] | N
                 # A bucket without s3:ListBucket answers AccessDenied for a missing key too.
                 print(f"{name} unreadable ({e}); {without}", flush=True)
             return None
+        try:
+            part = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{url}: not valid JSON ({e}); convert the split again") from None
+        if not isinstance(part, list):
+            raise DataError(f"{url}: expected a JSON list; convert the split again")
+        items += part
     return items

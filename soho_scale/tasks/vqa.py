@@ -112,14 +112,10 @@ class VQAStep(nn.Module):
 
 def read_answer_vocab(remote: str) -> list[str]:
     """The answer list beside the shards at `remote` (folder or s3:// URL)."""
-    from data_pipeline.storage import read_bytes
+    from data_pipeline.sources.vqa import read_answer_vocab as read
     from data_pipeline.urls import join_url
 
-    url = join_url(remote, ANSWER_VOCAB)
-    vocab = json.loads(read_bytes(url))
-    if not isinstance(vocab, list) or not vocab or not all(isinstance(a, str) for a in vocab):
-        raise ValueError(f"{url}: expected a non-empty JSON list of answer strings")
-    return vocab
+    return read(join_url(remote, ANSWER_VOCAB))
 
 
 def read_question_ids(remotes: list[str]) -> list[int] | None:

@@ -115,7 +115,7 @@ def test_a_statement_skipped_at_conversion_is_in_the_metric_and_the_csv(tmp_path
     metrics = evaluation.score(predicted)
     right = len(kept) + sum(truth[r["identifier"]] == 1 for r in skipped)
     assert metrics["accuracy"] == pytest.approx(100.0 * right / len(records))
-    assert (metrics["accuracy_scored"], metrics["unscored_pairs"]) == (100.0, len(skipped))
+    assert (metrics["accuracy_scored"], metrics["unscored_statements"]) == (100.0, len(skipped))
     paths = evaluation.write_outputs(predicted, str(tmp_path), "dev")
     with open(paths[1]) as f:
         rows = list(csv.reader(f))
