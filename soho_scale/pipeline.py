@@ -23,13 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from soho_scale.engine.tracking import METRICS_FILE, PARENT_ENV, PENDING, RUN_INFO, mark_failed
-from soho_scale.spec.errors import (
-    CREDENTIALS,
-    credentials_at,
-    format_spec_error,
-    path_text,
-    shown,
-)
+from soho_scale.spec.errors import credentials_problem, format_spec_error
 from soho_scale.spec.schema import NAME
 from soho_scale.spec.yaml_file import read_job_file
 
@@ -114,9 +108,9 @@ def read_spec_file(kind: type[BaseModel], path: str) -> Any:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     data = read_job_file(path)
-    found = credentials_at(data)
+    found = credentials_problem(data)
     if found:
-        raise ValueError(f"{path_text(found[0])}: {shown(found[1])} {CREDENTIALS} (in {path})")
+        raise ValueError(f"{found[1]} (in {path})")
     try:
         return kind.model_validate(data)
     except ValidationError as e:
@@ -242,7 +236,7 @@ def _setting(key: str, text: str) -> str:
     if plain:
         return f"{key}={text}"
     quoted = yaml.safe_dump(text, default_style='"', allow_unicode=True, width=float("inf"))
-    quoted = quoted.removesuffix("\n").removesuffix("\n...")
+    quoted = quoted.removesuffix("\n")
     if yaml.safe_load(quoted) != text:
         raise ValueError(f"{key}: {text!r} cannot be handed on as an override")
     return f"{key}={quoted}"

@@ -50,7 +50,7 @@ TASK_ORDER = ("vqa", "nlvr2", "retrieval", "snli_ve")
 
 
 def protocols(
-    task: str, split: str, metrics: dict[str, float], dataset: str = ""
+    task: str, split: str, metrics: dict[str, float], dataset: str
 ) -> list[tuple[str, str]]:
     """(protocol, metric-name prefix) pairs an eval run of `split` reports: VQA's test-dev2015 /
     test2015 are the server's test-dev / test-std (a submission file), and its val is a row of

@@ -48,8 +48,8 @@ def runner_command(
 _SHELL_SPECIAL = re.compile(r"[\"'`$\\;&|<>()\x00-\x1f\x7f]")
 
 
-def shell_safe(arg: str) -> str:
-    """`arg` when it reaches every host as it is: DeepSpeed's pdsh runner passes the ranks'
+def shell_safe(arg: str) -> None:
+    """Refuse `arg` unless it reaches every host as it is: DeepSpeed's pdsh runner passes the ranks'
     arguments to each host's shell as text, quoting only those with a space, so a quote, `$`,
     a backslash or a separator would be read there (a pipeline's quoted "010" arrives as the
     number 10)."""
@@ -59,7 +59,6 @@ def shell_safe(arg: str) -> str:
             "its quotes, $, \\, ;, &, |, <, > or parentheses; write it without them or use "
             "--launcher openmpi"
         )
-    return arg
 
 
 def read_hostfile(path: str) -> dict[str, int]:

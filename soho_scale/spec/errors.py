@@ -79,6 +79,14 @@ def path_text(parts: tuple | list) -> str:
 CREDENTIALS = "holds credentials; give them by environment"
 
 
+def credentials_problem(data: Any) -> tuple[tuple, str] | None:
+    """(key path, one-line message) of the first key or value of `data` holding credentials."""
+    found = credentials_at(data)
+    if found is None:
+        return None
+    return found[0], f"{path_text(found[0])}: {shown(found[1])} {CREDENTIALS}"
+
+
 def credentials_at(data: Any, loc: tuple = ()) -> tuple[tuple, str] | None:
     """(key path, text) of the first key or string value in plain data (a parsed spec file)
     that embeds URL credentials: a spec is logged, copied into command lines, MLflow params and

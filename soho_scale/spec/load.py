@@ -13,9 +13,9 @@ from soho_scale.spec.errors import (
     SpecError,
     clipped,
     credentials_at,
+    credentials_problem,
     error_location,
     format_spec_error,
-    path_text,
     shown,
 )
 from soho_scale.spec.schema import Job
@@ -34,15 +34,15 @@ def load_job(
         )
     for override in overrides:
         apply_override(data, override)
-    found = credentials_at(data)
-    for override in overrides:  # an override whose value a later one replaced is still recorded
-        if found is None and credentials_at(override):
-            raise SpecError(f"override {shown(override)} {CREDENTIALS}")
+    found = credentials_problem(data)
     if found:
         culprit = _culprit(found[0], overrides)
         suffix = f" (from override {clipped(culprit)})" if culprit else f" (in {path})"
-        where = path_text(found[0])
-        raise SpecError(f"{where}: {shown(found[1])} {CREDENTIALS}{suffix}")
+        raise SpecError(found[1] + suffix)
+    # an override whose value a later one replaced: the job still records it
+    replaced = next((o for o in overrides if credentials_at(o)), None)
+    if replaced is not None:
+        raise SpecError(f"override {shown(replaced)} {CREDENTIALS}")
     try:
         job = Job.model_validate({**data, "overrides": list(overrides)})
     except ValidationError as e:

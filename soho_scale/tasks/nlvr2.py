@@ -87,16 +87,10 @@ class NLVR2Evaluation:
             return records
         have = {str(r["identifier"]) for r in records}
         missing = [
-            {"identifier": i, "prediction": FALLBACK, "label": label, "fallback": True}
+            {"identifier": i, "prediction": FALLBACK, "label": label}
             for i, label in self.published
             if i not in have
         ]
-        if missing:
-            print(
-                f"nlvr2: {len(missing)} of {len(self.published)} statements had no sample "
-                "(skipped at conversion) and are answered True",
-                flush=True,
-            )
         order = {i: n for n, (i, _) in enumerate(self.published)}
         every = records + missing
         return sorted(every, key=lambda r: order.get(str(r["identifier"]), len(order)))
@@ -128,6 +122,12 @@ class NLVR2Evaluation:
             scored = [r["prediction"] == r["label"] for r in records]
             metrics["accuracy_scored"] = 100.0 * sum(scored) / max(len(scored), 1)
             metrics["unscored_statements"] = float(len(every) - len(records))
+            if len(every) > len(records):  # said once per evaluation (write_outputs is silent)
+                print(
+                    f"nlvr2: {len(every) - len(records)} of {len(every)} statements had no "
+                    "sample (skipped at conversion) and are answered True",
+                    flush=True,
+                )
         records = [r for r in every if r["label"] is not None]
         if not records:
             return metrics
