@@ -20,11 +20,11 @@ import time
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from soho_scale.engine.tracking import METRICS_FILE, PARENT_ENV, PENDING, RUN_INFO, mark_failed
 from soho_scale.spec.errors import credentials_problem, format_spec_error
-from soho_scale.spec.schema import NAME
+from soho_scale.spec.schema import NAME, SPEC_CONFIG
 from soho_scale.spec.yaml_file import read_job_file
 
 DONE = "stage_done.json"
@@ -39,7 +39,7 @@ RESERVED = ("report", "mlartifacts", "mlflow.db", METRICS_FILE, PENDING, RUN_INF
 
 
 class Stage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     name: str = Field(pattern=NAME)
     train: str | None = None  # job YAML to train
     eval: str | None = None  # job YAML whose eval.streams to evaluate
@@ -66,7 +66,7 @@ class Stage(BaseModel):
 
 
 class Pipeline(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     name: str = Field(pattern=NAME)
     experiment: str = Field(min_length=1)
     run_root: str = Field(min_length=1)
@@ -94,7 +94,7 @@ class OverrideSet(BaseModel):
     every stage's job before the stage's own, and `stage_overrides` after them (e.g.
     jobs/pipelines/override_sets/rehearsal_cpu.yaml)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     run_root: str | None = None
     experiment: str | None = None
     nproc: int | None = Field(None, ge=1, strict=True)

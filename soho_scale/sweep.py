@@ -21,7 +21,7 @@ import os
 import re
 import sys
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, Field, StrictInt
 
 from soho_scale.engine.tracking import PARENT_ENV
 from soho_scale.pipeline import (
@@ -36,19 +36,19 @@ from soho_scale.pipeline import (
     run_loaded,
 )
 from soho_scale.secrets import redact
-from soho_scale.spec.schema import NAME
+from soho_scale.spec.schema import NAME, SPEC_CONFIG
 from soho_scale.sweep_compare import compare, read_results, write_comparison
 
 
 class Variant(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     overrides: list[str] = []  # every stage's job, after the stage's own overrides
     stage_overrides: dict[str, list[str]] = {}  # stage name -> overrides after all others
     drop_stages: list[str] = []  # stages left out; their consumers start from no weights
 
 
 class Sweep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SPEC_CONFIG
     name: str = Field(pattern=NAME)
     experiment: str = Field(min_length=1)
     run_root: str = Field(min_length=1)

@@ -28,6 +28,17 @@ def test_pipeline_spec_errors_name_the_stage(tmp_path):
         load_pipeline(str(bad))
 
 
+def test_unquoted_numbers_in_a_pipelines_text_fields_keep_their_text(tmp_path):
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        "name: 2024.10\nexperiment: 010\nrun_root: 1.50\nstages:\n"
+        "  - {name: 1_0, train: jobs/demo/pretrain.yaml, nproc: 0x2}\n"
+    )
+    pipe = load_pipeline(str(spec))
+    assert (pipe.name, pipe.experiment, pipe.run_root) == ("2024.10", "010", "1.50")
+    assert (pipe.stages[0].name, pipe.stages[0].nproc) == ("1_0", 2)
+
+
 def test_an_override_set_reruns_a_pipeline_file_in_other_conditions(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     paper = "jobs/pipelines/soho_r101_l12.yaml"

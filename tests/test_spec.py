@@ -115,6 +115,24 @@ def test_yaml_exponent_strings_become_numbers(tmp_path):
     assert job.optim.rest.eps == 1e-6
 
 
+def test_unquoted_numbers_in_text_fields_keep_the_text_they_were_written_as(tmp_path):
+    text = DEMO.read_text().replace("seed: 0", "seed: 0_0")
+    text = text.replace(
+        "  experiment: soho-demo", "  experiment: 2024.10\n  tags: {version: 1.10, release: 010}"
+    )
+    path = write_job(tmp_path, text=text)
+    raw = yaml.safe_load(path.read_text())
+    assert raw["tracking"]["tags"] == {"version": 1.1, "release": 8}  # what YAML makes of them
+    job = load_job(path, ["tracking.run_name=3.50", "model.overrides.vd_size=0x40"])
+    assert job.tracking.experiment == "2024.10"
+    assert job.tracking.tags == {"version": "1.10", "release": "010"}
+    assert job.tracking.run_name == "3.50"
+    # number fields still take YAML's numbers, as plain numbers the resolved job writes back
+    assert job.model.config().vd_size == 64 and type(job.model.overrides["vd_size"]) is int
+    assert type(job.seed) is int
+    assert load_job(write_job(tmp_path, text=dump_job(job))).tracking == job.tracking
+
+
 def test_duplicate_key_is_rejected(tmp_path):
     text = DEMO.read_text().replace("    lr: 1.0e-2", "    lr: 1.0e-2\n    lr: 1.0e-3")
     message = spec_error(write_job(tmp_path, text=text))

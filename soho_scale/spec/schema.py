@@ -77,11 +77,16 @@ Location = Annotated[str, AfterValidator(_location)]  # a local path or s3://buc
 NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$"
 
 
+# Every spec file's models (job sections, pipelines, sweeps): unknown keys refused; an unquoted
+# number in a text field is its text as written (yaml_file keeps it); inf, nan and overflowing
+# numbers (1e400) refused in every float.
+SPEC_CONFIG = ConfigDict(
+    extra="forbid", coerce_numbers_to_str=True, frozen=True, allow_inf_nan=False
+)
+
+
 class Section(BaseModel):
-    # allow_inf_nan=False: inf, nan and overflowing numbers (1e400) are refused in every float.
-    model_config = ConfigDict(
-        extra="forbid", coerce_numbers_to_str=True, frozen=True, allow_inf_nan=False
-    )
+    model_config = SPEC_CONFIG
 
     @model_validator(mode="before")
     @classmethod

@@ -2,7 +2,8 @@
 
 Kept apart from the typed schema so the YAML rules read on their own: no `yaml.load`, no
 `_base_` chains, no environment interpolation; numbers stay whatever YAML made of them (`1e-4` is
-the string '1e-4') until pydantic coerces them.
+the string '1e-4') until pydantic coerces them, and a number keeps the text it was written as for
+a text field.
 """
 
 from __future__ import annotations
@@ -64,6 +65,36 @@ def _check_flow_depth(text: str) -> None:
         previous = char
 
 
+class _IntText(int):
+    """An int read from the file that turns back into its own text: a text field given an
+    unquoted number (`tags: {release: 010}`) gets what the file says, not YAML's reading of it
+    ('8'). pydantic's number fields take it as a plain int."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _FloatText(float):
+    """A float read from the file that turns back into its own text (`version: 1.10` is '1.10'
+    in a text field, not '1.1'); a plain float in number fields."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _number_with_text(kind: type, construct: Any) -> Any:
+    def constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        number = kind(construct(loader, node))
+        number.text = node.value
+        return number
+
+    return constructor
+
+
 class _GuardedLoader(yaml.SafeLoader):
     """SafeLoader that stops composing past MAX_DEPTH, before the reader's cost or Python's
     recursion limit is reached."""
@@ -79,6 +110,14 @@ class _GuardedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+
+_GuardedLoader.add_constructor(
+    "tag:yaml.org,2002:int", _number_with_text(_IntText, yaml.SafeLoader.construct_yaml_int)
+)
+_GuardedLoader.add_constructor(
+    "tag:yaml.org,2002:float", _number_with_text(_FloatText, yaml.SafeLoader.construct_yaml_float)
+)
 
 
 def _measure(node: yaml.Node, depth: int, sizes: dict[int, tuple[int, int]], open_: set) -> tuple:
