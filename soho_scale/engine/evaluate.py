@@ -100,7 +100,7 @@ def evaluate_task(
         converted = eval_conversion_report(job).get("records") if rank == 0 else None
         return evaluate_job(job, model, loader, rank, world, converted_images=converted)
     if evaluation is None:
-        evaluation = build_task_evaluation(job)
+        evaluation = build_task_evaluation(job, rank)
     param = next(model.parameters())  # a training engine's model may be bf16 or fp16
     was_training = model.training
     model.eval()
@@ -213,7 +213,7 @@ def run_evaluation(
             f"checkpoint fine-tuned on {job.data.task}, not a pre-training one"
         )
     model.to(device())
-    evaluation = build_task_evaluation(job) if job.data.task != "retrieval" else None
+    evaluation = build_task_evaluation(job, rank) if job.data.task != "retrieval" else None
     keep = getattr(evaluation, "keep_columns", ())
     os.makedirs(out_dir, exist_ok=True)
     cache = job.data.cache_dir or os.path.join(out_dir, "shard_cache")

@@ -88,7 +88,7 @@ class PeriodicEval:
             from soho_scale.tasks import build_task_evaluation
 
             if self.job.data.task != "retrieval":  # retrieval: its own protocol
-                self._evaluation = build_task_evaluation(self.job)
+                self._evaluation = build_task_evaluation(self.job, self.rank)
             keep = getattr(self._evaluation, "keep_columns", ())
             batch = self.job.batch.micro_batch_per_rank
             _, self._loader = build_eval_loader(self.job, self._cache, batch, keep)

@@ -102,23 +102,25 @@ def sample_processor(job: Any, processor_class: Any = None, **extra: Any) -> Any
     )
 
 
-def build_task_evaluation(job: Any) -> Any:
+def build_task_evaluation(job: Any, rank: int = 0) -> Any:
     """The task's evaluation: `keep_columns`, `predict(model, batch) -> [record]`,
-    `score(records) -> metrics`, `write_outputs(records, out_dir, split) -> [paths]`."""
+    `score(records) -> metrics`, `write_outputs(records, out_dir, split) -> [paths]`.
+    Only rank 0 scores and writes, so only rank 0 reads the split's published list (one read,
+    and a storage error on it stops rank 0 before any collective rather than one rank of many)."""
     task = _check_task(job)
+    remotes = [s.remote for s in job.eval.streams] if rank == 0 else []
     if task == "vqa":
         from soho_scale.tasks.vqa import VQAEvaluation, read_question_ids
 
-        remotes = [s.remote for s in job.eval.streams]
-        return VQAEvaluation(answer_vocab(job), read_question_ids(remotes))
+        return VQAEvaluation(answer_vocab(job), read_question_ids(remotes) if remotes else None)
     if task == "nlvr2":
         from data_pipeline.sources.nlvr2 import IDENTIFIERS_NAME
         from soho_scale.tasks.nlvr2 import NLVR2Evaluation
         from soho_scale.tasks.published import read_published
 
-        remotes = [s.remote for s in job.eval.streams]
         without = "nlvr2 scores only the statements with a sample"
-        return NLVR2Evaluation(read_published(remotes, IDENTIFIERS_NAME, without))
+        published = read_published(remotes, IDENTIFIERS_NAME, without) if remotes else None
+        return NLVR2Evaluation(published)
     if task == "snli_ve":
         from soho_scale.tasks.snli_ve import SNLIVEEvaluation
 

@@ -71,7 +71,7 @@ def _evaluate(task, shards, weights, rank, world, batch_size, cache):
     job = demo_job(task, shards)
     model = build_task_model(job, job.model.config())
     model.load_state_dict(torch.load(weights[task]))
-    evaluation = build_task_evaluation(job)
+    evaluation = build_task_evaluation(job, rank)
     _, loader = build_eval_loader(job, cache, batch_size, evaluation.keep_columns, workers=0)
     return evaluate_task(job, model, loader, rank, world, evaluation)
 

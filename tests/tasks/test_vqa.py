@@ -90,6 +90,28 @@ def test_question_ids_missing_is_none_but_unreachable_storage_is_an_error(
         vqa_task.read_question_ids(["s3://b/vqa/test-dev2015"])
 
 
+def test_only_rank_0_reads_the_published_question_list(monkeypatch):
+    """Rank 0 alone scores, so the other ranks read no list: one read per evaluation, and no
+    storage error on it can stop one rank of many while the others wait at a collective."""
+    from data_pipeline import storage
+    from soho_scale.spec import load_job
+    from soho_scale.tasks import build_task_evaluation
+    from tests.tasks.conftest import REPO
+
+    job = load_job(REPO / "jobs/demo/vqa.yaml", ["eval.streams.0.remote=s3://b/vqa/test-dev2015"])
+    reads: list[str] = []
+
+    def read_bytes(url, client=None):  # noqa: ANN001, ANN202
+        reads.append(url)
+        return b"[1, 2]" if url.endswith("question_ids.json") else b'["yes", "no"]'
+
+    monkeypatch.setattr(storage, "read_bytes", read_bytes)
+    assert build_task_evaluation(job, rank=1).question_ids is None
+    assert not any(url.endswith("question_ids.json") for url in reads)
+    assert build_task_evaluation(job, rank=0).question_ids == [1, 2]
+    assert "s3://b/vqa/test-dev2015/question_ids.json" in reads
+
+
 def test_outputs_score_with_human_answers_and_write_a_submission(tmp_path):
     evaluation = VQAEvaluation(["yes", "no", "2"])
     records = [
