@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from soho_scale.engine.deepspeed_config import build_deepspeed_config
 from soho_scale.launch.validate import validate_main
 from soho_scale.spec import Job, SpecError, derived, dump_job, load_job
+from soho_scale.spec.yaml_file import read_job_file
 
 ROOT = Path(__file__).resolve().parent.parent
 # Job specs (pipeline and sweep specs under jobs/pipelines/ and jobs/sweeps/ are other formats).
@@ -123,6 +124,9 @@ def test_unquoted_numbers_in_text_fields_keep_the_text_they_were_written_as(tmp_
     path = write_job(tmp_path, text=text)
     raw = yaml.safe_load(path.read_text())
     assert raw["tracking"]["tags"] == {"version": 1.1, "release": 8}  # what YAML makes of them
+    # the file's data, written out again, reads back the same and keeps the text
+    read = read_job_file(path)
+    assert yaml.safe_load(yaml.safe_dump(read)) == raw and "1.10" in yaml.safe_dump(read)
     job = load_job(path, ["tracking.run_name=3.50", "model.overrides.vd_size=0x40"])
     assert job.tracking.experiment == "2024.10"
     assert job.tracking.tags == {"version": "1.10", "release": "010"}

@@ -118,6 +118,11 @@ _GuardedLoader.add_constructor(
 _GuardedLoader.add_constructor(
     "tag:yaml.org,2002:float", _number_with_text(_FloatText, yaml.SafeLoader.construct_yaml_float)
 )
+# The file's data written out again (yaml.safe_dump of a job read here): each number as written.
+for _kind, _tag in ((_IntText, "tag:yaml.org,2002:int"), (_FloatText, "tag:yaml.org,2002:float")):
+    yaml.SafeDumper.add_representer(
+        _kind, lambda dumper, number, tag=_tag: dumper.represent_scalar(tag, number.text)
+    )
 
 
 def _measure(node: yaml.Node, depth: int, sizes: dict[int, tuple[int, int]], open_: set) -> tuple:
