@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from data_pipeline import settings
 from data_pipeline.errors import DataError
+from data_pipeline.mds_index import index_problem
 from data_pipeline.urls import is_s3_url, join_url, mask_url_credentials, split_s3_url
 
 logger = logging.getLogger(__name__)
@@ -181,8 +182,9 @@ def read_index(url: str, client: Any = None) -> dict[str, Any]:
         index = json.loads(raw)
     except json.JSONDecodeError as e:
         raise DataError(f"{index_url}: not valid JSON ({e}); rewrite the shards") from e
-    if index.get("version") != 2 or "shards" not in index:
-        raise DataError(f"{index_url}: not an MDS index (version 2 with 'shards' expected)")
+    problem = index_problem(index)
+    if problem:
+        raise DataError(f"{index_url}: {problem}; rewrite the shards")
     return index
 
 

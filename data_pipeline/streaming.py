@@ -39,6 +39,7 @@ from streaming.base.world import World
 
 from data_pipeline import settings
 from data_pipeline.errors import DataError
+from data_pipeline.mds_index import index_problem
 from data_pipeline.patches import (
     streaming_barrier,
     streaming_download_deadline,
@@ -213,8 +214,17 @@ def purge_corrupt_cached_shards(local: str) -> list[str]:
     index_path = os.path.join(local, INDEX_BASENAME)
     if not os.path.isfile(index_path):
         return []
-    with open(index_path) as f:
-        index = json.load(f)
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        problem = index_problem(index)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = f"not valid JSON ({e})"
+    if problem:
+        # A cache file: without it streaming fetches the remote's, which was just verified.
+        logger.warning("cached %s: %s; fetching it again", index_path, problem)
+        os.remove(index_path)
+        return []
     purged = []
     for shard in index.get("shards", []):
         for key in ("raw_data", "zip_data"):

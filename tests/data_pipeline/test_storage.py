@@ -97,3 +97,80 @@ def test_one_s3_client_per_process_and_settings(monkeypatch):
         finally:
             os._exit(2)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def _hostile(index: dict, case: str) -> dict | list:
+    shard = index["shards"][0]
+    raw = shard["raw_data"]
+    return {
+        "not a mapping": [index],
+        "shards no list": {**index, "shards": "x"},
+        "raw_data none": {**index, "shards": [{**shard, "raw_data": None}]},
+        "outside": {**index, "shards": [{**shard, "raw_data": {**raw, "basename": "../x.mds"}}]},
+        "absolute": {**index, "shards": [{**shard, "raw_data": {**raw, "basename": "/x.mds"}}]},
+        "negative": {**index, "shards": [{**shard, "raw_data": {**raw, "bytes": -5}}]},
+        "samples text": {**index, "shards": [{**shard, "samples": "many"}]},
+        "samples huge": {**index, "shards": [{**shard, "samples": 10**12}]},
+        "columns": {**index, "shards": [{**shard, "column_names": ["a", "b"]}]},
+        "format": {**index, "shards": [{**shard, "format": "json"}]},
+        "hashes": {**index, "shards": [{**shard, "raw_data": {**raw, "hashes": ["x"]}}]},
+    }[case]
+
+
+PROBLEMS = {
+    "not a mapping": "not an MDS index (version 2 expected)",
+    "shards no list": "not an MDS index ('shards' is no list)",
+    "raw_data none": "shards[0].raw_data: expected a mapping with basename and bytes, got None",
+    "outside": "shards[0].raw_data: basename '../x.mds' is not a file inside the shard folder",
+    "absolute": "shards[0].raw_data: basename '/x.mds' is not a file inside the shard folder",
+    "negative": "shards[0].raw_data: bytes -5 is not a size",
+    "samples text": "shards[0]: samples 'many' is not a count",
+    "samples huge": "shards[0]: 1000000000000 samples do not fit in its",
+    "columns": "shards[0]: column_names, column_encodings and column_sizes differ in length",
+    "format": "shards[0]: not an MDS shard (format 'mds' expected)",
+    "hashes": "shards[0].raw_data: hashes ['x'] is not a mapping of algorithm to digest",
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROBLEMS))
+def test_a_hostile_index_is_one_line_naming_it_before_anything_reads_it(tmp_path, case):
+    """index.json comes from storage: each reader (`data ls`, `plan`, the loader's shard checks)
+    refuses a damaged or hostile one with the same line, before joining a basename to a folder,
+    adding up counts or allocating by them."""
+    from data_pipeline.streaming import build_dataset
+
+    folder = tmp_path / "shards"
+    with MDSWriter(out=str(folder), columns={"image_id": "str"}, size_limit=200) as w:
+        for i in range(4):
+            w.write({"image_id": str(i)})
+    index = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps(_hostile(index, case)))
+    expected = f"{folder / 'index.json'}: {PROBLEMS[case]}"
+    with pytest.raises(DataError) as error:
+        describe_dataset(str(folder))
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+    if case in ("outside", "samples huge"):  # the loader reads it through the same check
+        with pytest.raises(DataError) as error:
+            build_dataset([str(folder)], None, str(tmp_path / "cache"), 2)
+        assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+def test_a_hostile_cached_index_is_fetched_again_and_deletes_nothing(tmp_path):
+    """The cache purge deletes cached shards that fail the cached index: a cached index naming
+    a file outside the cache (or damaged) is itself deleted, to be fetched again, and nothing
+    else is touched."""
+    from data_pipeline.streaming import purge_corrupt_cached_shards
+
+    cache = tmp_path / "cache"
+    with MDSWriter(out=str(cache), columns={"image_id": "str"}, size_limit=200) as w:
+        w.write({"image_id": "0"})
+    outside = tmp_path / "x.mds"
+    outside.write_bytes(b"a file of the user's, of another size")
+    index = json.loads((cache / "index.json").read_text())
+    (cache / "index.json").write_text(json.dumps(_hostile(index, "outside")))
+    assert purge_corrupt_cached_shards(str(cache)) == []
+    assert outside.exists() and not (cache / "index.json").exists()
+    assert (cache / index["shards"][0]["raw_data"]["basename"]).exists()
+    (cache / "index.json").write_text("{not json")
+    assert purge_corrupt_cached_shards(str(cache)) == []
+    assert not (cache / "index.json").exists()

@@ -1,0 +1,70 @@
+"""What a shard folder's `index.json` must be before anything acts on it.
+
+The index comes from storage, and a hostile or damaged one is read by several hands: the shard
+checks join its basenames to the remote and to the local cache (a `../` would reach outside it,
+and the cache purge deletes files there), `data ls` and `plan` add up its counts, and streaming
+allocates arrays by its sample counts (10**12 samples asked for 7 TiB). `index_problem` says in
+one line what is wrong, so that every reader refuses the same indexes with the same words.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# An MDS shard starts with its sample count and one 4-byte offset per sample and one more.
+_MDS_BYTES_PER_SAMPLE = 4
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _file_problem(info: Any) -> str | None:
+    """What is wrong with a shard's `raw_data` / `zip_data` entry, or None."""
+    if not isinstance(info, dict):
+        return f"expected a mapping with basename and bytes, got {_shown(info)}"
+    name = info.get("basename")
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if "\\" in str(name) or any(part in ("", ".", "..") for part in parts):
+        # merge_index writes basenames with sub-folders (`part0/shard.00000.mds`): those pass.
+        return f"basename {_shown(name)} is not a file inside the shard folder"
+    if not _count(info.get("bytes")):
+        return f"bytes {_shown(info.get('bytes'))} is not a size"
+    hashes = info.get("hashes", {})
+    if not isinstance(hashes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()
+    ):
+        return f"hashes {_shown(hashes)} is not a mapping of algorithm to digest"
+    return None
+
+
+def index_problem(index: Any) -> str | None:
+    """Why `index` (a parsed `index.json`) is no MDS index this pipeline reads, or None."""
+    if not isinstance(index, dict) or index.get("version") != 2:
+        return "not an MDS index (version 2 expected)"
+    if not isinstance(index.get("shards"), list):
+        return "not an MDS index ('shards' is no list)"
+    for n, shard in enumerate(index["shards"]):
+        where = f"shards[{n}]"
+        if not isinstance(shard, dict) or shard.get("format") != "mds":
+            return f"{where}: not an MDS shard (format 'mds' expected)"
+        columns = [shard.get(k) for k in ("column_names", "column_encodings", "column_sizes")]
+        if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
+            return f"{where}: column_names, column_encodings and column_sizes differ in length"
+        for key in ("raw_data", "zip_data"):
+            if key == "zip_data" and shard.get(key) is None:
+                continue  # uncompressed
+            why = _file_problem(shard.get(key))
+            if why:
+                return f"{where}.{key}: {why}"
+        samples, size = shard.get("samples"), shard["raw_data"]["bytes"]
+        if not _count(samples):
+            return f"{where}: samples {_shown(samples)} is not a count"
+        if samples * _MDS_BYTES_PER_SAMPLE > size:
+            return f"{where}: {samples} samples do not fit in its {size} bytes"
+    return None
