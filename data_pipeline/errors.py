@@ -7,3 +7,9 @@ from __future__ import annotations
 
 class DataError(ValueError):
     """A problem with input data or a data location that the user must fix (one line)."""
+
+
+def shown(value: object) -> str:
+    """A value for a one-line message, cut short: data files can hold huge values."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

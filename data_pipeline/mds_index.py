@@ -3,43 +3,43 @@
 The index comes from storage, and a hostile or damaged one is read by several hands: the shard
 checks join its basenames to the remote and to the local cache (a `../` would reach outside it,
 and the cache purge deletes files there), `data ls` and `plan` add up its counts, and streaming
-allocates arrays by its sample counts (10**12 samples asked for 7 TiB). `index_problem` says in
-one line what is wrong, so that every reader refuses the same indexes with the same words.
+allocates arrays by its sample counts (10**12 samples would ask for 7 TiB). `index_problem` says
+in one line what is wrong, so that every reader refuses the same indexes with the same words.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-# An MDS shard starts with its sample count and one 4-byte offset per sample and one more.
+from data_pipeline.errors import shown
+
+# An MDS shard starts with its sample count and one 4-byte offset per sample and one more; the
+# offsets are uint32, so a shard's uncompressed size is under 4 GiB.
 _MDS_BYTES_PER_SAMPLE = 4
+_MDS_MAX_BYTES = 2**32
+_MAX_BASENAME = 1024
 
 
-def _count(value: Any) -> bool:
-    return type(value) is int and value >= 0
+def _count(value: Any, below: int | None = None) -> bool:
+    return type(value) is int and value >= 0 and (below is None or value < below)
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _file_problem(info: Any) -> str | None:
+def _file_problem(info: Any, below: int | None) -> str | None:
     """What is wrong with a shard's `raw_data` / `zip_data` entry, or None."""
     if not isinstance(info, dict):
-        return f"expected a mapping with basename and bytes, got {_shown(info)}"
+        return f"expected a mapping with basename and bytes, got {shown(info)}"
     name = info.get("basename")
-    parts = name.split("/") if isinstance(name, str) else [""]
-    if "\\" in str(name) or any(part in ("", ".", "..") for part in parts):
-        # merge_index writes basenames with sub-folders (`part0/shard.00000.mds`): those pass.
-        return f"basename {_shown(name)} is not a file inside the shard folder"
-    if not _count(info.get("bytes")):
-        return f"bytes {_shown(info.get('bytes'))} is not a size"
+    parts = name.split("/") if isinstance(name, str) and len(name) <= _MAX_BASENAME else [""]
+    odd = any(not char.isprintable() or char == "\\" for char in "".join(parts))
+    if odd or any(part in ("", ".", "..") for part in parts):
+        return f"basename {shown(name)} is not a file inside the shard folder"
+    if not _count(info.get("bytes"), below):
+        return f"bytes {shown(info.get('bytes'))} is not a shard's size"
     hashes = info.get("hashes", {})
     if not isinstance(hashes, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()
     ):
-        return f"hashes {_shown(hashes)} is not a mapping of algorithm to digest"
+        return f"hashes {shown(hashes)} is not a mapping of algorithm to digest"
     return None
 
 
@@ -59,12 +59,12 @@ def index_problem(index: Any) -> str | None:
         for key in ("raw_data", "zip_data"):
             if key == "zip_data" and shard.get(key) is None:
                 continue  # uncompressed
-            why = _file_problem(shard.get(key))
+            why = _file_problem(shard.get(key), _MDS_MAX_BYTES if key == "raw_data" else None)
             if why:
                 return f"{where}.{key}: {why}"
         samples, size = shard.get("samples"), shard["raw_data"]["bytes"]
         if not _count(samples):
-            return f"{where}: samples {_shown(samples)} is not a count"
+            return f"{where}: samples {shown(samples)} is not a count"
         if samples * _MDS_BYTES_PER_SAMPLE > size:
-            return f"{where}: {samples} samples do not fit in its {size} bytes"
+            return f"{where}: {shown(samples)} samples do not fit in its {size} bytes"
     return None

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, shown
 from data_pipeline.normalise import upright
 from data_pipeline.urls import is_remote
 
@@ -126,12 +126,6 @@ INT_OR_STR = Kind("an integer or a string", int, str)
 STR_OR_BOOL = Kind("a string or true/false", str, bool)
 
 
-def _shown(value: Any) -> str:
-    """A value for a one-line message, cut short: annotation files can hold huge values."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def field(record: Any, name: str, path: str, where: str = "", kind: Kind | None = None) -> Any:
     """`record[name]`, or a `DataError` naming the file, the record and the missing field (or
     the field's wrong type, when `kind` is given)."""
@@ -141,7 +135,7 @@ def field(record: Any, name: str, path: str, where: str = "", kind: Kind | None 
     value = record[name]
     if kind is not None and not kind.accepts(value):
         at = f"{where}: " if where else ""
-        raise DataError(f"{path}: {at}{name}: expected {kind.name}, got {_shown(value)}")
+        raise DataError(f"{path}: {at}{name}: expected {kind.name}, got {shown(value)}")
     return value
 
 
@@ -155,7 +149,7 @@ def check_record(
     """`record` as a dict whose `required` fields (and the `optional` ones it has) have their
     kinds; otherwise a one-line `DataError` naming the file, the record and the field."""
     if not isinstance(record, dict):
-        raise DataError(f"{path}: {where}: expected a JSON object, got {_shown(record)}")
+        raise DataError(f"{path}: {where}: expected a JSON object, got {shown(record)}")
     for name, kind in required.items():
         field(record, name, path, where, kind)
     for name, kind in (optional or {}).items():

@@ -180,8 +180,8 @@ def read_index(url: str, client: Any = None) -> dict[str, Any]:
     raw = read_bytes(index_url, client)
     try:
         index = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{index_url}: not valid JSON ({e}); rewrite the shards") from e
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, 5000 digits, [[[[...
+        raise DataError(f"{index_url}: not valid JSON ({str(e)[:100]}); rewrite the shards") from e
     problem = index_problem(index)
     if problem:
         raise DataError(f"{index_url}: {problem}; rewrite the shards")

@@ -119,6 +119,10 @@ class SohoStreamingDataset(ShardStateChecks, LocalFastPath, MappedShards, Stream
                     verify_remote_shards(stream.remote or stream.local, client)
                 if stream.remote and stream.local:  # never purge a local-only source folder
                     purge_corrupt_cached_shards(stream.local)
+        if dist.is_available() and dist.is_initialized():
+            # The node's other ranks read the cached index.json in streaming's __init__: only
+            # once the leader has checked it (or deleted it to be fetched again).
+            dist.barrier()
         super().__init__(streams=list(streams), **kwargs)
         if streaming_barrier.install():
             streaming_barrier.use_polling_barrier(self)
@@ -218,10 +222,10 @@ def purge_corrupt_cached_shards(local: str) -> list[str]:
         with open(index_path) as f:
             index = json.load(f)
         problem = index_problem(index)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        problem = f"not valid JSON ({e})"
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, 5000 digits, [[[[...
+        problem = f"not valid JSON ({str(e)[:100]})"
     if problem:
-        # A cache file: without it streaming fetches the remote's, which was just verified.
+        # A cache file: without it streaming fetches the remote's again.
         logger.warning("cached %s: %s; fetching it again", index_path, problem)
         os.remove(index_path)
         return []

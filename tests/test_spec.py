@@ -141,6 +141,17 @@ def test_duplicate_key_is_rejected(tmp_path):
     text = DEMO.read_text().replace("    lr: 1.0e-2", "    lr: 1.0e-2\n    lr: 1.0e-3")
     message = spec_error(write_job(tmp_path, text=text))
     assert message.startswith("optim.cnn.lr: duplicate key")
+    # keys YAML reads as one value are one key in the dict it builds: refused too, in an
+    # override as well, and named as written
+    text = DEMO.read_text().replace(
+        "  experiment: soho-demo", "  experiment: soho-demo\n  tags: {1.10: a, 1.1: b}"
+    )
+    message = spec_error(write_job(tmp_path, text=text))
+    assert message.startswith("tracking.tags.1.1: duplicate key (lines ")
+    assert "('1.10' and '1.1' are one key)" in message
+    message = spec_error(DEMO, ["tracking.tags={010: a, 8: b, yes: c}"])
+    assert "tracking.tags.8: duplicate key ('010' and '8' are one key)" in message
+    assert "got -010" in spec_error(DEMO, ["seed=-010"])  # a value is echoed as written
 
 
 def test_unknown_keys_name_their_path(tmp_path):

@@ -75,6 +75,8 @@ class _IntText(int):
     def __str__(self) -> str:
         return self.text
 
+    __repr__ = __str__  # messages echo the value as written (json.dumps writes the number)
+
 
 class _FloatText(float):
     """A float read from the file that turns back into its own text (`version: 1.10` is '1.10'
@@ -84,6 +86,8 @@ class _FloatText(float):
 
     def __str__(self) -> str:
         return self.text
+
+    __repr__ = __str__  # messages echo the value as written (json.dumps writes the number)
 
 
 def _number_with_text(kind: type, construct: Any) -> Any:
@@ -163,26 +167,44 @@ def _parse(text: str) -> tuple[Any, yaml.Node | None]:
         loader.dispose()
 
 
-def _reject_duplicates(node: yaml.Node, where: tuple, seen: set[int]) -> None:
+_VALUE_TAGS = {f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "bool", "null")}
+_CONSTRUCTOR = yaml.SafeLoader("")
+
+
+def _key_identity(node: yaml.ScalarNode) -> tuple:
+    """What a key is in the dict YAML builds: `1.10` and `1.1`, `010` and `8`, `yes` and `true`
+    are one key there (the last value wins), text keys are their text."""
+    if node.tag in _VALUE_TAGS:
+        return ("value", _CONSTRUCTOR.yaml_constructors[node.tag](_CONSTRUCTOR, node))
+    return ("text", node.value)
+
+
+def _reject_duplicates(node: yaml.Node, where: tuple, seen: set[int], lines_of: str = "") -> None:
+    """A SpecError for the first key a mapping repeats; `lines_of`: a file's name, whose line
+    numbers the message gives (an override is one line)."""
     if id(node) in seen:  # an alias: already checked
         return
     seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        lines: dict[Any, int] = {}
+        lines: dict[tuple, tuple[str, int]] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
             line = key_node.start_mark.line + 1
             if key is not None and key != "<<":
-                if key in lines:
+                identity = _key_identity(key_node)
+                if identity in lines:
+                    first, at = lines[identity]
+                    same = "" if first == key else f" ({shown(first)} and {shown(key)} are one key)"
+                    lines_shown = f" (lines {at} and {line})" if lines_of else ""
                     raise SpecError(
-                        f"{path_text((*where, key))}: duplicate key (lines {lines[key]} and {line}); "
-                        "keep one"
+                        f"{path_text((*where, key))}: duplicate key{lines_shown}{same}; keep one"
                     )
-                lines[key] = line
-            _reject_duplicates(value_node, (*where, key) if key != "<<" else where, seen)
+                lines[identity] = (key, line)
+            inner = (*where, key) if key != "<<" else where
+            _reject_duplicates(value_node, inner, seen, lines_of)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _reject_duplicates(item, (*where, index), seen)
+            _reject_duplicates(item, (*where, index), seen, lines_of)
 
 
 def read_job_file(path: str | Path) -> dict[str, Any]:
@@ -197,7 +219,7 @@ def read_job_file(path: str | Path) -> dict[str, Any]:
         data, node = _parse(path.read_text())
         if node is None:
             raise SpecError(f"{path}: the job file is empty")
-        _reject_duplicates(node, (), set())
+        _reject_duplicates(node, (), set(), str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -226,9 +248,13 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if len(override) > MAX_FILE_BYTES:
         raise SpecError(f"{said}: {len(override)} characters; at most {MAX_FILE_BYTES}")
     try:
-        value = _parse(raw)[0]
+        value, value_node = _parse(raw)
+        if value_node is not None:
+            _reject_duplicates(value_node, tuple(parts), set())
     except _TooBig as e:
         raise SpecError(f"{said}: the value is {e}") from None  # one line: no line number
+    except SpecError as e:
+        raise SpecError(f"{said}: {e}") from None
     except (yaml.YAMLError, ValueError):
         raise SpecError(f"{said}: the value is not valid YAML; quote it") from None
     if raw.count("#") > repr(value).count("#"):  # " #" began a YAML comment: text was dropped

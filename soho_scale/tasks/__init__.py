@@ -8,7 +8,7 @@ This package's functions are what the trainer and `soho-scale eval` call:
 - `build_task_step(job, config)`: the step module DeepSpeed wraps (`.model` is the task model,
   which holds the backbone as `.model.soho`, so pre-trained `soho.*` weights load by name);
 - `sample_processor(job)`: the job's `SampleProcessor` (transforms, captions, task options);
-- `build_task_evaluation(job)`: per-sample predictions, the metric and the output files.
+- `build_task_evaluation(job, rank)`: per-sample predictions, the metric and the output files.
 """
 
 from __future__ import annotations

@@ -114,6 +114,20 @@ def _hostile(index: dict, case: str) -> dict | list:
         "columns": {**index, "shards": [{**shard, "column_names": ["a", "b"]}]},
         "format": {**index, "shards": [{**shard, "format": "json"}]},
         "hashes": {**index, "shards": [{**shard, "raw_data": {**raw, "hashes": ["x"]}}]},
+        "control": {**index, "shards": [{**shard, "raw_data": {**raw, "basename": "a\nb"}}]},
+        "long": {**index, "shards": [{**shard, "raw_data": {**raw, "basename": "x/" * 9999}}]},
+        # compressed: the raw size is not checked against a file, so it is bounded (uint32)
+        "raw huge": {
+            **index,
+            "shards": [
+                {
+                    **shard,
+                    "samples": 10**12,
+                    "raw_data": {**raw, "bytes": 10**13},
+                    "zip_data": {**raw, "basename": "shard.00000.mds.zstd"},
+                }
+            ],
+        },  # fmt: skip
     }[case]
 
 
@@ -123,12 +137,15 @@ PROBLEMS = {
     "raw_data none": "shards[0].raw_data: expected a mapping with basename and bytes, got None",
     "outside": "shards[0].raw_data: basename '../x.mds' is not a file inside the shard folder",
     "absolute": "shards[0].raw_data: basename '/x.mds' is not a file inside the shard folder",
-    "negative": "shards[0].raw_data: bytes -5 is not a size",
+    "negative": "shards[0].raw_data: bytes -5 is not a shard's size",
     "samples text": "shards[0]: samples 'many' is not a count",
     "samples huge": "shards[0]: 1000000000000 samples do not fit in its",
     "columns": "shards[0]: column_names, column_encodings and column_sizes differ in length",
     "format": "shards[0]: not an MDS shard (format 'mds' expected)",
     "hashes": "shards[0].raw_data: hashes ['x'] is not a mapping of algorithm to digest",
+    "control": "shards[0].raw_data: basename 'a\\nb' is not a file inside the shard folder",
+    "long": "shards[0].raw_data: basename 'x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/...",
+    "raw huge": "shards[0].raw_data: bytes 10000000000000 is not a shard's size",
 }
 
 
@@ -153,6 +170,18 @@ def test_a_hostile_index_is_one_line_naming_it_before_anything_reads_it(tmp_path
         with pytest.raises(DataError) as error:
             build_dataset([str(folder)], None, str(tmp_path / "cache"), 2)
         assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b'{"version": 2, "shards": []}\xff', b"[" * 100_000, b"9" * 5000]
+)
+def test_an_index_that_is_no_json_is_one_line_naming_it(tmp_path, raw):
+    (tmp_path / "index.json").write_bytes(raw)
+    with pytest.raises(DataError) as error:
+        describe_dataset(str(tmp_path))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'index.json'}: not valid JSON (")
+    assert "\n" not in message and len(message) < 300
 
 
 def test_a_hostile_cached_index_is_fetched_again_and_deletes_nothing(tmp_path):
