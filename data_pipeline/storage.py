@@ -139,12 +139,22 @@ def read_bytes(url: str, client: Any = None) -> bytes:
         ) from e
 
 
-def object_sizes(url: str, client: Any = None) -> dict[str, int]:
-    """Sizes in bytes of the files directly inside a shard folder (local or s3://)."""
+def object_sizes(url: str, client: Any = None, nested: bool = False) -> dict[str, int]:
+    """Sizes in bytes of the files directly inside a folder (local or s3://), and with `nested`
+    those in its sub-folders too, named relative to it (`part0/shard.00000.mds`: how an index
+    merged by streaming's `merge_index` names its shards)."""
     if not is_s3_url(url):
         if not os.path.isdir(url):
             raise DataError(f"{url}: folder not found")
-        return {n: os.path.getsize(os.path.join(url, n)) for n in os.listdir(url)}
+        if not nested:
+            return {n: os.path.getsize(os.path.join(url, n)) for n in os.listdir(url)}
+        return {
+            os.path.relpath(os.path.join(folder, n), url).replace(os.sep, "/"): os.path.getsize(
+                os.path.join(folder, n)
+            )
+            for folder, _, files in os.walk(url)
+            for n in files
+        }
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split_s3_url(url)
@@ -159,7 +169,7 @@ def object_sizes(url: str, client: Any = None) -> dict[str, int]:
         for page in pages:
             for obj in page.get("Contents", []):
                 name = obj["Key"][len(prefix) :]
-                if "/" not in name:
+                if nested or "/" not in name:
                     sizes[name] = obj["Size"]
     except (ClientError, BotoCoreError) as e:
         raise DataError(
@@ -191,6 +201,13 @@ def read_index(url: str, client: Any = None) -> dict[str, Any]:
 def shard_files(index: dict[str, Any]) -> list[dict[str, Any]]:
     """The files a dataset's shards are stored as (compressed file when there is one)."""
     return [shard.get("zip_data") or shard["raw_data"] for shard in index["shards"]]
+
+
+def stored_shard_sizes(url: str, index: dict[str, Any], client: Any = None) -> dict[str, int]:
+    """Sizes of the files in the shard folder `url`, named as its `index` names shards (its
+    sub-folders' files too when the index lists shards in them, as a merged index does)."""
+    nested = any("/" in file["basename"] for file in shard_files(index))
+    return object_sizes(url, client, nested)
 
 
 def describe_dataset(url: str) -> dict[str, Any]:

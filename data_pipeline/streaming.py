@@ -58,10 +58,10 @@ from data_pipeline.samples import SampleProcessor
 from data_pipeline.storage import (
     INDEX_BASENAME,
     PatientS3,
-    object_sizes,
     read_index,
     s3_client,
     shard_files,
+    stored_shard_sizes,
 )
 from data_pipeline.urls import is_s3_url, join_url
 
@@ -197,7 +197,7 @@ def shard_files_of(shard: Any) -> list[str]:
 def verify_remote_shards(remote: str, client: Any = None) -> None:
     """Every shard listed in index.json exists with its listed size, or DataError naming it."""
     index = read_index(remote, client)
-    sizes = object_sizes(remote, client)
+    sizes = stored_shard_sizes(remote, index, client)
     for info in shard_files(index):
         url = join_url(remote, info["basename"])
         if info["basename"] not in sizes:

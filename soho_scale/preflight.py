@@ -81,12 +81,12 @@ def check_buckets(urls: list[str], client: Any) -> tuple[list[Check], set[str]]:
 def check_stream(url: str, client: Any) -> tuple[Check, int | None]:
     """index.json readable and every shard it lists present with its size; (check, samples)."""
     from data_pipeline.errors import DataError
-    from data_pipeline.storage import object_sizes, read_index, shard_files
+    from data_pipeline.storage import read_index, shard_files, stored_shard_sizes
 
     name = f"stream {url}"
     try:
         index = read_index(url, client)
-        present = object_sizes(url, client)
+        present = stored_shard_sizes(url, index, client)
     except DataError as e:
         return Check(name, False, str(e), "fix the stream URL or rewrite the shards"), None
     samples = sum(shard["samples"] for shard in index["shards"])

@@ -203,3 +203,39 @@ def test_a_hostile_cached_index_is_fetched_again_and_deletes_nothing(tmp_path):
     (cache / "index.json").write_text("{not json")
     assert purge_corrupt_cached_shards(str(cache)) == []
     assert not (cache / "index.json").exists()
+
+
+def test_an_index_merged_from_sub_folders_is_verified_and_read_locally_and_from_s3(tmp_path, s3):
+    """streaming's `merge_index` joins the indexes of parts written apart (a conversion run in
+    parallel) into one whose basenames name the parts' sub-folders: its shards are found."""
+    from streaming.base.util import merge_index
+
+    from data_pipeline.storage import s3_client
+    from data_pipeline.streaming import build_dataset, verify_remote_shards
+
+    root = tmp_path / "merged"
+    for part in range(2):
+        out = str(root / f"part{part}")
+        with MDSWriter(
+            out=out,
+            columns={"image_id": "str"},
+            compression="zstd",
+            size_limit=200,
+            hashes=["xxh64"],
+        ) as w:
+            for i in range(5):
+                w.write({"image_id": f"{part}-{i}"})
+    merge_index(str(root), keep_local=True)
+    names = [
+        s["raw_data"]["basename"] for s in json.loads((root / "index.json").read_text())["shards"]
+    ]
+    assert names[0].startswith("part0/") and names[-1].startswith("part1/")
+    client = s3_client()
+    for path in root.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "shards", f"merged/{path.relative_to(root)}")
+    for url in (str(root), "s3://shards/merged"):
+        verify_remote_shards(url)
+        dataset = build_dataset([url], None, str(tmp_path / "cache"), 2, shuffle=False)
+        ids = sorted(dataset.get_item(i)["image_id"] for i in range(dataset.num_samples))
+        assert ids == sorted(f"{p}-{i}" for p in range(2) for i in range(5)), url
