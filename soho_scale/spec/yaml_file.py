@@ -65,29 +65,26 @@ def _check_flow_depth(text: str) -> None:
         previous = char
 
 
-class _IntText(int):
-    """An int read from the file that turns back into its own text: a text field given an
-    unquoted number (`tags: {release: 010}`) gets what the file says, not YAML's reading of it
-    ('8'). pydantic's number fields take it as a plain int."""
+class _AsWritten:
+    """A number read from the file that turns back into its own text: a text field given an
+    unquoted number (`version: 1.10`, `release: 010`) gets what the file says, not YAML's
+    reading of it ('1.1', '8'); pydantic's number fields take it as a plain number. Messages
+    echo it as written too (json.dumps writes the number)."""
 
     text: str
 
     def __str__(self) -> str:
         return self.text
 
-    __repr__ = __str__  # messages echo the value as written (json.dumps writes the number)
+    __repr__ = __str__
 
 
-class _FloatText(float):
-    """A float read from the file that turns back into its own text (`version: 1.10` is '1.10'
-    in a text field, not '1.1'); a plain float in number fields."""
+class _IntText(_AsWritten, int):
+    pass
 
-    text: str
 
-    def __str__(self) -> str:
-        return self.text
-
-    __repr__ = __str__  # messages echo the value as written (json.dumps writes the number)
+class _FloatText(_AsWritten, float):
+    pass
 
 
 def _number_with_text(kind: type, construct: Any) -> Any:
@@ -116,14 +113,12 @@ class _GuardedLoader(yaml.SafeLoader):
             self.depth -= 1
 
 
-_GuardedLoader.add_constructor(
-    "tag:yaml.org,2002:int", _number_with_text(_IntText, yaml.SafeLoader.construct_yaml_int)
-)
-_GuardedLoader.add_constructor(
-    "tag:yaml.org,2002:float", _number_with_text(_FloatText, yaml.SafeLoader.construct_yaml_float)
-)
-# The file's data written out again (yaml.safe_dump of a job read here): each number as written.
-for _kind, _tag in ((_IntText, "tag:yaml.org,2002:int"), (_FloatText, "tag:yaml.org,2002:float")):
+for _kind, _tag, _construct in (
+    (_IntText, "tag:yaml.org,2002:int", yaml.SafeLoader.construct_yaml_int),
+    (_FloatText, "tag:yaml.org,2002:float", yaml.SafeLoader.construct_yaml_float),
+):
+    _GuardedLoader.add_constructor(_tag, _number_with_text(_kind, _construct))
+    # The file's data written out again (yaml.safe_dump of a job read here): as written.
     yaml.SafeDumper.add_representer(
         _kind, lambda dumper, number, tag=_tag: dumper.represent_scalar(tag, number.text)
     )
