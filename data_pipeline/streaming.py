@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import logging
 import mmap
 import os
@@ -39,7 +38,6 @@ from streaming.base.world import World
 
 from data_pipeline import settings
 from data_pipeline.errors import DataError
-from data_pipeline.mds_index import index_problem
 from data_pipeline.patches import (
     streaming_barrier,
     streaming_download_deadline,
@@ -219,14 +217,10 @@ def purge_corrupt_cached_shards(local: str) -> list[str]:
     if not os.path.isfile(index_path):
         return []
     try:
-        with open(index_path) as f:
-            index = json.load(f)
-        problem = index_problem(index)
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, 5000 digits, [[[[...
-        problem = f"not valid JSON ({str(e)[:100]})"
-    if problem:
+        index = read_index(local)
+    except DataError as e:
         # A cache file: without it streaming fetches the remote's again.
-        logger.warning("cached %s: %s; fetching it again", index_path, problem)
+        logger.warning("cached %s; fetching it again", e)
         os.remove(index_path)
         return []
     purged = []
