@@ -108,18 +108,18 @@ def build_task_evaluation(job: Any, rank: int = 0) -> Any:
     Only rank 0 scores and writes, so only rank 0 reads the split's published list (one read,
     and a storage error on it stops rank 0 before any collective rather than one rank of many)."""
     task = _check_task(job)
-    remotes = [s.remote for s in job.eval.streams] if rank == 0 else []
+    remotes = [s.remote for s in job.eval.streams]
     if task == "vqa":
         from soho_scale.tasks.vqa import VQAEvaluation, read_question_ids
 
-        return VQAEvaluation(answer_vocab(job), read_question_ids(remotes) if remotes else None)
+        return VQAEvaluation(answer_vocab(job), read_question_ids(remotes) if rank == 0 else None)
     if task == "nlvr2":
         from data_pipeline.sources.nlvr2 import IDENTIFIERS_NAME
         from soho_scale.tasks.nlvr2 import NLVR2Evaluation
         from soho_scale.tasks.published import read_published
 
         without = "nlvr2 scores only the statements with a sample"
-        published = read_published(remotes, IDENTIFIERS_NAME, without) if remotes else None
+        published = read_published(remotes, IDENTIFIERS_NAME, without) if rank == 0 else None
         return NLVR2Evaluation(published)
     if task == "snli_ve":
         from soho_scale.tasks.snli_ve import SNLIVEEvaluation
