@@ -116,6 +116,19 @@ def _hostile(index: dict, case: str) -> dict | list:
         "hashes": {**index, "shards": [{**shard, "raw_data": {**raw, "hashes": ["x"]}}]},
         "control": {**index, "shards": [{**shard, "raw_data": {**raw, "basename": "a\nb"}}]},
         "long": {**index, "shards": [{**shard, "raw_data": {**raw, "basename": "x/" * 9999}}]},
+        "no compression key": {
+            **index,
+            "shards": [{k: v for k, v in shard.items() if k not in ("compression", "hashes")}],
+        },
+        "unknown key": {**index, "shards": [{**shard, "extra": 1}]},
+        "shard version": {**index, "shards": [{**shard, "version": 3}]},
+        "file keys": {**index, "shards": [{**shard, "raw_data": {"basename": "a", "bytes": 9}}]},
+        "compression": {
+            **index,
+            "shards": [{**shard, "compression": "zstd:99", "zip_data": {**raw}}],
+        },
+        "size_limit": {**index, "shards": [{**shard, "size_limit": -1}]},
+        "column sizes": {**index, "shards": [{**shard, "column_sizes": ["8"]}]},
         # compressed: the raw size is not checked against a file, so it is bounded (uint32)
         "raw huge": {
             **index,
@@ -123,6 +136,7 @@ def _hostile(index: dict, case: str) -> dict | list:
                 {
                     **shard,
                     "samples": 10**12,
+                    "compression": "zstd",
                     "raw_data": {**raw, "bytes": 10**13},
                     "zip_data": {**raw, "basename": "shard.00000.mds.zstd"},
                 }
@@ -146,6 +160,13 @@ PROBLEMS = {
     "control": "shards[0].raw_data: basename 'a\\nb' is not a file inside the shard folder",
     "long": "shards[0].raw_data: basename 'x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/x/...",
     "raw huge": "shards[0].raw_data: bytes 10000000000000 is not a shard's size",
+    "no compression key": "shards[0]: missing keys ['compression', 'hashes']",
+    "unknown key": "shards[0]: unknown keys ['extra']",
+    "shard version": "shards[0]: version 3 (2 expected)",
+    "file keys": "shards[0].raw_data: keys ['basename', 'bytes'], expected ['basename', 'bytes', 'hashes']",
+    "compression": "shards[0]: compression 'zstd:99' is none streaming decompresses",
+    "size_limit": "shards[0]: size_limit -1 is not a size",
+    "column sizes": "shards[0]: column names and encodings are not all text, or sizes not counts",
 }
 
 
@@ -166,7 +187,8 @@ def test_a_hostile_index_is_one_line_naming_it_before_anything_reads_it(tmp_path
     with pytest.raises(DataError) as error:
         describe_dataset(str(folder))
     assert str(error.value).startswith(expected) and "\n" not in str(error.value)
-    if case in ("outside", "samples huge"):  # the loader reads it through the same check
+    # the loader reads it through the same check (streaming's reader would fail on a missing key)
+    if case in ("outside", "samples huge", "no compression key"):
         with pytest.raises(DataError) as error:
             build_dataset([str(folder)], None, str(tmp_path / "cache"), 2)
         assert str(error.value).startswith(expected) and "\n" not in str(error.value)
