@@ -1,13 +1,16 @@
 """What conversion and training both do to raw texts and images, without torch: the converters
 store what the loader reads the same way.
 
-`clean_text`: texts without format characters and lone surrogates. `shown_size` / `upright`:
-images as they are shown, their EXIF orientation applied.
+`clean_text`: texts without format characters and lone surrogates. `open_image`: image bytes
+opened, a decompression bomb refused. `shown_size` / `upright`: images as they are shown, their
+EXIF orientation applied.
 """
 
 from __future__ import annotations
 
+import io
 import unicodedata
+import warnings
 
 from PIL import Image, ImageOps
 
@@ -23,6 +26,15 @@ def clean_text(value: object) -> str:
 
 
 _ORIENTATION = 0x0112  # EXIF: how the camera held the picture; 5-8 turn it a quarter
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's (lazy) image of `data`. Over `Image.MAX_IMAGE_PIXELS` (89.5 megapixels by default)
+    it is a decompression bomb and raises `Image.DecompressionBombWarning`: PIL itself only warns
+    below twice that and decodes it (12 KB of PNG are 300 MB of RGB pixels)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
 
 
 def _orientation(image: Image.Image) -> int:

@@ -45,8 +45,7 @@ class SampleProcessor:
         try:
             return [self.image(raw[c]) for c in columns], True
         except ImageDecodeError:
-            side = self.image.square_size or self.image.min_size
-            return [blank_image(side, side) for _ in columns], False
+            return [blank_image(*self.image.stand_in_size()) for _ in columns], False
 
     def pick_captions(self, captions: list[str], epoch: int, sample_id: int) -> list[str]:
         """`captions_per_image` captions, a pure function of (seed, epoch, sample id)."""

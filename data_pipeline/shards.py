@@ -20,7 +20,6 @@ import os
 import shutil
 import stat
 import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataError, shown
-from data_pipeline.normalise import upright
+from data_pipeline.normalise import open_image, upright
 from data_pipeline.urls import is_remote
 
 DEFAULT_SIZE_LIMIT = 64 * 1024 * 1024
@@ -202,28 +201,26 @@ def read_image(images_dir: str, relative: str) -> bytes:
     The image is fully decoded once so a truncated or corrupt file is caught here rather than
     in a training run. An image over PIL's `Image.MAX_IMAGE_PIXELS` (89.5 megapixels by
     default; PIL itself only warns below twice that) is a decompression bomb: it is not
-    decoded. Raises `SkipSample` with `read_image_file`'s reasons or "bad_image".
+    decoded (`open_image`). Raises `SkipSample` with `read_image_file`'s reasons or "bad_image".
     """
     data = read_image_file(images_dir, relative)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                if image.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with previews
-                    return data
-                # Lossless re-encode, upright (decode_image would turn it; PNG drops the tag).
-                image = upright(image)
-                if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-                    # 16-bit grey: its top 8 bits (as OpenCV reads it); a plain RGB
-                    # conversion clips every value over 255 to white.
-                    high = np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8
-                    image = Image.fromarray(high.astype(np.uint8), "L")
-                elif image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
-                    image = image.convert("RGB")  # CMYK, float, ...: modes PNG cannot hold
-                out = io.BytesIO()
-                image.save(out, format="PNG")
-                return out.getvalue()
+        with open_image(data) as image:
+            image.load()
+            if image.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with previews
+                return data
+            # Lossless re-encode, upright (decode_image would turn it; PNG drops the tag).
+            image = upright(image)
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                # 16-bit grey: its top 8 bits (as OpenCV reads it); a plain RGB
+                # conversion clips every value over 255 to white.
+                high = np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8
+                image = Image.fromarray(high.astype(np.uint8), "L")
+            elif image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
+                image = image.convert("RGB")  # CMYK, float, ...: modes PNG cannot hold
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            return out.getvalue()
     except Exception:  # noqa: BLE001 - PIL's decoders raise many types on hostile data
         raise SkipSample("bad_image") from None
 

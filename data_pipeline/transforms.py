@@ -11,7 +11,6 @@ over (benchmarks/loader_cores.py). Text is tokenised by BertTokenizerFast to
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.normalise import clean_text, shown_size, upright
+from data_pipeline.normalise import clean_text, open_image, shown_size, upright
 
 DEFAULT_TOKENIZER = "bert-base-uncased"  # the job spec's default (data.text.tokenizer)
 
@@ -32,14 +31,14 @@ class ImageDecodeError(ValueError):
 
 def decode_image(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | None = None):
     """JPEG/PNG bytes -> (RGB PIL image, final (height, width)), upright (`shown_size`);
-    corrupt bytes raise ImageDecodeError.
+    corrupt bytes and decompression bombs (`open_image`) raise ImageDecodeError.
 
     `size_for(height, width)` maps the shown size to the final size (identity when None), so a
     JPEG much larger than needed is decoded at a reduced DCT scale (`draft`): the same result
     after resizing for a fraction of the decode work.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(data)  # a decompression bomb is refused before any decoding
         shown = shown_size(image)
         final = size_for(*shown) if size_for else shown
         if image.format in ("JPEG", "MPO"):  # draft's size is the stored one's: width first
@@ -75,6 +74,11 @@ class ImageTransform:
         if self.square_size:
             return self.square_size, self.square_size
         return soho_size(height, width, self.min_size, self.max_size)
+
+    def stand_in_size(self) -> tuple[int, int]:
+        """(height, width) of the blank stand-in for bytes that are no image (`blank_image`)."""
+        side = self.square_size or self.min_size
+        return side, side
 
     def __call__(self, data: bytes) -> torch.Tensor:
         image, (height, width) = decode_image(data, self.output_size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ from soho_scale.engine.weights import load_initial_weights
 from soho_scale.secrets import MASK
 from soho_scale.spec import Job
 from soho_scale.tasks import build_task_evaluation, build_task_model, sample_processor
+
+logger = logging.getLogger(__name__)
 
 
 class EvalError(ValueError):
@@ -74,11 +77,11 @@ def build_eval_loader(
     return eval_loader(job, cache_root, batch_size, processor, workers)
 
 
-def _gather_to_rank0(records: list[dict], rank: int, world: int) -> list[list[dict]]:
+def _gather_to_rank0(part: Any, rank: int, world: int) -> list[Any]:
     if world == 1 or not dist.is_initialized():
-        return [records]
+        return [part]
     parts: list[Any] = [None] * world if rank == 0 else None
-    dist.gather_object(records, parts, dst=0)
+    dist.gather_object(part, parts, dst=0)
     return parts if rank == 0 else []
 
 
@@ -105,6 +108,7 @@ def evaluate_task(
     was_training = model.training
     model.eval()
     records: list[dict] = []
+    undecoded: list[int] = []  # scored on the blank stand-in of an image that did not decode
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -112,6 +116,7 @@ def evaluate_task(
         bar = tqdm(desc=f"eval {job.data.task}", unit="batch", dynamic_ncols=True)
     with torch.no_grad():
         for batch in loader:
+            undecoded += batch["sample_ids"][~batch["sample_valid"]].tolist()
             records += evaluation.predict(model, to_device(batch, param.device, param.dtype))
             if bar is not None:
                 bar.update(1)
@@ -121,10 +126,10 @@ def evaluate_task(
 
     metrics: dict[str, float] = {}
     predictions: list[dict] = []
-    parts = _gather_to_rank0(records, rank, world)
+    parts = _gather_to_rank0((records, undecoded), rank, world)
     if rank == 0:
         unique: dict[int, dict] = {}
-        for part in parts:
+        for part, _ in parts:
             for record in part:
                 unique.setdefault(record["sample_id"], record)  # streaming's padding repeats
         expected = getattr(getattr(loader, "dataset", None), "num_samples", None)
@@ -135,6 +140,13 @@ def evaluate_task(
             )
         predictions = [unique[k] for k in sorted(unique)]
         metrics = {**evaluation.score(predictions), "num_samples": float(len(predictions))}
+        bad = {sample_id for _, ids in parts for sample_id in ids}
+        if bad:
+            logger.warning(
+                "%s: %d samples' images did not decode; each was scored on a blank image",
+                job.data.task, len(bad),
+            )  # fmt: skip
+        metrics["num_samples_undecodable"] = float(len(bad))
     if world > 1 and dist.is_initialized():
         box = [metrics]
         dist.broadcast_object_list(box, src=0)

@@ -17,7 +17,6 @@ Under ZeRO-3 ranks would need equal forward counts: evaluate a consolidated (exp
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -26,10 +25,10 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import nn
 
-from data_pipeline.normalise import shown_size
+from data_pipeline.normalise import open_image, shown_size
+from data_pipeline.transforms import ImageDecodeError, blank_image
 from soho_scale.objectives import unimodal_features
 from soho_scale.tasks.retrieval import recall_at_k
 
@@ -55,23 +54,36 @@ class RetrievalSet:
 
 class EncodedImages(Sequence):
     """Image file bytes decoded on access by `transform` (5K test images at 600x1000 would be
-    ~30 GB as float tensors). `sizes()` reads only the file headers."""
+    ~30 GB as float tensors). `sizes()` reads only the file headers.
+
+    An image that does not decode (corrupt or truncated bytes, a decompression bomb) is a blank
+    image of the size its header gave (the stand-in's size without one), as the loader's
+    stand-ins: it is scored, and its index kept in `undecoded` (this process's)."""
 
     def __init__(self, blobs: list[bytes], transform: Any):
         self.blobs = blobs
         self.transform = transform
+        self.undecoded: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.blobs)
 
     def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
-        return self.transform(self.blobs[index])
+        try:
+            return self.transform(self.blobs[index])
+        except ImageDecodeError:
+            self.undecoded.add(index)
+            return blank_image(*self.size_of(index))
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """(height, width) once decoded, from the file header alone."""
+        try:
+            return self.transform.output_size(*shown_size(open_image(self.blobs[index])))
+        except Exception:  # noqa: BLE001 - PIL raises many types on hostile data
+            return self.transform.stand_in_size()
 
     def sizes(self) -> torch.Tensor:
-        out = []
-        for blob in self.blobs:
-            out.append(self.transform.output_size(*shown_size(Image.open(io.BytesIO(blob)))))
-        return torch.tensor(out, dtype=torch.long)
+        return torch.tensor([self.size_of(i) for i in range(len(self))], dtype=torch.long)
 
 
 def retrieval_set_from_samples(
@@ -412,4 +424,14 @@ def evaluate_job(  # noqa: ANN201
                 keep = key.startswith(("first_stage_", "num_"))
                 numbers[key if keep else prefix + key] = float(value)
     numbers["num_images_skipped"] = float(split_images - present)
+    undecoded = set(getattr(data.images, "undecoded", ()))
+    if world > 1:  # each rank decodes its share of the images
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, sorted(undecoded))
+        undecoded = {index for share in shares for index in share}
+    if undecoded:
+        logger.warning(
+            "retrieval: %d images did not decode; each was scored as a blank image", len(undecoded)
+        )
+    numbers["num_images_undecodable"] = float(len(undecoded))
     return numbers, []

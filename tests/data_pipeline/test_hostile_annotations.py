@@ -12,16 +12,13 @@ record stops the conversion with one line naming the file, the record and the fi
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import multiprocessing
 import os
-import struct
 import subprocess
 import sys
 import traceback
-import zlib
 from pathlib import Path
 
 import pytest
@@ -29,6 +26,7 @@ import streaming  # noqa: F401 - imported once here, so the forked converters st
 from PIL import Image
 
 from data_pipeline.cli import main
+from tests.data_pipeline.helpers import png_bomb
 
 SECRET = b"SECRET-BYTES-OUTSIDE-IMAGES"
 TIMEOUT = 60  # a conversion of a few images takes ~3 s; a FIFO read would block for ever
@@ -43,22 +41,6 @@ def _jpeg(colour: tuple[int, int, int]) -> bytes:
 GOOD = _jpeg((200, 30, 30))
 # A valid JPEG with the marker after its end: the converters store JPEG files as they are.
 OUTSIDE = _jpeg((30, 30, 200)) + SECRET
-
-
-@functools.cache
-def _png_bomb(side: int) -> bytes:
-    """A real 1-bit PNG of side x side black pixels: tens of KB on disk, side**2 pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data)
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    row = bytes(1 + (side + 7) // 8)  # filter byte 0 + the packed row
-    compressor = zlib.compressobj(9)
-    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
-            + chunk(b"IEND", b""))  # fmt: skip
 
 
 # 900 Mpx: PIL raises DecompressionBombError. 100 Mpx: over Image.MAX_IMAGE_PIXELS (89.5 Mpx),
@@ -76,7 +58,7 @@ def _hostile_folder(images: Path, outside: Path, names: dict[str, str]) -> None:
     (images / names["link"]).symlink_to(outside / "secret.jpg")
     os.mkfifo(images / names["fifo"])
     for key, side in (("bomb", 30000), ("bomb_warn", 10000)):
-        (images / names[key]).write_bytes(_png_bomb(side))
+        (images / names[key]).write_bytes(png_bomb(side))
 
 
 FILES = {"good": "good.jpg", "link": "link.jpg", "fifo": "fifo.jpg", "bomb": "bomb.png",

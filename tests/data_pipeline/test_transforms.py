@@ -19,6 +19,7 @@ from data_pipeline.transforms import (
     load_tokenizer,
     soho_size,
 )
+from tests.data_pipeline.helpers import png_bomb
 
 
 def encode(width: int, height: int, fmt: str = "JPEG", color=(200, 10, 10)) -> bytes:
@@ -90,6 +91,14 @@ def test_conversion_keeps_16_bit_greys_and_stores_re_encoded_images_upright(tmp_
 
 def test_square_mode():
     assert ImageTransform(square_size=48)(encode(200, 100)).shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("side", [10000, 30000])
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(side):
+    """A shard's image over PIL's MAX_IMAGE_PIXELS (100 Mpx: PIL only warns; 900 Mpx: it raises)
+    is an ImageDecodeError, as the converters refuse it, not 300 MB of pixels per sample."""
+    with pytest.raises(ImageDecodeError, match="DecompressionBomb"):
+        ImageTransform()(png_bomb(side))
 
 
 def test_corrupt_image_raises_decode_error():

@@ -93,6 +93,48 @@ def _rank_main(rank, world, port, shards, weights, out):
     dist.destroy_process_group()
 
 
+def broken_copy(folder: str, out: str, broken: set[int], column: str = "image") -> str:
+    """The shard folder `folder` written again to `out`, the images of the samples `broken`
+    replaced by bytes of the same length that are no image (as a foreign writer could store)."""
+    from streaming import MDSWriter, StreamingDataset
+
+    with open(os.path.join(folder, "index.json")) as f:
+        first = json.load(f)["shards"][0]
+    columns = dict(zip(first["column_names"], first["column_encodings"]))
+    dataset = StreamingDataset(local=folder, shuffle=False, batch_size=1)
+    with MDSWriter(out=out, columns=columns) as writer:
+        for i in range(dataset.num_samples):
+            sample = dataset[i]
+            if i in broken:
+                sample[column] = b"\x00" * len(sample[column])
+            writer.write(sample)
+    return out
+
+
+def test_undecodable_images_are_scored_on_blank_images_and_counted(task_shards, tmp_path, caplog):
+    """An eval sample whose image does not decode is scored (on the loader's blank stand-in), so
+    every sample of the split has a prediction, and counted in the metrics with a warning."""
+    train, dev = task_shards["snli_ve"]
+    broken = {"snli_ve": (train, broken_copy(dev, str(tmp_path / "dev"), {1, 5}))}
+    torch.manual_seed(0)
+    job = demo_job("snli_ve", broken)
+    model = build_task_model(job, job.model.config())
+    results = {}
+    for name, shards in (("broken", broken), ("clean", task_shards)):
+        job = demo_job("snli_ve", shards)
+        evaluation = build_task_evaluation(job, 0)
+        cache = str(tmp_path / f"cache-{name}")
+        _, loader = build_eval_loader(job, cache, 4, evaluation.keep_columns, workers=0)
+        with caplog.at_level("WARNING"):
+            results[name] = evaluate_task(job, model, loader, 0, 1, evaluation)
+    metrics, predictions = results["broken"]
+    assert metrics["num_samples"] == len(predictions) == 48
+    assert metrics["num_samples_undecodable"] == 2
+    assert "snli_ve: 2 samples' images did not decode" in caplog.text
+    assert results["clean"][0]["num_samples_undecodable"] == 0
+    assert [r["sample_id"] for r in results["clean"][1]] == [r["sample_id"] for r in predictions]
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_ranks_give_exactly_the_single_rank_results(task_shards, tmp_path):

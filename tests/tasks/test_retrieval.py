@@ -199,6 +199,47 @@ def test_encoded_images_plan_sizes_as_the_transform_decodes_them():
     assert images.sizes().tolist() == [[30, 60], [60, 30]]
 
 
+def test_images_that_do_not_decode_are_scored_blank_and_counted(caplog, monkeypatch, bundled_bert):
+    """Bytes that are no image, a truncated JPEG and a decompression bomb in the test split: each
+    is a blank image of the size its header gives (the stand-in's without one), scored, and
+    counted in the metrics with a warning; the split is not cut short."""
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from data_pipeline.transforms import ImageTransform, TextTransform, blank_image
+    from soho_scale.tasks import retrieval_eval
+    from tests.data_pipeline.helpers import png_bomb
+
+    blobs = []
+    for size in ((60, 30), (30, 60), (40, 40)):  # noise: half the file is past its header
+        buffer = io.BytesIO()
+        Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)).save(buffer, "JPEG")
+        blobs.append(buffer.getvalue())
+    blobs += [b"no image", blobs[0][: len(blobs[0]) // 2], png_bomb(10000)]
+    samples = [{"image": b, "captions": [f"a {i}", f"b {i}"]} for i, b in enumerate(blobs)]
+    data = retrieval_eval.retrieval_set_from_samples(
+        samples, ImageTransform(30, 100), TextTransform(bundled_bert)
+    )
+    sizes = [[30, 60], [60, 30], [30, 30], [30, 30], [30, 60], [30, 30]]
+    assert data.image_sizes.tolist() == sizes
+    assert [list(data.images[i].shape[1:]) for i in range(6)] == sizes
+    assert data.images.undecoded == {3, 4, 5}
+    assert torch.equal(data.images[4], blank_image(30, 60))
+
+    monkeypatch.setattr(retrieval_eval, "retrieval_set_from_samples", lambda *args: data)
+    split = SimpleNamespace(num_samples=0, processor=SimpleNamespace(image=None, text=None))
+    job = SimpleNamespace(eval=SimpleNamespace(retrieval_folds=None, retrieval_modes=["exact"],
+                                               retrieval_k=4))  # fmt: skip
+    with caplog.at_level("WARNING"):
+        numbers, _ = retrieval_eval.evaluate_job(
+            job, tiny_model(), SimpleNamespace(dataset=split), 0, 1
+        )
+    assert numbers["num_images"] == 6 and numbers["num_images_undecodable"] == 3
+    assert "retrieval: 3 images did not decode" in caplog.text
+
+
 def test_two_stage_with_every_candidate_equals_exact():
     model, data = tiny_model(), random_set()
     exact = evaluate_retrieval(model, data, return_scores=True)
