@@ -180,7 +180,8 @@ class SohoStreamingDataset(ShardStateChecks, LocalFastPath, MappedShards, Stream
         if not out["valid"]:
             logger.warning(
                 "sample %d (image_id %s) did not decode; a blank image stands in for it, left "
-                "out of training (counted in skipped_samples)",
+                "out of training (counted in skipped_samples) and scored by an evaluation "
+                "(counted in num_samples_undecodable)",
                 sample_id,
                 raw.get("image_id", raw.get("identifier", "?")),
             )
