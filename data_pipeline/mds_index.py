@@ -4,7 +4,7 @@ The index comes from storage, and a hostile or damaged one is read by several ha
 checks join its basenames to the remote and to the local cache (a `../` would reach outside it,
 and the cache purge deletes files there), `data ls` and `plan` add up its counts, and streaming
 allocates arrays by its sample counts (10**12 samples would ask for 7 TiB) and passes each shard
-entry's keys to its reader as arguments (a missing key is a TypeError). `index_problem` says
+entry's keys to its reader as arguments (a missing or unknown key fails it). `index_problem` says
 in one line what is wrong, so that every reader refuses the same indexes with the same words.
 """
 
@@ -20,7 +20,7 @@ _MDS_BYTES_PER_SAMPLE = 4
 _MDS_MAX_BYTES = 2**32
 _MAX_BASENAME = 1024
 # What streaming's MDS reader takes from each shard entry (`MDSReader.from_json` passes the entry's
-# keys as arguments, so one missing or unknown key is a TypeError when a run opens the dataset),
+# keys as arguments, so a missing or unknown key fails when a run opens the dataset),
 # the compressions it decompresses (algorithm and the levels after `:`) and the keys of a file's
 # entry (`FileInfo`). tests/data_pipeline/test_mds_index.py compares them with the installed
 # streaming's.
@@ -82,7 +82,7 @@ def _shard_problem(shard: dict[str, Any]) -> str | None:
     if shard["version"] != 2:
         return f"version {shown(shard['version'])} (2 expected)"
     compression = shard["compression"]
-    if shard["zip_data"] is not None and not is_compression(compression):
+    if shard["zip_data"] and not is_compression(compression):
         return f"compression {shown(compression)} is none streaming decompresses"
     if compression is not None and not isinstance(compression, str):
         return f"compression {shown(compression)} is no name"
@@ -117,8 +117,8 @@ def index_problem(index: Any) -> str | None:
         ):
             return f"{where}: column names and encodings are not all text, or sizes not counts"
         for key in ("raw_data", "zip_data"):
-            if key == "zip_data" and shard[key] is None:
-                continue  # uncompressed
+            if key == "zip_data" and not shard[key]:
+                continue  # uncompressed (streaming reads any empty value so)
             why = _file_problem(shard[key], _MDS_MAX_BYTES if key == "raw_data" else None)
             if why:
                 return f"{where}.{key}: {why}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import unicodedata
-import warnings
 
 from PIL import Image, ImageOps
 
@@ -30,11 +29,19 @@ _ORIENTATION = 0x0112  # EXIF: how the camera held the picture; 5-8 turn it a qu
 
 def open_image(data: bytes) -> Image.Image:
     """PIL's (lazy) image of `data`. Over `Image.MAX_IMAGE_PIXELS` (89.5 megapixels by default)
-    it is a decompression bomb and raises `Image.DecompressionBombWarning`: PIL itself only warns
-    below twice that and decodes it (12 KB of PNG are 300 MB of RGB pixels)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data))
+    it is a decompression bomb and raises `Image.DecompressionBombError`: PIL itself only warns
+    below twice that and decodes it (12 KB of PNG are 300 MB of RGB pixels). The size is checked
+    here rather than by turning PIL's warning into an error: warning filters are process-wide
+    and changing them makes every once-only warning print again."""
+    image = Image.open(io.BytesIO(data))
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        pixels = image.width * image.height
+        image.close()
+        raise Image.DecompressionBombError(
+            f"image size ({pixels} pixels) exceeds the limit of {limit} pixels"
+        )
+    return image
 
 
 def _orientation(image: Image.Image) -> int:

@@ -220,7 +220,7 @@ def describe_dataset(url: str) -> dict[str, Any]:
                 "basename": file["basename"],
                 "samples": shard["samples"],
                 "bytes": file["bytes"],
-                "hashes": file.get("hashes", {}),
+                "hashes": file["hashes"],
             }
         )
     columns = {}

@@ -231,7 +231,7 @@ def purge_corrupt_cached_shards(local: str) -> list[str]:
             path = os.path.join(local, info["basename"]) if info else None
             if not path or not os.path.isfile(path):
                 continue
-            if file_problem(path, info["bytes"], info.get("hashes", {}), "xxh64"):
+            if file_problem(path, info["bytes"], info["hashes"], "xxh64"):
                 logger.warning("cached shard %s is corrupt; deleting it to download again", path)
                 os.remove(path)
                 purged.append(path)

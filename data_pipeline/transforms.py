@@ -31,7 +31,8 @@ class ImageDecodeError(ValueError):
 
 def decode_image(data: bytes, size_for: Callable[[int, int], tuple[int, int]] | None = None):
     """JPEG/PNG bytes -> (RGB PIL image, final (height, width)), upright (`shown_size`);
-    corrupt bytes and decompression bombs (`open_image`) raise ImageDecodeError.
+    corrupt bytes and decompression bombs (`open_image`) raise ImageDecodeError: a JPEG over
+    89.5 megapixels too, although `draft` would decode it cheaply, as the converters refuse it.
 
     `size_for(height, width)` maps the shown size to the final size (identity when None), so a
     JPEG much larger than needed is decoded at a reduced DCT scale (`draft`): the same result

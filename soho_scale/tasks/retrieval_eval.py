@@ -429,7 +429,7 @@ def evaluate_job(  # noqa: ANN201
         shares: list[Any] = [None] * world
         dist.all_gather_object(shares, sorted(undecoded))
         undecoded = {index for share in shares for index in share}
-    if undecoded:
+    if undecoded and rank == 0:
         logger.warning(
             "retrieval: %d images did not decode; each was scored as a blank image", len(undecoded)
         )

@@ -26,7 +26,7 @@ import streaming  # noqa: F401 - imported once here, so the forked converters st
 from PIL import Image
 
 from data_pipeline.cli import main
-from tests.data_pipeline.helpers import png_bomb
+from tests.image_bombs import png_bomb
 
 SECRET = b"SECRET-BYTES-OUTSIDE-IMAGES"
 TIMEOUT = 60  # a conversion of a few images takes ~3 s; a FIFO read would block for ever

@@ -19,7 +19,7 @@ from data_pipeline.transforms import (
     load_tokenizer,
     soho_size,
 )
-from tests.data_pipeline.helpers import png_bomb
+from tests.image_bombs import png_bomb
 
 
 def encode(width: int, height: int, fmt: str = "JPEG", color=(200, 10, 10)) -> bytes:

@@ -138,14 +138,16 @@ def test_undecodable_images_are_scored_on_blank_images_and_counted(task_shards, 
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_ranks_give_exactly_the_single_rank_results(task_shards, tmp_path):
-    weights = {task: _weights(task, task_shards, str(tmp_path)) for task in TASKS}
+    # SNLI-VE's split with two images that do not decode: each rank counts what it read
+    train, dev = task_shards["snli_ve"]
+    shards = {**task_shards, "snli_ve": (train, broken_copy(dev, str(tmp_path / "dev"), {1, 5}))}
+    weights = {task: _weights(task, shards, str(tmp_path)) for task in TASKS}
     single = {
-        task: _evaluate(task, task_shards, weights, 0, 1, 16, str(tmp_path / "c1"))
-        for task in TASKS
+        task: _evaluate(task, shards, weights, 0, 1, 16, str(tmp_path / "c1")) for task in TASKS
     }
     mp.spawn(
         _rank_main,
-        args=(2, free_port(), task_shards, weights, str(tmp_path)),
+        args=(2, free_port(), shards, weights, str(tmp_path)),
         nprocs=2,
         join=True,
     )
@@ -161,6 +163,7 @@ def test_two_ranks_give_exactly_the_single_rank_results(task_shards, tmp_path):
         assert rank1[task]["predictions"] == []  # only rank 0 holds the records
         ids = [r["sample_id"] for r in predictions]
         assert ids == list(range(len(ids))) and metrics["num_samples"] == len(ids)
+        assert metrics["num_samples_undecodable"] == (2 if task == "snli_ve" else 0), task
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from soho_scale.tasks.retrieval import (
     recall_at_k,
 )
 from soho_scale.tasks.retrieval_eval import RetrievalSet, evaluate_retrieval
+from tests.image_bombs import png_bomb
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = [(64, 64), (64, 80), (80, 64), (64, 64), (64, 80), (64, 64), (80, 64), (64, 64)]
@@ -199,25 +200,58 @@ def test_encoded_images_plan_sizes_as_the_transform_decodes_them():
     assert images.sizes().tolist() == [[30, 60], [60, 30]]
 
 
-def test_images_that_do_not_decode_are_scored_blank_and_counted(caplog, monkeypatch, bundled_bert):
-    """Bytes that are no image, a truncated JPEG and a decompression bomb in the test split: each
-    is a blank image of the size its header gives (the stand-in's without one), scored, and
-    counted in the metrics with a warning; the split is not cut short."""
+def undecodable_set() -> RetrievalSet:
+    """Six images, three of them not decodable (bytes that are no image, a truncated JPEG, a
+    decompression bomb), two random captions each; the same in every process."""
     import io
-    from types import SimpleNamespace
+    import random
 
     from PIL import Image
 
-    from data_pipeline.transforms import ImageTransform, TextTransform, blank_image
-    from soho_scale.tasks import retrieval_eval
-    from tests.data_pipeline.helpers import png_bomb
+    from data_pipeline.transforms import ImageTransform
+    from soho_scale.tasks.retrieval_eval import EncodedImages
 
-    blobs = []
+    rng, blobs = random.Random(0), []
     for size in ((60, 30), (30, 60), (40, 40)):  # noise: half the file is past its header
         buffer = io.BytesIO()
-        Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)).save(buffer, "JPEG")
+        Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3)).save(buffer, "JPEG")
         blobs.append(buffer.getvalue())
     blobs += [b"no image", blobs[0][: len(blobs[0]) // 2], png_bomb(10000)]
+    images = EncodedImages(blobs, ImageTransform(30, 100))
+    texts = random_set(captions=2)  # its 16 captions, two for each of these six images
+    owner = torch.arange(6).repeat_interleave(2)
+    return RetrievalSet(images, images.sizes(), texts.text_ids[:12], texts.text_mask[:12], owner)
+
+
+def evaluate_undecodable_set(rank: int = 0, world: int = 1) -> dict[str, float]:
+    """`evaluate_job` on `undecodable_set()` (its own part: what it counts and says)."""
+    from types import SimpleNamespace
+
+    from soho_scale.tasks import retrieval_eval
+
+    data = undecodable_set()
+    split = SimpleNamespace(num_samples=0, processor=SimpleNamespace(image=None, text=None))
+    job = SimpleNamespace(eval=SimpleNamespace(retrieval_folds=None, retrieval_modes=["exact"],
+                                               retrieval_k=4))  # fmt: skip
+    original = retrieval_eval.retrieval_set_from_samples
+    retrieval_eval.retrieval_set_from_samples = lambda *args: data
+    try:
+        numbers, _ = retrieval_eval.evaluate_job(
+            job, tiny_model(), SimpleNamespace(dataset=split), rank, world
+        )
+    finally:
+        retrieval_eval.retrieval_set_from_samples = original
+    return {k: v for k, v in numbers.items() if "seconds" not in k}
+
+
+def test_images_that_do_not_decode_are_scored_blank_and_counted(caplog, bundled_bert):
+    """Each image that does not decode is a blank image of the size its header gives (the
+    stand-in's without one), scored, and counted in the metrics with a warning; the split is not
+    cut short."""
+    from data_pipeline.transforms import ImageTransform, TextTransform, blank_image
+    from soho_scale.tasks import retrieval_eval
+
+    blobs = undecodable_set().images.blobs
     samples = [{"image": b, "captions": [f"a {i}", f"b {i}"]} for i, b in enumerate(blobs)]
     data = retrieval_eval.retrieval_set_from_samples(
         samples, ImageTransform(30, 100), TextTransform(bundled_bert)
@@ -228,14 +262,8 @@ def test_images_that_do_not_decode_are_scored_blank_and_counted(caplog, monkeypa
     assert data.images.undecoded == {3, 4, 5}
     assert torch.equal(data.images[4], blank_image(30, 60))
 
-    monkeypatch.setattr(retrieval_eval, "retrieval_set_from_samples", lambda *args: data)
-    split = SimpleNamespace(num_samples=0, processor=SimpleNamespace(image=None, text=None))
-    job = SimpleNamespace(eval=SimpleNamespace(retrieval_folds=None, retrieval_modes=["exact"],
-                                               retrieval_k=4))  # fmt: skip
     with caplog.at_level("WARNING"):
-        numbers, _ = retrieval_eval.evaluate_job(
-            job, tiny_model(), SimpleNamespace(dataset=split), 0, 1
-        )
+        numbers = evaluate_undecodable_set()
     assert numbers["num_images"] == 6 and numbers["num_images_undecodable"] == 3
     assert "retrieval: 3 images did not decode" in caplog.text
 
@@ -289,7 +317,9 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
                                    return_scores=True)  # fmt: skip
         two = evaluate_retrieval(model, data, mode="two_stage", k=3, rank=rank, world=world,
                                  image_batch=2, return_scores=True)  # fmt: skip
-        torch.save({"exact": exact, "two_stage": two}, f"{out}.{rank}")
+        undecodable = evaluate_undecodable_set(rank, world)  # each rank decodes its share
+        torch.save({"exact": exact, "two_stage": two, "undecodable": undecodable},
+                   f"{out}.{rank}")  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -315,6 +345,8 @@ def test_two_ranks_equal_one_rank_exactly(tmp_path: Path):
         for result in (ranks[0][mode], ranks[1][mode], single[mode]):
             result.pop("seconds")
         assert ranks[0][mode] == single[mode] == ranks[1][mode]
+    counted = [ranks[r]["undecodable"] for r in range(2)]
+    assert counted[0] == counted[1] and counted[0]["num_images_undecodable"] == 3
 
 
 @pytest.mark.parametrize(
