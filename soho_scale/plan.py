@@ -197,7 +197,7 @@ def make_plan(
         if is_s3_url(url) and split_s3_url(url)[0] not in good_buckets:
             counts[url] = None  # its bucket check already failed, with the fix
             continue
-        check, counts[url] = check_stream(url, client)
+        check, counts[url] = check_stream(url, client, job.data.task)
         checks.append(check)
     known = all(counts[u] is not None for u in train_urls)
     num_samples = sum(counts[u] or 0 for u in train_urls) if known else None
