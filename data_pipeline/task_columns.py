@@ -4,12 +4,14 @@ its converter writes them in, and why a shard folder is not one a task reads.
 A job pointed at another dataset's shards (a caption set for SNLI-VE, an image column a foreign
 writer stored as `jpeg`) otherwise starts and fails on its first sample with a KeyError, or, for
 an image column streaming decodes itself, trains on blank stand-ins. `columns_problem` says so in
-one line, from the index alone: the loader (every rank, at dataset build) and `plan` ask it.
+one line, from the index alone: the loader (every rank, at dataset build), `plan` and a training
+run's periodic evaluation (at the start, not at its first evaluation hours later) ask it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 # The columns `SampleProcessor.__call__` reads for each task (evaluation's kept columns are read
 # with a default: older shards may lack them).
@@ -29,13 +31,24 @@ CONVERTERS = {
 }
 
 
+# Encodings streaming decodes to the same Python type as the converter's: an integer column reads
+# the same however wide it is stored.
+_INTEGERS = frozenset(
+    ("int", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "str_int")
+)
+
+
 def task_columns(task: str) -> dict[str, str]:
     """{column: MDS encoding} a `task` job reads, as its converter writes them."""
-    from data_pipeline.sources import coco, nlvr2, snli_ve, vqa
+    from data_pipeline.sources import coco, karpathy, nlvr2, snli_ve, vqa
 
-    written = {"pretrain": coco.COLUMNS, "retrieval": coco.COLUMNS, "vqa": vqa.COLUMNS,
+    written = {"pretrain": coco.COLUMNS, "retrieval": karpathy.COLUMNS, "vqa": vqa.COLUMNS,
                "nlvr2": nlvr2.COLUMNS, "snli_ve": snli_ve.COLUMNS}[task]  # fmt: skip
     return {name: written[name] for name in READS[task]}
+
+
+def _reads_as(stored: str, written: str) -> bool:
+    return stored == written or (stored in _INTEGERS and written in _INTEGERS)
 
 
 def columns_problem(columns: Mapping[str, str], task: str) -> str | None:
@@ -45,12 +58,32 @@ def columns_problem(columns: Mapping[str, str], task: str) -> str | None:
     wrong = [
         f"{name} is {columns[name]}, not {encoding}"
         for name, encoding in need.items()
-        if name in columns and columns[name] != encoding
+        if name in columns and not _reads_as(columns[name], encoding)
     ]
     if not missing and not wrong:
         return None
-    what = f"lack {', '.join(missing)}" if missing else f"differ: {'; '.join(wrong)}"
+    parts = [f"lack {', '.join(missing)}"] if missing else []
+    parts += [f"differ: {'; '.join(wrong)}"] if wrong else []
+    what = " and ".join(parts)
     return (
         f"its shards' columns ({', '.join(sorted(columns))}) {what}, which a {task} job reads: "
         f"is it {task} data? ({CONVERTERS[task]} writes it)"
     )
+
+
+def index_columns_problem(index: dict[str, Any], task: str) -> str | None:
+    """`columns_problem` for the shards of a parsed (checked) `index.json`, or None."""
+    kinds = dict.fromkeys(
+        tuple(zip(shard["column_names"], shard["column_encodings"])) for shard in index["shards"]
+    )
+    return next(filter(None, (columns_problem(dict(kind), task) for kind in kinds)), None)
+
+
+def check_stream_columns(url: str, task: str) -> None:
+    """DataError naming the shard folder `url` when it is no data for a `task` job."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.storage import read_index
+
+    problem = index_columns_problem(read_index(url), task)
+    if problem:
+        raise DataError(f"{url}: {problem}")

@@ -83,7 +83,7 @@ def check_stream(url: str, client: Any, task: str | None = None) -> tuple[Check,
     lists present with its size; (check, samples)."""
     from data_pipeline.errors import DataError
     from data_pipeline.storage import read_index, shard_files, stored_shard_sizes
-    from data_pipeline.task_columns import columns_problem
+    from data_pipeline.task_columns import index_columns_problem
 
     name = f"stream {url}"
     try:
@@ -92,10 +92,9 @@ def check_stream(url: str, client: Any, task: str | None = None) -> tuple[Check,
     except DataError as e:
         return Check(name, False, str(e), "fix the stream URL or rewrite the shards"), None
     samples = sum(shard["samples"] for shard in index["shards"])
-    kinds = {tuple(zip(s["column_names"], s["column_encodings"])) for s in index["shards"]}
-    for problem in (columns_problem(dict(kind), task) for kind in kinds if task):
-        if problem:
-            return Check(name, False, problem, "point the job at its task's shards"), samples
+    problem = index_columns_problem(index, task) if task else None
+    if problem:
+        return Check(name, False, problem, "point the job at its task's shards"), samples
     files = shard_files(index)
     missing = [f["basename"] for f in files if f["basename"] not in present]
     wrong = [

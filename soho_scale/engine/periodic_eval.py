@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.task_columns import check_stream_columns
 from data_pipeline.urls import join_url
 from soho_scale.engine import checkpoint_store as store
 from soho_scale.engine.checkpoint import rng_state, set_rng_state
@@ -72,6 +73,9 @@ class PeriodicEval:
         self._loader = None
         self._evaluation = None
         self._cache = job.data.cache_dir or os.path.join(run_dir, "eval_shard_cache")
+        if self.every:  # its data is the task's (every rank: each would fail on it alike)
+            for stream in job.eval.streams:
+                check_stream_columns(stream.remote, job.data.task)
         if self.every and rank == 0:
             best = store.read_best(self.root) if resumed_at is not None else None
             if best is not None and best["step"] <= resumed_at:

@@ -4,6 +4,7 @@ columns, from the loader (before any sample is read) and from `plan`'s stream ch
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from data_pipeline.task_columns import READS, columns_problem, task_columns
 from soho_scale.preflight import check_stream
 from tests.data_pipeline.helpers import jpeg, processor, write_shards
 
+REPO = Path(__file__).resolve().parents[2]
 WRITTEN = {"pretrain": [coco, vg, karpathy], "retrieval": [karpathy], "vqa": [vqa],
            "nlvr2": [nlvr2], "snli_ve": [snli_ve]}  # fmt: skip
 VALUES = {"image": jpeg(0), "image_left": jpeg(1), "image_right": jpeg(2), "captions": ["a b"],
@@ -41,6 +43,12 @@ def test_other_tasks_data_and_other_encodings_are_named():
     )
     foreign = {**captions, "image": "jpeg"}  # streaming would hand over a decoded PIL image
     assert "differ: image is jpeg, not bytes" in columns_problem(foreign, "pretrain")
+    both = columns_problem({"image": "png"}, "retrieval")
+    assert "lack captions (json) and differ: image is png, not bytes" in both
+    # integers read alike however wide they are stored
+    wide = {**COMMON_COLUMNS, **snli_ve.COLUMNS, "label": "uint8"}
+    assert columns_problem(wide, "snli_ve") is None
+    assert "label is str, not int" in columns_problem({**wide, "label": "str"}, "snli_ve")
 
 
 def test_the_loader_and_plan_refuse_another_tasks_shards(tmp_path):
@@ -55,3 +63,17 @@ def test_the_loader_and_plan_refuse_another_tasks_shards(tmp_path):
     check, samples = check_stream(folder, None, "snli_ve")
     assert not check.ok and check.detail == message[len(folder) + 2 :] and samples == 8
     assert check_stream(folder, None, "retrieval")[0].ok
+
+
+def test_a_fine_tune_evaluating_while_it_trains_checks_its_eval_data_when_it_starts(tmp_path):
+    """Not at its first evaluation, possibly hours into training."""
+    from soho_scale.engine.periodic_eval import PeriodicEval
+    from soho_scale.spec import load_job
+
+    folder = str(tmp_path / "captions")
+    write_shards(folder, n=8)
+    job = load_job(REPO / "jobs" / "demo" / "snli_ve.yaml",
+                   [f"eval.streams.0.remote={folder}", "eval.every_steps=5",
+                    f"checkpoint.dir={tmp_path / 'checkpoints'}"])  # fmt: skip
+    with pytest.raises(DataError, match=f"^{folder}: its shards' columns .* lack hypothesis"):
+        PeriodicEval(job, str(tmp_path / "run"), 0, 1, None, tracker=None)
