@@ -56,6 +56,15 @@ def better(record: dict[str, Any] | None, value: float) -> bool:
     return record is None or value > record["value"]
 
 
+def check_eval_data(job: Job) -> None:
+    """A run that evaluates while it trains: DataError now when its `eval.streams` are no data
+    for its task, not at its first evaluation, possibly hours into training (every rank: each
+    fails alike)."""
+    if job.eval.every_steps:
+        for stream in job.eval.streams:
+            check_stream_columns(stream.remote, job.data.task)
+
+
 class PeriodicEval:
     """What a training run evaluates while it trains: every rank calls `evaluate` each step
     and `saved` after each checkpoint, and `finish` at the end; it does nothing not asked for."""
@@ -73,9 +82,6 @@ class PeriodicEval:
         self._loader = None
         self._evaluation = None
         self._cache = job.data.cache_dir or os.path.join(run_dir, "eval_shard_cache")
-        if self.every:  # its data is the task's (every rank: each would fail on it alike)
-            for stream in job.eval.streams:
-                check_stream_columns(stream.remote, job.data.task)
         if self.every and rank == 0:
             best = store.read_best(self.root) if resumed_at is not None else None
             if best is not None and best["step"] <= resumed_at:

@@ -31,7 +31,7 @@ from soho_scale.engine.deepspeed_config import prepare_for_engine
 from soho_scale.engine.distributed import broadcast, setup_distributed, setup_logging, to_device
 from soho_scale.engine.lineage import log_new_run
 from soho_scale.engine.optimizer import apply_spec_settings, build_optimizer, lr_factor
-from soho_scale.engine.periodic_eval import PeriodicEval
+from soho_scale.engine.periodic_eval import PeriodicEval, check_eval_data
 from soho_scale.engine.phases import PhaseClock
 from soho_scale.engine.recorder import make_recorder
 from soho_scale.engine.resume_check import record as record_resume_changes
@@ -85,6 +85,7 @@ def train(job: Job, run_dir: str | None = None, stop: StopFlag | None = None) ->
     optimizer = build_optimizer(step_module, job.optim)
 
     dataset, loader = train_loader(job, run_dir, job.batch.micro_batch_per_rank)
+    check_eval_data(job)  # with the training data's checks, before the first step
     # Worker seeds from the loader's own generator: the global RNG (checkpointed) is not touched,
     # so a resumed run draws exactly what the uninterrupted one drew.
     loader.generator = torch.Generator().manual_seed(job.seed + 1000 * rank)

@@ -67,7 +67,7 @@ def test_the_loader_and_plan_refuse_another_tasks_shards(tmp_path):
 
 def test_a_fine_tune_evaluating_while_it_trains_checks_its_eval_data_when_it_starts(tmp_path):
     """Not at its first evaluation, possibly hours into training."""
-    from soho_scale.engine.periodic_eval import PeriodicEval
+    from soho_scale.engine.periodic_eval import check_eval_data
     from soho_scale.spec import load_job
 
     folder = str(tmp_path / "captions")
@@ -76,4 +76,7 @@ def test_a_fine_tune_evaluating_while_it_trains_checks_its_eval_data_when_it_sta
                    [f"eval.streams.0.remote={folder}", "eval.every_steps=5",
                     f"checkpoint.dir={tmp_path / 'checkpoints'}"])  # fmt: skip
     with pytest.raises(DataError, match=f"^{folder}: its shards' columns .* lack hypothesis"):
-        PeriodicEval(job, str(tmp_path / "run"), 0, 1, None, tracker=None)
+        check_eval_data(job)
+    # one that evaluates only in a later stage (a pipeline's eval stage) is checked there
+    at_end = load_job(REPO / "jobs" / "demo" / "snli_ve.yaml", [f"eval.streams.0.remote={folder}"])
+    check_eval_data(at_end)
