@@ -34,9 +34,8 @@ def open_image(data: bytes) -> Image.Image:
     here rather than by turning PIL's warning into an error: warning filters are process-wide
     and changing them makes every once-only warning print again."""
     image = Image.open(io.BytesIO(data))
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and image.width * image.height > limit:
-        pixels = image.width * image.height
+    limit, pixels = Image.MAX_IMAGE_PIXELS, image.width * image.height
+    if limit and pixels > limit:
         image.close()
         raise Image.DecompressionBombError(
             f"image size ({pixels} pixels) exceeds the limit of {limit} pixels"

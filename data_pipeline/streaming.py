@@ -61,7 +61,7 @@ from data_pipeline.storage import (
     shard_files,
     stored_shard_sizes,
 )
-from data_pipeline.task_columns import columns_problem
+from data_pipeline.task_columns import layouts_problem
 from data_pipeline.urls import is_s3_url, join_url
 
 logger = logging.getLogger(__name__)
@@ -131,15 +131,14 @@ class SohoStreamingDataset(ShardStateChecks, LocalFastPath, MappedShards, Stream
     def check_columns(self, task: str) -> None:
         """DataError naming the stream whose shards lack a column `task` reads (or hold it in
         another encoding), before any sample is read."""
-        seen = set()
-        for reader, stream_id in zip(self.shards, self.stream_per_shard):
-            columns = tuple(zip(reader.column_names, reader.column_encodings))
-            if (stream_id, columns) in seen:
-                continue
-            seen.add((stream_id, columns))
-            problem = columns_problem(dict(columns), task)
+        for stream_id, stream in enumerate(self.streams):
+            layouts = (
+                (reader.column_names, reader.column_encodings)
+                for reader, owner in zip(self.shards, self.stream_per_shard)
+                if owner == stream_id
+            )
+            problem = layouts_problem(layouts, task)
             if problem:
-                stream = self.streams[stream_id]
                 raise DataError(f"{stream.remote or stream.local}: {problem}")
 
     def process_local(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ run's periodic evaluation (at the start, not at its first evaluation hours later
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # The columns `SampleProcessor.__call__` reads for each task (evaluation's kept columns are read
@@ -71,12 +71,17 @@ def columns_problem(columns: Mapping[str, str], task: str) -> str | None:
     )
 
 
+def layouts_problem(layouts: Iterable[tuple[list[str], list[str]]], task: str) -> str | None:
+    """`columns_problem` for shards given as (column names, encodings), each layout once (a
+    folder holds thousands of shards, all alike unless merged), in shard order; or None."""
+    kinds = dict.fromkeys(tuple(zip(names, encodings)) for names, encodings in layouts)
+    return next(filter(None, (columns_problem(dict(kind), task) for kind in kinds)), None)
+
+
 def index_columns_problem(index: dict[str, Any], task: str) -> str | None:
     """`columns_problem` for the shards of a parsed (checked) `index.json`, or None."""
-    kinds = dict.fromkeys(
-        tuple(zip(shard["column_names"], shard["column_encodings"])) for shard in index["shards"]
-    )
-    return next(filter(None, (columns_problem(dict(kind), task) for kind in kinds)), None)
+    layouts = ((s["column_names"], s["column_encodings"]) for s in index["shards"])
+    return layouts_problem(layouts, task)
 
 
 def check_stream_columns(url: str, task: str) -> None:
